@@ -110,7 +110,14 @@ class WorkerSnapshot:
     latency_ewma_s: float = 0.0
 
     def has_model(self, key: ModelKey) -> bool:
-        return (str(key) if key.version else key.name) in self.models_ready
+        """``models_ready`` holds ``name``, ``name/<version>`` for versions a worker listed,
+        and ``name/?`` when its versions are unknown (probed by name only: any version may
+        exist, and Triton itself answers for a missing one)."""
+        if not key.version:
+            return key.name in self.models_ready
+        return f"{key.name}/{key.version}" in self.models_ready or (
+            f"{key.name}/?" in self.models_ready
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,144 @@
+"""The gateway's own pages, as a Starlette app (the only module importing Starlette):
+``/metrics`` (Prometheus), ``/status`` (HTML), ``/status.json``, ``/admin/reload`` and
+``/admin/workers`` (bearer token from ``admin.token``; disabled when no token is set).
+
+None of these queue behind inference traffic: they read snapshots and answer at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from gateway import __version__
+from gateway.telemetry import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def status_document(svc: GatewayService) -> dict[str, Any]:
+    """The data behind /status (and /status.json); shape documented in the README."""
+    now = svc.clock()
+    t = svc.telemetry
+    view = t.fleet_view(now)
+    board = svc.dispatcher.breakers
+    stale = svc.cfg.scrape.stale_after_s
+    workers = []
+    for w in svc.fleet.workers.values():
+        sig = w.signals
+        fresh = w.fresh_signals(now, stale)
+        breaker = board.state(w.id, now).value if w.id in board else "closed"
+        workers.append({
+            "id": w.id,
+            "pool": w.pool_name,
+            "state": w.state.value,
+            "ready": w.is_routable,
+            "breaker": breaker,
+            "score": svc.dispatcher.router_score(w.id) if hasattr(svc.dispatcher,
+                                                                    "router_score") else None,
+            "in_flight": w.in_flight,
+            "slots": w.slots,
+            "pending": fresh.pending() if fresh else None,
+            "gpu_free_bytes": fresh.free_memory_bytes if fresh and fresh.has_gpu else None,
+            "gpu_total_bytes": fresh.total_memory_bytes if fresh and fresh.has_gpu else None,
+            "gpu_utilisation": fresh.gpu_utilisation if fresh and fresh.has_gpu else None,
+            "latency_ms": w.latency_ewma_s * 1000 if w.latency_ewma_s else None,
+            "signals_age_s": (now - sig.scraped_at) if sig else None,
+            "models": sorted(m for m in w.models_ready if not m.endswith("/?")),
+        })
+    counters = svc.telemetry.requests
+    totals = {"requests": 0, "ok": 0, "rejected": 0, "errors": 0}
+    for metric in counters.collect():
+        for sample in metric.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            n = int(sample.value)
+            totals["requests"] += n
+            outcome = sample.labels.get("outcome")
+            if outcome == "ok":
+                totals["ok"] += n
+            elif outcome == "rejected":
+                totals["rejected"] += n
+            else:
+                totals["errors"] += n
+    return {
+        "gateway": {"version": __version__, "uptime_s": time.time() - svc.started_at,
+                    "config_generation": svc.generation},
+        "fleet": {
+            "utilisation": view["utilisation"],
+            "headroom": view["headroom"],
+            "saturation": view["saturation"],
+            "arrival_rate_per_s": view["arrival_rate_per_s"],
+            "desired_replicas": {"reactive": view["desired_reactive"],
+                                 "predictive": view["desired_predictive"]},
+            "workers_ready": sum(1 for w in svc.fleet.workers.values() if w.is_routable),
+            "workers_total": len(svc.fleet.workers),
+            "queue_length": svc.dispatcher.queue_length,
+        },
+        "counters": totals,
+        "workers": workers,
+        "limits": svc.dispatcher.limiter.describe() if hasattr(svc.dispatcher.limiter,
+                                                               "describe") else [],
+        "rejections": list(t.recent_rejections)[::-1],
+    }
+
+
+def build_admin_app(svc: GatewayService) -> Starlette:
+    def authorised(request: Request) -> Response | None:
+        token = svc.cfg.admin.token.reveal()
+        if not token:
+            return _error(404, "admin API disabled: set admin.token in the configuration")
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            return _error(401, "missing or wrong admin token")
+        return None
+
+    async def metrics(request: Request) -> Response:
+        return Response(svc.telemetry.exposition(), media_type=CONTENT_TYPE)
+
+    async def status_html(request: Request) -> Response:
+        page = resources.files("gateway").joinpath("status.html").read_text()
+        return HTMLResponse(page)
+
+    async def status_json(request: Request) -> Response:
+        return JSONResponse(status_document(svc))
+
+    async def reload(request: Request) -> Response:
+        if request.method != "POST":
+            return _error(405, "Method Not Allowed")
+        denied = authorised(request)
+        if denied is not None:
+            return denied
+        from gateway.server import reload_from_file
+
+        ok, message = reload_from_file(svc)
+        if not ok:
+            return _error(400, message)
+        return JSONResponse({"reloaded": True, "generation": svc.generation,
+                             "message": message})
+
+    async def workers(request: Request) -> Response:
+        denied = authorised(request)
+        if denied is not None:
+            return denied
+        return JSONResponse(status_document(svc)["workers"])
+
+    return Starlette(routes=[
+        Route("/metrics", metrics),
+        Route("/status", status_html),
+        Route("/status.json", status_json),
+        Route("/admin/reload", reload, methods=["GET", "POST"]),
+        Route("/admin/workers", workers),
+    ])

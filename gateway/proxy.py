@@ -1,0 +1,359 @@
+"""The ASGI application: the KServe v2 surface of the gateway.
+
+Pure ASGI on the hot path (inference), because every microsecond spent here comes out of
+the gateway's throughput budget; the gateway's own pages (``/metrics``, ``/status``,
+``/admin/*``) are a Starlette app it delegates to. No per-request state lives on the
+instance.
+
+What each endpoint does (see README, "Endpoints"):
+
+* ``/v2/health/live`` — the gateway is up. ``/v2/health/ready`` — at least one worker is
+  ready. ``/v2/models/{m}/ready`` — some ready worker has the model (and version) ready.
+* ``/v2`` — the gateway's own metadata; ``extensions`` lists only what it really supports.
+* model metadata/config — proxied to one ready worker that has the model.
+* ``infer``/``generate``/``generate_stream`` — admitted, routed, forwarded byte for byte
+  (JSON or binary tensors, compressed or not); ``generate_stream`` is streamed.
+* ``/v2/models[/{m}]/stats`` — **aggregated**: the sum over every ready worker.
+* ``/v2/repository/index`` — the union over ready workers (plus models known by probing).
+* ``/v2/repository/models/{m}/load|unload`` — broadcast to every ready worker.
+* shared memory (system or CUDA) — 400: regions are host-local and cannot be balanced.
+* trace/logging settings — 400: per-server settings, set them on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from gateway import __version__
+from gateway.dispatch import Call, Lease
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NoHealthyWorker,
+    NotFound,
+    PayloadTooLarge,
+    SharedMemoryUnsupported,
+    Unauthorized,
+)
+from gateway.protocol import Endpoint, Kind, classify, model_target, peek_infer
+from gateway.types import ModelKey, Priority
+from gateway.errors import UpstreamError
+from gateway.upstream import HOP_BY_HOP, Headers, fetch
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+EXTENSIONS = ["classification", "sequence", "binary_tensor_data", "parameters", "statistics",
+              "generate"]
+_JSON = (b"content-type", b"application/json")
+_REQUEST_ID = b"x-request-id"
+_BOOT = os.urandom(4).hex()
+_ids = itertools.count(1)
+_MAX_REQUEST_ID = 128
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+class ProxyApp:
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return
+        endpoint = classify(scope["method"], scope["path"])
+        if endpoint.kind is Kind.GATEWAY:
+            await self.service.admin_app(scope, receive, send)
+            return
+        rid = _request_id(scope)
+        try:
+            await self._handle(endpoint, scope, receive, send, rid)
+        except GatewayError as exc:
+            self.service.record_error(endpoint.model or "_none", exc)
+            await _send_error(send, exc, rid)
+        except asyncio.CancelledError:
+            raise
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _handle(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
+                      rid: bytes) -> None:
+        kind = ep.kind
+        svc = self.service
+        if kind in (Kind.INFER, Kind.GENERATE, Kind.GENERATE_STREAM):
+            await self._infer(ep, scope, receive, send, rid)
+        elif kind is Kind.HEALTH_LIVE:
+            await _send_empty(send, 200, rid)
+        elif kind is Kind.HEALTH_READY:
+            await _send_empty(send, 200 if svc.fleet.any_ready() else 400, rid)
+        elif kind is Kind.SERVER_METADATA:
+            await _send_json(send, 200, {"name": "triton-gateway", "version": __version__,
+                                         "extensions": EXTENSIONS}, rid)
+        elif kind is Kind.MODEL_READY:
+            if svc.model_ready(ModelKey(ep.model, ep.version)):
+                await _send_empty(send, 200, rid)
+            else:
+                raise BadRequest(f"Request for unknown model: '{ep.model}' is not ready"
+                                 if svc.model_known(ep.model) else
+                                 f"Request for unknown model: '{ep.model}' is not found")
+        elif kind in (Kind.MODEL_METADATA, Kind.MODEL_CONFIG):
+            suffix = "config" if kind is Kind.MODEL_CONFIG else ""
+            await self._forward_one(ep, scope, send, rid, model_target(ep.model, ep.version,
+                                                                        suffix))
+        elif kind is Kind.MODEL_STATS:
+            await _send_json(send, *await svc.aggregate_stats(ep.model, ep.version), rid)
+        elif kind is Kind.REPOSITORY_INDEX:
+            body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
+            await _send_json(send, 200, await svc.repository_index(body), rid)
+        elif kind is Kind.REPOSITORY_CONTROL:
+            body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
+            status, payload = await svc.broadcast("POST", scope["path"], body)
+            await _send_raw(send, status, [_JSON], payload, rid)
+        elif kind is Kind.SHARED_MEMORY:
+            raise SharedMemoryUnsupported(
+                "shared memory is host-local and not supported through the gateway; send "
+                "tensors in the request body (binary tensor extension) instead")
+        elif kind is Kind.TRACE_LOGGING:
+            raise BadRequest("trace and logging settings are per server; set them on each "
+                             "worker directly, not through the gateway")
+        elif kind is Kind.METHOD_NOT_ALLOWED:
+            raise MethodNotAllowed("Method Not Allowed")
+        else:
+            raise NotFound("Not Found")
+
+    # inference ----------------------------------------------------------------------------
+    async def _infer(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
+                     rid: bytes) -> None:
+        svc = self.service
+        cfg = svc.cfg
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        tenant, default_priority = svc.identify(headers)
+        if tenant is None and cfg.admission.require_api_key:
+            raise Unauthorized("missing or unknown API key")
+        key = ModelKey(ep.model, ep.version)
+        if not svc.model_known(ep.model):
+            raise NotFound(f"Request for unknown model: '{ep.model}' is not found")
+        svc.telemetry.arrival(ep.model)
+        body = await _read_body(receive, cfg.upstream.max_body_bytes, scope)
+        fwd: Headers = []
+        priority_h = timeout_h = ihcl = encoding = None
+        for k, v in headers:
+            if k in HOP_BY_HOP or k == _REQUEST_ID:
+                continue
+            if k == b"x-priority":
+                priority_h = v
+                continue
+            if k == b"x-request-timeout-ms":
+                timeout_h = v
+                continue
+            if k == b"inference-header-content-length":
+                ihcl = v
+            elif k == b"content-encoding":
+                encoding = v
+            fwd.append((k, v))
+        fwd.append((_REQUEST_ID, rid))
+        model_cfg = cfg.model(ep.model)
+        need_batch = model_cfg.cost == "batch_size" or model_cfg.batching.enabled
+        facts = peek_infer(_json_header(body, ihcl, encoding, cfg.upstream.max_body_bytes),
+                           need_batch=need_batch) if ep.kind is Kind.INFER else None
+        if facts is not None and facts.shared_memory:
+            raise SharedMemoryUnsupported(
+                "shared-memory tensors are host-local and not supported through the gateway; "
+                "send tensor data in the request body instead")
+        now = svc.clock()
+        deadline_s = cfg.admission.queue.default_deadline_s
+        if timeout_h is not None:
+            try:
+                deadline_s = max(0.001, int(timeout_h) / 1000.0)
+            except ValueError:
+                raise BadRequest("X-Request-Timeout-Ms must be an integer") from None
+        elif facts is not None and facts.timeout_us is not None:
+            deadline_s = facts.timeout_us / 1e6
+        priority = Priority.parse(priority_h.decode("latin-1") if priority_h else None,
+                                  default_priority)
+        batch = facts.batch_size if facts is not None else 1
+        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        call = Call(
+            method="POST", target=target, headers=fwd, body=body, key=key, priority=priority,
+            tenant=tenant, deadline=now + deadline_s,
+            sequence_id=facts.sequence_id if facts else None,
+            sequence_end=facts.sequence_end if facts else False,
+            batch_size=batch, cost=batch if model_cfg.cost == "batch_size" else 1,
+            stream=ep.kind is Kind.GENERATE_STREAM,
+        )
+        await self._run_guarded(call, scope, receive, send, rid, now)
+
+    async def _run_guarded(self, call: Call, scope: Scope, receive: Receive, send: Send,
+                           rid: bytes, started: float) -> None:
+        """Dispatch and relay; a client that disconnects cancels the upstream request."""
+        svc = self.service
+        task = asyncio.current_task()
+        finished = False
+
+        async def watch() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not finished and task is not None:
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        lease: Lease | None = None
+        try:
+            lease = await svc.dispatcher.dispatch(call)
+            await _relay(lease, send, rid, call.stream)
+            finished = True
+            svc.dispatcher.finish(lease)
+            svc.record_result(call.key.name, lease.response.status, svc.clock() - started,
+                              svc.clock() - lease.started)
+        except asyncio.CancelledError:
+            if lease is not None:
+                lease.response.close()
+                svc.dispatcher.finish(lease, ok=True)
+            svc.record_abort(call.key.name)
+            if finished:
+                raise
+            return
+        except UpstreamError:
+            if lease is not None:
+                svc.dispatcher.finish(lease, ok=False)
+            raise
+        finally:
+            finished = True
+            watcher.cancel()
+
+    async def _forward_one(self, ep: Endpoint, scope: Scope, send: Send, rid: bytes,
+                           target: str) -> None:
+        svc = self.service
+        worker = svc.any_worker_with(ModelKey(ep.model, ep.version))
+        if worker is None:
+            if svc.model_known(ep.model):
+                raise NoHealthyWorker(f"no ready worker has model '{ep.model}'")
+            raise NotFound(f"Request for unknown model: '{ep.model}' is not found")
+        query = scope.get("query_string") or b""
+        if query:
+            target += "?" + query.decode("latin-1")
+        status, body = await fetch(worker.pool, "GET", target,
+                                   timeout_s=svc.cfg.upstream.read_timeout_s)
+        await _send_raw(send, status, [_JSON], body, rid)
+
+
+async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
+    resp = lease.response
+    out = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != _REQUEST_ID]
+    out.append((_REQUEST_ID, rid))
+    if not stream:
+        body = await resp.read()
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.start", "status": resp.status, "headers": out})
+    async for chunk in resp.stream():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _request_id(scope: Scope) -> bytes:
+    for k, v in scope["headers"]:
+        if k == _REQUEST_ID:
+            if 0 < len(v) <= _MAX_REQUEST_ID and v.isascii() and v.isprintable():
+                return bytes(v)
+            break
+    return f"{_BOOT}-{next(_ids):x}".encode()
+
+
+def _json_header(body: bytes, ihcl: bytes | None, encoding: bytes | None,
+                 max_bytes: int) -> bytes:
+    """The JSON part of an infer body, decompressed when needed (bounded), or b''."""
+    if encoding:
+        enc = encoding.strip().lower()
+        wbits = {b"gzip": 31, b"deflate": 15}.get(enc)
+        if wbits is None:
+            return b""
+        try:
+            d = zlib.decompressobj(wbits)
+            body = d.decompress(body, max_bytes)
+        except zlib.error:
+            return b""
+    if ihcl is not None:
+        try:
+            n = int(ihcl)
+        except ValueError:
+            return b""
+        if n <= 0:
+            return b""
+        return body[:n]
+    return body
+
+
+async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            try:
+                if int(v) > max_bytes:
+                    raise PayloadTooLarge(
+                        f"request body of {int(v)} bytes exceeds the limit of {max_bytes}")
+            except ValueError:
+                raise BadRequest("invalid Content-Length") from None
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send_raw(send: Send, status: int, headers: Headers, body: bytes,
+                    rid: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode()),
+                            (_REQUEST_ID, rid)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_empty(send: Send, status: int, rid: bytes) -> None:
+    await _send_raw(send, status, [], b"", rid)
+
+
+async def _send_json(send: Send, status: int, payload: object, rid: bytes) -> None:
+    await _send_raw(send, status, [_JSON], json.dumps(payload).encode(), rid)
+
+
+async def _send_error(send: Send, exc: GatewayError, rid: bytes) -> None:
+    with contextlib.suppress(RuntimeError, OSError):
+        await _send_raw(send, exc.status, exc.headers(), exc.body(), rid)

@@ -1,0 +1,294 @@
+"""Prometheus metrics and the capacity signals (the only module importing prometheus-client).
+
+Two kinds of series:
+
+* **events**, updated on the hot path: requests by outcome, rejections by reason, end-to-end
+  and upstream latency histograms, queue wait, batch sizes;
+* **state**, read from snapshots at scrape time by a custom collector: per worker (in flight,
+  slots, utilisation, pending, free/total GPU memory, breaker state, ready) and per fleet
+  (utilisation, headroom, saturation, arrival rate, desired replicas).
+
+Label cardinality is bounded: ``model`` is a configured or discovered model name (anything
+else is reported as ``_other``), ``worker`` is a fleet member, ``reason``/``outcome`` are
+fixed sets.
+
+Capacity signals (definitions in ``gateway.capacity``), sampled once a second:
+
+* utilisation = busy slots / slots of ready workers (smoothed over ~10 s);
+* headroom = 1 − utilisation / target (``capacity.target_utilisation``, default 0.7);
+* saturation = share of the last minute during which requests had to queue for a slot;
+* ``gateway_desired_replicas{mode="reactive"}`` = HPA formula on utilisation vs target, + N+k;
+* ``gateway_desired_replicas{mode="predictive"}`` = forecast arrival rate ``lead_time_s`` ahead
+  (``gateway.forecast``, daily and weekly seasonality, chosen by backtest) over the observed
+  per-replica throughput at the target, + N+k, floored by the rate observed now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import capacity
+from gateway.errors import GatewayError
+from gateway.forecast import Forecaster
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_MODELS = 256
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def outcome_of(status: int) -> str:
+    """Outcome of a request a worker answered (the gateway's own refusals are counted in
+    ``request_failed``)."""
+    if status < 400:
+        return "ok"
+    return "client_error" if status < 500 else "upstream_error"
+
+
+class ModelCapacity:
+    """Per-model capacity state: forecaster and smoothed utilisation."""
+
+    __slots__ = ("arrivals_seen", "forecaster", "per_replica_rps", "utilisation")
+
+    def __init__(self, step_s: float, max_points: int) -> None:
+        self.forecaster = Forecaster(step_s=step_s, max_points=max_points)
+        self.utilisation = 0.0
+        self.per_replica_rps = 0.0
+        self.arrivals_seen = 0
+
+
+class Telemetry:
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Requests by model and outcome",
+                                ["model", "outcome"], registry=r)
+        self.rejections = Counter("gateway_rejections", "Requests the gateway refused, by "
+                                  "reason", ["model", "reason"], registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds", "End-to-end latency "
+                                  "seen by the gateway", ["model"], buckets=LATENCY_BUCKETS,
+                                  registry=r)
+        self.upstream = Histogram("gateway_upstream_duration_seconds", "Worker latency "
+                                  "(from dispatch to full response)", ["model"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("gateway_queue_wait_seconds", "Time spent waiting for a "
+                                    "worker slot", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("gateway_batch_size", "Requests merged per gateway batch",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_fill: dict[str, float] = {}
+        self.models: dict[str, ModelCapacity] = {}
+        self.arrival_counts: collections.Counter[str] = collections.Counter()
+        self.saturation_samples: collections.deque[float] = collections.deque(maxlen=60)
+        self.fleet_utilisation = 0.0
+        self.recent_rejections: collections.deque[dict[str, object]] = collections.deque(
+            maxlen=50)
+        self._last_saturation_s = 0.0
+        self._children: dict[tuple[str, str], object] = {}
+        r.register(_StateCollector(self))
+
+    # hot path ---------------------------------------------------------------------------
+    def label(self, model: str) -> str:
+        if model in self.models or self.service.model_known(model):
+            return model
+        return "_other"
+
+    def arrival(self, model: str) -> None:
+        self.arrival_counts[self.label(model)] += 1
+
+    def request_done(self, model: str, status: int, total_s: float, upstream_s: float) -> None:
+        m = self.label(model)
+        self.requests.labels(m, outcome_of(status)).inc()
+        self.duration.labels(m).observe(total_s)
+        self.upstream.labels(m).observe(upstream_s)
+
+    def request_failed(self, model: str, exc: GatewayError, *, is_rejection: bool) -> None:
+        m = self.label(model)
+        if is_rejection or exc.status in (401, 413):
+            self.requests.labels(m, "rejected").inc()
+            self.rejections.labels(m, exc.reason).inc()
+            self.recent_rejections.append({"at": time.time(), "model": m, "reason": exc.reason,
+                                           "status": exc.status})
+        elif exc.status >= 500:
+            self.requests.labels(m, "upstream_error").inc()
+        else:
+            self.requests.labels(m, "client_error").inc()
+            if exc.reason == "bad_request":
+                self.rejections.labels(m, "bad_request").inc()
+
+    def request_aborted(self, model: str) -> None:
+        self.requests.labels(self.label(model), "client_error").inc()
+
+    def observe_batch(self, model: str, size: int, fill_ratio: float) -> None:
+        m = self.label(model)
+        self.batch_size.labels(m).observe(size)
+        self.batch_fill[m] = fill_ratio
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # once a second ------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sample(self.service.clock())
+
+    def sample(self, now: float) -> None:
+        svc = self.service
+        cap = svc.cfg.capacity
+        ready = [w for w in svc.fleet.workers.values() if w.is_routable]
+        slots = sum(w.slots for w in ready)
+        busy = sum(w.in_flight for w in ready)
+        util = capacity.fleet_utilisation(busy, slots)
+        self.fleet_utilisation = 0.8 * self.fleet_utilisation + 0.2 * util
+        sat_s = svc.dispatcher.saturation_seconds()
+        self.saturation_samples.append(min(1.0, max(0.0, sat_s - self._last_saturation_s)))
+        self._last_saturation_s = sat_s
+        for name in set(self.arrival_counts) | set(self.models):
+            mc = self.models.get(name)
+            if mc is None:
+                if len(self.models) >= MAX_MODELS:
+                    continue
+                mc = self.models[name] = ModelCapacity(cap.history_step_s,
+                                                       cap.history_max_points)
+            count = self.arrival_counts.get(name, 0)
+            mc.forecaster.record(now, float(count - mc.arrivals_seen))
+            mc.arrivals_seen = count
+            serving = [w for w in ready if name in w.models_ready]
+            m_slots = sum(w.slots for w in serving)
+            m_busy = sum(w.in_flight_by_model.get(name, 0) for w in serving)
+            mc.utilisation = 0.8 * mc.utilisation + 0.2 * capacity.fleet_utilisation(m_busy,
+                                                                                     m_slots)
+            rate = svc.dispatcher.completions.rate(now)
+            if serving and mc.utilisation > 0.05 and rate > 0:
+                mc.per_replica_rps = rate / (len(serving) * mc.utilisation)
+
+    def saturation(self) -> float:
+        s = self.saturation_samples
+        return sum(s) / len(s) if s else 0.0
+
+    def desired_replicas(self, name: str, now: float) -> tuple[int, int]:
+        svc = self.service
+        cap = svc.cfg.capacity
+        mc = self.models.get(name)
+        serving = [w for w in svc.fleet.workers.values()
+                   if w.is_routable and name in w.models_ready]
+        current = len(serving)
+        util = mc.utilisation if mc else 0.0
+        reactive = capacity.reactive_desired_replicas(
+            current, util, cap.target_utilisation, cap.redundancy, cap.min_replicas,
+            cap.max_replicas)
+        if mc is None or mc.per_replica_rps <= 0:
+            return reactive, reactive
+        observed = svc.dispatcher.arrivals.get(name)
+        now_rate = observed.rate(now) if observed else 0.0
+        predicted = max(mc.forecaster.forecast(now, cap.lead_time_s), now_rate)
+        predictive = capacity.predictive_desired_replicas(
+            predicted, mc.per_replica_rps, cap.target_utilisation, cap.redundancy,
+            cap.min_replicas, cap.max_replicas)
+        return reactive, predictive
+
+    def fleet_view(self, now: float) -> dict[str, float | int]:
+        svc = self.service
+        cap = svc.cfg.capacity
+        reactive = predictive = 0
+        for name in self.models:
+            r, p = self.desired_replicas(name, now)
+            reactive, predictive = max(reactive, r), max(predictive, p)
+        arrival = sum(m.rate(now) for m in svc.dispatcher.arrivals.values())
+        return {
+            "utilisation": self.fleet_utilisation,
+            "headroom": capacity.headroom(self.fleet_utilisation, cap.target_utilisation),
+            "saturation": self.saturation(),
+            "arrival_rate_per_s": arrival,
+            "desired_reactive": reactive,
+            "desired_predictive": predictive,
+        }
+
+
+class _StateCollector(Collector):
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.t = telemetry
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.t
+        svc = t.service
+        now = svc.clock()
+        stale = svc.cfg.scrape.stale_after_s
+        g = {name: GaugeMetricFamily(name, doc, labels=["worker"]) for name, doc in (
+            ("gateway_worker_in_flight", "Requests in flight from this gateway"),
+            ("gateway_worker_slots", "Maximum in-flight requests allowed"),
+            ("gateway_worker_utilisation", "Busy slots / slots"),
+            ("gateway_worker_pending", "Triton pending requests (last scrape)"),
+            ("gateway_worker_gpu_free_bytes", "Free GPU memory (last scrape)"),
+            ("gateway_worker_gpu_total_bytes", "Total GPU memory (last scrape)"),
+            ("gateway_worker_breaker_state", "0 closed, 1 half-open, 2 open"),
+            ("gateway_worker_ready", "1 when the worker takes traffic"),
+        )}
+        board = svc.dispatcher.breakers
+        for w in svc.fleet.workers.values():
+            g["gateway_worker_in_flight"].add_metric([w.id], w.in_flight)
+            g["gateway_worker_slots"].add_metric([w.id], w.slots)
+            g["gateway_worker_utilisation"].add_metric([w.id], w.in_flight / w.slots
+                                                       if w.slots else 0.0)
+            g["gateway_worker_ready"].add_metric([w.id], 1.0 if w.is_routable else 0.0)
+            sig = w.fresh_signals(now, stale)
+            if sig is not None:
+                g["gateway_worker_pending"].add_metric([w.id], sig.pending())
+                if sig.has_gpu:
+                    g["gateway_worker_gpu_free_bytes"].add_metric([w.id], sig.free_memory_bytes)
+                    g["gateway_worker_gpu_total_bytes"].add_metric([w.id],
+                                                                   sig.total_memory_bytes)
+            if w.id in board:
+                g["gateway_worker_breaker_state"].add_metric([w.id],
+                                                             board.state(w.id, now).gauge)
+        yield from g.values()
+        view = t.fleet_view(now)
+        for name, doc, key in (
+            ("gateway_fleet_utilisation", "Busy slots / slots of ready workers", "utilisation"),
+            ("gateway_fleet_headroom", "1 - utilisation / target", "headroom"),
+            ("gateway_fleet_saturation", "Share of the last minute spent queueing",
+             "saturation"),
+        ):
+            fam = GaugeMetricFamily(name, doc)
+            value = float(view[key])
+            fam.add_metric([], value if math.isfinite(value) else 1.0)
+            yield fam
+        ql = GaugeMetricFamily("gateway_queue_length", "Requests waiting for a worker slot")
+        ql.add_metric([], svc.dispatcher.queue_length)
+        yield ql
+        arrival = GaugeMetricFamily("gateway_arrival_rate_per_s", "Arrival rate (decayed)",
+                                    labels=["model"])
+        desired = GaugeMetricFamily("gateway_desired_replicas", "Replicas needed now "
+                                    "(reactive) and one lead time ahead (predictive)",
+                                    labels=["model", "mode"])
+        fill = GaugeMetricFamily("gateway_batch_fill_ratio", "Last batch size / batch limit",
+                                 labels=["model"])
+        for name in list(t.models):
+            meter = svc.dispatcher.arrivals.get(name)
+            arrival.add_metric([name], meter.rate(now) if meter else 0.0)
+            r, p = t.desired_replicas(name, now)
+            desired.add_metric([name, "reactive"], r)
+            desired.add_metric([name, "predictive"], p)
+        for name, ratio in t.batch_fill.items():
+            fill.add_metric([name], ratio)
+        yield arrival
+        yield desired
+        yield fill
