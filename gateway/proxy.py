@@ -281,7 +281,7 @@ async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
 def _request_id(scope: Scope) -> bytes:
     for k, v in scope["headers"]:
         if k == _REQUEST_ID:
-            if 0 < len(v) <= _MAX_REQUEST_ID and v.isascii() and v.isprintable():
+            if 0 < len(v) <= _MAX_REQUEST_ID and all(32 <= c < 127 for c in v):
                 return bytes(v)
             break
     return f"{_BOOT}-{next(_ids):x}".encode()

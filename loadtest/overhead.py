@@ -1,0 +1,333 @@
+"""Proxy overhead benchmark: client → worker directly, → gateway → worker, → HAProxy → worker.
+
+    python -m loadtest.overhead [--duration 5] [--rate 1000] [--connections 64]
+
+The "worker" is a fast upstream that answers KServe v2 like Triton would (nginx returning a
+fixed infer response, so the upstream costs almost nothing and the proxies' own cost shows).
+Side by side, in one run:
+
+* saturation throughput: ``wrk`` (closed loop, ``--connections`` keep-alive connections,
+  one thread) POSTing a KServe v2 JSON infer body;
+* latency at a fixed **open-loop** rate (``--rate`` req/s, latency measured from each
+  request's scheduled time, so queueing is not hidden): p50/p99, and the latency the
+  gateway adds over direct;
+* the gateway's resident memory after the runs;
+* the gateway again with every admission feature on (tenant keys, three token buckets,
+  breakers, retries, queue) — the cost of admission control as a ratio.
+
+Prints a table and writes ``results/overhead.json``. Needs ``nginx`` and ``wrk``
+(Debian packages); HAProxy rows are skipped when ``haproxy`` is missing. Absolute numbers
+depend on the machine and its neighbours; compare the rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gateway.upstream import Pool, PoolLimits
+
+BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+                               "data": list(range(16))}]})
+RESPONSE = json.dumps({"model_name": "simple", "model_version": "1", "outputs": [
+    {"name": "OUTPUT0", "shape": [1, 16], "datatype": "FP32", "data": list(range(16))}]})
+INFER_PATH = "/v2/models/simple/infer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(port: int, path: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered 200 on 127.0.0.1:{port}{path}")
+
+
+def start_nginx(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port};
+    default_type application/json;
+    location = /v2/health/ready {{ return 200 ""; }}
+    location = /v2/health/live {{ return 200 ""; }}
+    location = /v2/repository/index {{ return 200 '[{{"name":"simple","version":"1","state":"READY"}}]'; }}
+    location ~ ^/v2/models/simple/ready$ {{ return 200 ""; }}
+    location = /metrics {{ default_type text/plain; return 200 "nv_inference_pending_request_count{{model=\\"simple\\",version=\\"1\\"}} 0\\n"; }}
+    location ~ /infer$ {{ return 200 '{RESPONSE}'; }}
+  }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(port, "/v2/health/ready")
+    return proc
+
+
+def start_haproxy(tmp: Path, port: int, upstream: int) -> subprocess.Popen[bytes] | None:
+    if shutil.which("haproxy") is None:
+        return None
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend workers
+backend workers
+  balance leastconn
+  http-reuse always
+  server w1 127.0.0.1:{upstream}
+""")
+    proc = subprocess.Popen(["haproxy", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_http(port, "/v2/health/ready")
+    return proc
+
+
+def gateway_yaml(port: int, upstream: int, admission: bool) -> str:
+    base = f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+log_level: warning
+workers:
+  - url: http://127.0.0.1:{upstream}
+    metrics_url: http://127.0.0.1:{upstream}/metrics
+    slots: 1024
+models:
+  simple: {{}}
+"""
+    if not admission:
+        return base + """
+admission:
+  breaker: {enabled: false}
+  retry: {max_attempts: 1}
+"""
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+log_level: warning
+workers:
+  - url: http://127.0.0.1:{upstream}
+    metrics_url: http://127.0.0.1:{upstream}/metrics
+    slots: 1024
+models:
+  simple:
+    rate_limit: {{rate_per_s: 1000000, burst: 1000000}}
+admission:
+  tenants:
+    bench: {{keys: ["bench-key"], priority: standard,
+            rate_limit: {{rate_per_s: 1000000, burst: 1000000}}}}
+  global_limit: {{rate_per_s: 1000000, burst: 1000000}}
+  breaker: {{enabled: true}}
+  retry: {{max_attempts: 2}}
+  queue: {{max_length: 4096}}
+"""
+
+
+def start_gateway(tmp: Path, port: int, upstream: int, admission: bool,
+                  name: str) -> subprocess.Popen[bytes]:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(gateway_yaml(port, upstream, admission))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
+    wait_http(port, "/v2/health/ready")
+    time.sleep(1.0)
+    return proc
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Row:
+    path: str
+    saturation_rps: float
+    wrk_p99_ms: float
+    open_rate_rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def run_wrk(tmp: Path, port: int, duration_s: float, connections: int,
+            headers: dict[str, str]) -> tuple[float, float]:
+    script = tmp / "post.lua"
+    hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    script.write_text(f'wrk.method = "POST"\nwrk.body = [[{BODY}]]\n'
+                      f'wrk.headers["Content-Type"] = "application/json"\n{hdrs}')
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency",
+                          "-s", str(script), f"http://127.0.0.1:{port}{INFER_PATH}"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float("nan")
+    if m:
+        p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return rps, p99
+
+
+async def open_loop(port: int, rate: float, duration_s: float,
+                    headers: dict[str, str]) -> tuple[list[float], int]:
+    """Fixed-rate arrivals; latency from each request's scheduled start."""
+    pool = Pool("127.0.0.1", port, PoolLimits(max_connections=256, read_timeout_s=10.0))
+    hdrs = [(b"content-type", b"application/json")]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    body = BODY.encode()
+    latencies: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        try:
+            resp = await pool.request("POST", INFER_PATH, hdrs, body)
+            await resp.read()
+            if resp.status != 200:
+                errors += 1
+                return
+        except Exception:
+            errors += 1
+            return
+        latencies.append(loop.time() - scheduled)
+
+    # warm the connections
+    await asyncio.gather(*(one(loop.time()) for _ in range(32)))
+    latencies.clear()
+    n = int(rate * duration_s)
+    start = loop.time() + 0.05
+    tasks = []
+    for i in range(n):
+        at = start + i / rate
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(at)))
+    await asyncio.gather(*tasks)
+    await pool.aclose()
+    return latencies, errors
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    ap.add_argument("--rate", type=float, default=1000.0, help="open-loop rate, req/s")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections")
+    ap.add_argument("--out", default="results/overhead.json")
+    args = ap.parse_args(argv)
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            print(f"overhead: {tool} is required (apt-get install -y {tool})", file=sys.stderr)
+            return 2
+    rows: list[Row] = []
+    extra: dict[str, float] = {}
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: [p.send_signal(signal.SIGTERM) for p in procs if
+                                p.poll() is None])
+        up = free_port()
+        procs.append(start_nginx(tmp, up))
+        gw, gw_adm, hp = free_port(), free_port(), free_port()
+        gw_proc = start_gateway(tmp, gw, up, admission=False, name="gateway")
+        procs.append(gw_proc)
+        gw_adm_proc = start_gateway(tmp, gw_adm, up, admission=True, name="gateway-admission")
+        procs.append(gw_adm_proc)
+        ha = start_haproxy(tmp, hp, up)
+        if ha is not None:
+            procs.append(ha)
+        targets: list[tuple[str, int, dict[str, str]]] = [("direct (nginx)", up, {}),
+                                                          ("gateway", gw, {})]
+        if ha is not None:
+            targets.append(("haproxy leastconn", hp, {}))
+        targets.append(("gateway + admission", gw_adm, {"Authorization": "Bearer bench-key"}))
+        for name, port, headers in targets:
+            sat, wrk_p99 = run_wrk(tmp, port, args.duration, args.connections, headers)
+            lat, errors = asyncio.run(open_loop(port, args.rate, args.duration, headers))
+            rows.append(Row(name, sat, wrk_p99, args.rate, pct(lat, 0.5), pct(lat, 0.99),
+                            errors))
+            print(f"  measured {name}", file=sys.stderr)
+        extra["gateway_rss_mb"] = rss_mb(gw_proc.pid)
+        extra["gateway_admission_rss_mb"] = rss_mb(gw_adm_proc.pid)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    by = {r.path: r for r in rows}
+    direct, gate = by["direct (nginx)"], by["gateway"]
+    adm = by["gateway + admission"]
+    extra["gateway_added_p50_ms"] = gate.p50_ms - direct.p50_ms
+    extra["gateway_added_p99_ms"] = gate.p99_ms - direct.p99_ms
+    extra["admission_throughput_ratio"] = adm.saturation_rps / gate.saturation_rps
+    print(f"\n{'path':<22} {'sat req/s':>10} {'wrk p99 ms':>11} {'open req/s':>11} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for r in rows:
+        print(f"{r.path:<22} {r.saturation_rps:>10.0f} {r.wrk_p99_ms:>11.2f} "
+              f"{r.open_rate_rps:>11.0f} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {r.errors:>7}")
+    print(f"\ngateway adds p50 {extra['gateway_added_p50_ms']:.3f} ms, "
+          f"p99 {extra['gateway_added_p99_ms']:.3f} ms at {args.rate:.0f} req/s; "
+          f"RSS {extra['gateway_rss_mb']:.0f} MB; admission on/off throughput "
+          f"{extra['admission_throughput_ratio']:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": [asdict(r) for r in rows], **extra,
+                               "args": vars(args), "cpus": os.cpu_count(),
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                              indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Run the gateway as a real server (a subprocess on loopback) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+class GatewayProcess:
+    """``python -m gateway serve`` with a YAML written from ``config`` into ``workdir``."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, *,
+                 env: dict[str, str] | None = None) -> None:
+        self.config = dict(config)
+        self.port = int(self.config.setdefault("listen", {}).get("port") or 0) or free_port()
+        self.config["listen"] = {"host": "127.0.0.1", "port": self.port}
+        self.workdir = workdir
+        self.config_path = workdir / f"gateway-{self.port}.yaml"
+        self.log_path = workdir / f"gateway-{self.port}.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def write_config(self, config: dict[str, Any] | None = None, raw: str | None = None) -> None:
+        if config is not None:
+            self.config = dict(config)
+            self.config["listen"] = {"host": "127.0.0.1", "port": self.port}
+        self.config_path.write_text(raw if raw is not None else yaml.safe_dump(self.config))
+
+    def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> GatewayProcess:
+        self.write_config()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
+            env={**os.environ, **self.env})
+        deadline = time.monotonic() + timeout_s
+        path = "/v2/health/ready" if wait_ready else "/v2/health/live"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = http_get(self.url + path, timeout_s=1.0)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gateway not {'ready' if wait_ready else 'live'} in {timeout_s} s:"
+                           f"\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        _, body = http_get(self.url + "/status.json")
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def worker_status(self, worker_id: str) -> dict[str, Any]:
+        for w in self.status()["workers"]:
+            if w["id"] == worker_id:
+                return dict(w)
+        raise KeyError(worker_id)
+
+    def wait_for(self, predicate: Any, timeout_s: float = 15.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
