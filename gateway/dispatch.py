@@ -168,7 +168,8 @@ class Dispatcher:
                     continue
                 raise
             except BaseException:
-                self._end(worker, call.key.name, started, ok=False)
+                # Cancelled (the client went away): not the worker's fault.
+                self._end(worker, call.key.name, started, ok=None)
                 raise
             if resp.status == 503 and self._may_retry("response", 503, attempts, max_attempts,
                                                       tried, worker):
@@ -196,20 +197,28 @@ class Dispatcher:
         self.counters["retries"] += 1
         return True
 
-    def finish(self, lease: Lease, *, ok: bool | None = None) -> None:
-        """Release the lease's slot; ``ok`` None = judge by the status code."""
+    def finish(self, lease: Lease, *, ok: bool | None = None, aborted: bool = False) -> None:
+        """Release the lease's slot. ``ok`` None = judge by the status code; ``aborted`` =
+        the client went away (the breaker learns nothing from it)."""
         if lease.done:
             return
         lease.done = True
+        if aborted:
+            self._end(lease.worker, lease.model, lease.started, ok=None)
+            return
         if ok is None:
             ok = lease.response.status not in WORKER_FAILURE_STATUSES
         self._end(lease.worker, lease.model, lease.started, ok=ok)
 
-    def _end(self, worker: Worker, model: str, started: float, *, ok: bool) -> None:
+    def _end(self, worker: Worker, model: str, started: float, *, ok: bool | None) -> None:
+        """``ok`` None: the attempt was abandoned, neither success nor failure."""
         now = self.clock()
         latency = now - started
         worker.end(model, latency if ok else None)
-        self.breakers.record(worker.id, now, ok=ok, latency_s=latency)
+        if ok is None:
+            self.breakers.cancel(worker.id, now)
+        else:
+            self.breakers.record(worker.id, now, ok=ok, latency_s=latency)
         self.completions.add(now)
         if ok:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
@@ -219,15 +228,10 @@ class Dispatcher:
     # routing + queueing -------------------------------------------------------------------
     def pick(self, call: Call, exclude: set[WorkerId]) -> Route | NoRoute:
         sticky = self._sticky.get(call.sequence_id) if call.sequence_id is not None else None
-        decision: Route | NoRoute = NoRoute("no worker")
-        for _ in range(4 if exclude else 1):
-            decision = self.router.decide(self.table, call.key, self.load,
-                                          batch_size=call.batch_size, sticky=sticky)
-            if not isinstance(decision, Route) or decision.worker not in exclude:
-                return decision
+        if sticky is not None and sticky in exclude:
             sticky = None
-        return NoRoute(f"every eligible worker already failed this request "
-                       f"({len(exclude)} tried)")
+        return self.router.decide(self.table, call.key, self.load, batch_size=call.batch_size,
+                                  sticky=sticky, exclude=exclude)
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         waiter: _Waiter | None = None

@@ -109,7 +109,8 @@ class ProxyApp:
         elif kind is Kind.HEALTH_LIVE:
             await _send_empty(send, 200, rid)
         elif kind is Kind.HEALTH_READY:
-            await _send_empty(send, 200 if svc.fleet.any_ready() else 400, rid)
+            ready = svc.fleet.any_ready() and not svc.draining
+            await _send_empty(send, 200 if ready else 400, rid)
         elif kind is Kind.SERVER_METADATA:
             await _send_json(send, 200, {"name": "triton-gateway", "version": __version__,
                                          "extensions": EXTENSIONS}, rid)
@@ -233,7 +234,7 @@ class ProxyApp:
         except asyncio.CancelledError:
             if lease is not None:
                 lease.response.close()
-                svc.dispatcher.finish(lease, ok=True)
+                svc.dispatcher.finish(lease, aborted=True)
             svc.record_abort(call.key.name)
             if finished:
                 raise

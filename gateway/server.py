@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import yaml
 
@@ -57,6 +57,15 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
 
     from gateway.proxy import ProxyApp
 
+    class _Server(uvicorn.Server):
+        """uvicorn's server without its own signal capture: the gateway owns SIGTERM/SIGINT
+        (drain, then clean up) and SIGHUP (reload), and exits 0 after a drain instead of
+        re-raising the signal."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     svc = GatewayService(cfg)
     svc.config_path = config_path
     app = ProxyApp(svc)
@@ -64,10 +73,22 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
                           access_log=False, log_level="warning", http="httptools",
                           timeout_graceful_shutdown=int(max(1, cfg.upstream.drain_timeout_s)),
                           timeout_keep_alive=75, backlog=4096)
-    server = uvicorn.Server(ucfg)
+    server = _Server(ucfg)
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, lambda: reload_from_file(svc))
+
+    def on_term(signum: int) -> None:
+        # Drain: readiness turns false at once, uvicorn stops accepting and waits for the
+        # requests in flight (up to drain_timeout_s); a second SIGINT forces the exit.
+        svc.draining = True
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, on_term, signum)
 
     async def announce() -> None:
         while not server.started:

@@ -64,8 +64,9 @@ class ModelCapacity:
 
     __slots__ = ("arrivals_seen", "forecaster", "per_replica_rps", "utilisation")
 
-    def __init__(self, step_s: float, max_points: int) -> None:
-        self.forecaster = Forecaster(step_s=step_s, max_points=max_points)
+    def __init__(self, step_s: float, max_points: int, lead_time_s: float) -> None:
+        self.forecaster = Forecaster(step_s=step_s, max_points=max_points,
+                                     selection_horizon_s=lead_time_s)
         self.utilisation = 0.0
         self.per_replica_rps = 0.0
         self.arrivals_seen = 0
@@ -164,7 +165,7 @@ class Telemetry:
                 if len(self.models) >= MAX_MODELS:
                     continue
                 mc = self.models[name] = ModelCapacity(cap.history_step_s,
-                                                       cap.history_max_points)
+                                                       cap.history_max_points, cap.lead_time_s)
             count = self.arrival_counts.get(name, 0)
             mc.forecaster.record(now, float(count - mc.arrivals_seen))
             mc.arrivals_seen = count
@@ -196,7 +197,9 @@ class Telemetry:
             return reactive, reactive
         observed = svc.dispatcher.arrivals.get(name)
         now_rate = observed.rate(now) if observed else 0.0
-        predicted = max(mc.forecaster.forecast(now, cap.lead_time_s), now_rate)
+        # The peak over the lead time: capacity must also cover the minutes before new
+        # replicas are warm.
+        predicted = max(mc.forecaster.forecast_peak(now, cap.lead_time_s), now_rate)
         predictive = capacity.predictive_desired_replicas(
             predicted, mc.per_replica_rps, cap.target_utilisation, cap.redundancy,
             cap.min_replicas, cap.max_replicas)

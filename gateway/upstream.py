@@ -60,7 +60,8 @@ class UpstreamFailure(UpstreamError):
     """A worker could not be reached or broke off. ``stage`` says how far the request got."""
 
     def __init__(self, message: str, stage: Stage, *, timeout: bool = False) -> None:
-        super().__init__(message)
+        # A worker that timed out or is unreachable: tell clients when to try again.
+        super().__init__(message, retry_after_s=1.0)
         self.stage: Stage = stage
         self.timeout = timeout
         if timeout and stage == "response":

@@ -1,0 +1,790 @@
+"""Routing decision core: which worker serves a request, decided Filter → Scorer → Picker.
+
+Pure and synchronous: no I/O, no clock; randomness comes from an injected ``random.Random``.
+
+Three objects, and who owns what
+--------------------------------
+* :class:`RoutingTable` is an index the shell builds from ``WorkerSnapshot``\\ s. Per model
+  name it keeps the *statically* eligible workers (ready, breaker allows, model listed),
+  grouped by pool priority, with per-worker figures precomputed from the last scrape (free
+  GPU memory, pending, latency, traffic share). ``update(snapshot)`` refreshes one worker in
+  O(1) when only its signals changed (every scrape) and re-indexes it (O(list) edits) when
+  its eligibility changed (ready, breaker, models, pool). Nothing is rebuilt per request.
+* Live load. The gateway's in-flight counts change with every request, far more often than
+  the table, so they are not in it: a decision takes a :class:`LoadSource` (a Protocol with
+  ``in_flight(worker)`` and ``in_flight_model(worker, model)``), normally the shell's
+  :class:`InFlightCounters`, bumped with ``begin``/``end`` around each upstream call. It is
+  asked only about the workers a decision looks at, so P2C costs the same at 10 or 10,000
+  workers. Without a LoadSource the snapshots' counts are used — frozen between rebuilds,
+  which is exactly how a fleet gets herded onto the worker that looked best at the last
+  scrape (see the herd test).
+* :class:`Router` holds the config (weights per model), the RNG, the round-robin cursors and
+  the pack targets, and counts decisions for ``statistics()``.
+  ``Router.decide(table, key, load, ...)`` returns ``Route`` or ``NoRoute``.
+
+Filters (:func:`drop_reason` is the reference; the table applies the same rules): not
+ready; model (and version, if asked) not ready; breaker refuses; free GPU memory below the
+request's footprint (``memory_bytes_per_request`` × batch size, else a learned per-request
+estimate × batch size; a worker without GPU signals, or with stale ones, passes); gateway
+in-flight at or above ``slots`` — *saturated*: when only saturation stands in the way the
+answer is ``NoRoute(saturated=True)`` so the shell queues instead of failing.
+
+Scorers, each in [0, 1], 1 best: memory = free / total (0.5 without GPU signals); queue =
+1 / (1 + (pending + in_flight) / slots) — scraped pending overlaps the gateway's own
+in-flight, which is deliberate: it is how other gateways' and clients' load shows; latency
+= fastest candidate's EWMA / this one's (0.5 when unknown). They are combined with the
+weights of ``RoutingConfig.weights`` or the model's own ``ModelConfig.weights``.
+
+Pickers: ``p2c`` draws candidates at random (``choices`` of them, filtered as drawn; a
+bounded number of draws, then an exact scan of the pool level) and takes the best score.
+Its cost does not grow with the fleet until nearly every worker of a level is saturated
+(then the scan finds the last free slots, O(level)); a shell that dispatches its queue
+when a request ends should pass ``sticky=<the worker that just freed a slot>``, O(1).
+``full_scan`` scores every eligible worker. Baselines: ``round_robin``, ``random``,
+``least_inflight`` (full scan on gateway in-flight, ties at random). All share the filters,
+pools and stickiness, so a comparison isolates the choice itself.
+
+Pools: route within the most preferred priority level (lowest ``pool_priority``) that has
+an eligible worker below saturation — in_flight < slots and (pending + in_flight) / slots
+< ``saturation_queue``; spill to the next level only while none has; traffic returns by
+itself as soon as room appears. If every level is saturated by queue alone, the least
+loaded worker still below its slots takes the request (in the last level P2C takes the
+best such worker it drew instead of scanning, so a queued-up fleet costs O(draws)).
+
+Slow start thins rather than scales: a worker with ``traffic_share`` s takes part in a
+decision with probability s. Its traffic then ramps roughly in proportion to s; multiplying
+its score instead would starve it until the rest of the fleet was nearly full. A thinned
+worker is still used when nothing else fits — slow start never fails a request.
+
+Packing (``RoutingConfig.pack``) prefers a worker already running the model (model
+in-flight > 0) while it is below saturation: the router sticks to the last worker it picked
+for the model until it fills, so that GPU's dynamic batcher forms full batches and the other
+GPUs stay free (unfragmented memory) for other models and large requests. The price: higher
+per-request latency on the packed GPU (queueing inside its batcher) and less spread when
+load is light. Off by default.
+
+Sticky: ``decide(..., sticky=worker_id)`` keeps a sequence on its worker while that worker
+passes the filters, whatever its pool; otherwise a normal pick.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Set as AbstractSet
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from gateway.config import ModelConfig, RoutingConfig, WeightsConfig
+from gateway.types import (
+    Decision,
+    ModelKey,
+    NoRoute,
+    Route,
+    WorkerId,
+    WorkerSignals,
+    WorkerSnapshot,
+)
+
+NEUTRAL_SCORE: Final = 0.5
+DRAWS_PER_CHOICE: Final = 4  # P2C draws up to this many × k (at least MIN_DRAWS) ...
+MIN_DRAWS: Final = 8
+MAX_DRAWS: Final = 64        # ... and on to this many while none fit, then scans the level
+
+DROP_NOT_READY: Final = "not ready"
+DROP_NO_MODEL: Final = "model not ready"
+DROP_BREAKER: Final = "breaker open"
+DROP_MEMORY: Final = "not enough free GPU memory"
+DROP_SATURATED: Final = "saturated"
+
+
+# ---------------------------------------------------------------- filters and scorers
+
+def required_memory_bytes(model: ModelConfig, batch_size: int = 1,
+                          learned_bytes_per_request: float | None = None) -> float:
+    """GPU memory the request needs on its worker; 0 = unknown (no memory filter)."""
+    per_request = model.memory_bytes_per_request or learned_bytes_per_request or 0.0
+    return float(per_request) * max(1, batch_size)
+
+
+def has_memory_for(signals: WorkerSignals | None, need_bytes: float) -> bool:
+    return need_bytes <= 0 or signals is None or not signals.gpus or (
+        signals.free_memory_bytes >= need_bytes)
+
+
+def is_saturated(pending: float, in_flight: int, slots: int, saturation_queue: float) -> bool:
+    """Saturated for pool spill-over: at the slot limit, or queued up past the threshold."""
+    return in_flight >= slots or pending + in_flight >= saturation_queue * slots
+
+
+def drop_reason(worker: WorkerSnapshot, key: ModelKey, *, in_flight: int | None = None,
+                need_bytes: float = 0.0) -> str | None:
+    """Why ``worker`` cannot take this request now (a ``DROP_*`` text), or None if it can."""
+    if not worker.ready:
+        return DROP_NOT_READY
+    if not worker.has_model(key):
+        return DROP_NO_MODEL
+    if not worker.breaker_allows:
+        return DROP_BREAKER
+    if not has_memory_for(worker.signals, need_bytes):
+        return DROP_MEMORY
+    if (worker.in_flight if in_flight is None else in_flight) >= worker.slots:
+        return DROP_SATURATED
+    return None
+
+
+def memory_score(signals: WorkerSignals | None) -> float:
+    if signals is None or not signals.gpus:
+        return NEUTRAL_SCORE
+    total = signals.total_memory_bytes
+    return min(1.0, signals.free_memory_bytes / total) if total > 0 else NEUTRAL_SCORE
+
+
+def queue_score(pending: float, in_flight: int, slots: int) -> float:
+    return 1.0 / (1.0 + max(0.0, pending + in_flight) / max(1, slots))
+
+
+def latency_score(latency_s: float, fastest_s: float) -> float:
+    if latency_s <= 0 or fastest_s <= 0:
+        return NEUTRAL_SCORE
+    return min(1.0, fastest_s / latency_s)
+
+
+Weights = tuple[float, float, float]  # memory, queue, latency — normalised to sum 1
+
+
+def normalised_weights(weights: WeightsConfig) -> Weights:
+    total = weights.memory + weights.queue + weights.latency
+    if total <= 0:
+        return (0.0, 0.0, 0.0)
+    return (weights.memory / total, weights.queue / total, weights.latency / total)
+
+
+def combined_score(weights: Weights, memory: float, queue: float, latency: float) -> float:
+    return weights[0] * memory + weights[1] * queue + weights[2] * latency
+
+
+# ---------------------------------------------------------------- live load
+
+class LoadSource(Protocol):
+    """The gateway's live in-flight counts, owned by the shell."""
+
+    def in_flight(self, worker: WorkerId) -> int: ...
+
+    def in_flight_model(self, worker: WorkerId, model: str) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightStatistics:
+    in_flight: int
+    busy_workers: int
+    begun: int
+    ended: int
+
+
+class InFlightCounters:
+    """Live per-worker and per-(worker, model) in-flight counts; a :class:`LoadSource`.
+
+    Bounded by the requests in flight: a count that returns to zero is deleted."""
+
+    __slots__ = ("_begun", "_by_model", "_ended", "_total")
+
+    def __init__(self) -> None:
+        self._total: dict[WorkerId, int] = {}
+        self._by_model: dict[tuple[WorkerId, str], int] = {}
+        self._begun = 0
+        self._ended = 0
+
+    def begin(self, worker: WorkerId, model: str) -> None:
+        self._total[worker] = self._total.get(worker, 0) + 1
+        self._by_model[worker, model] = self._by_model.get((worker, model), 0) + 1
+        self._begun += 1
+
+    def end(self, worker: WorkerId, model: str) -> None:
+        total = self._total.get(worker, 0)
+        per_model = self._by_model.get((worker, model), 0)
+        if total <= 0 or per_model <= 0:
+            raise ValueError(f"end() without begin() for {worker} {model}")
+        if total == 1:
+            del self._total[worker]
+        else:
+            self._total[worker] = total - 1
+        if per_model == 1:
+            del self._by_model[worker, model]
+        else:
+            self._by_model[worker, model] = per_model - 1
+        self._ended += 1
+
+    def in_flight(self, worker: WorkerId) -> int:
+        return self._total.get(worker, 0)
+
+    def in_flight_model(self, worker: WorkerId, model: str) -> int:
+        return self._by_model.get((worker, model), 0)
+
+    def statistics(self) -> InFlightStatistics:
+        return InFlightStatistics(self._begun - self._ended, len(self._total),
+                                  self._begun, self._ended)
+
+    def __repr__(self) -> str:
+        return (f"<InFlightCounters in_flight={self._begun - self._ended} "
+                f"busy_workers={len(self._total)}>")
+
+
+# ---------------------------------------------------------------- the index
+
+class _Entry:
+    """One worker as the router sees it between rebuilds (figures precomputed)."""
+
+    __slots__ = ("free_bytes", "has_gpu", "id", "in_flight", "in_flight_model", "latency_s",
+                 "memory_score", "pending", "priority", "share", "slots", "snapshot")
+
+    def __init__(self, snapshot: WorkerSnapshot) -> None:
+        self.refresh(snapshot)
+
+    def refresh(self, s: WorkerSnapshot) -> None:
+        sig = s.signals
+        self.snapshot = s
+        self.id = s.id
+        self.priority = s.pool_priority
+        self.slots = s.slots
+        self.in_flight = s.in_flight
+        self.in_flight_model = s.in_flight_model
+        self.pending = sig.pending() if sig is not None else 0.0
+        self.has_gpu = sig is not None and sig.has_gpu
+        self.free_bytes = sig.free_memory_bytes if sig is not None else 0.0
+        self.memory_score = memory_score(sig)
+        self.latency_s = s.latency_ewma_s
+        self.share = min(1.0, max(0.0, s.traffic_share))
+
+
+def _plain_models(s: WorkerSnapshot) -> frozenset[str]:
+    return frozenset(m for m in s.models_ready if "/" not in m)
+
+
+def _index_key(s: WorkerSnapshot) -> tuple[bool, str, frozenset[str], int]:
+    reason = DROP_NOT_READY if not s.ready else (DROP_BREAKER if not s.breaker_allows else "")
+    return (not reason, reason, _plain_models(s), s.pool_priority)
+
+
+Level = tuple[int, list[_Entry]]
+
+
+@dataclass(frozen=True, slots=True)
+class TableStatistics:
+    workers: int
+    models: int
+    indexed: int      # (worker, model) pairs routable
+    sidelined: int    # (worker, model) pairs held back: not ready or breaker open
+
+
+class RoutingTable:
+    """Per-model lists of statically eligible workers, by pool priority (see module doc).
+
+    Models are indexed by the plain names in ``models_ready`` (types.py: a worker lists
+    ``name`` beside any ``name/<version>``); versions are checked per decision."""
+
+    __slots__ = ("_entries", "_index", "_keys", "_levels", "_sidelined")
+
+    def __init__(self, snapshots: Iterable[WorkerSnapshot] = ()) -> None:
+        self._entries: dict[WorkerId, _Entry] = {}
+        self._keys: dict[WorkerId, tuple[bool, str, frozenset[str], int]] = {}
+        self._index: dict[str, dict[int, list[_Entry]]] = {}
+        self._levels: dict[str, tuple[Level, ...]] = {}
+        self._sidelined: dict[str, dict[WorkerId, str]] = {}
+        for s in snapshots:
+            self.update(s)
+
+    def update(self, snapshot: WorkerSnapshot) -> None:
+        """Add or refresh one worker: O(1) if only its signals/counters changed."""
+        key = _index_key(snapshot)
+        entry = self._entries.get(snapshot.id)
+        if entry is not None and self._keys[snapshot.id] == key:
+            entry.refresh(snapshot)
+            return
+        if entry is not None:
+            self._unindex(entry)
+        entry = _Entry(snapshot)
+        self._entries[snapshot.id] = entry
+        self._keys[snapshot.id] = key
+        eligible, reason, models, priority = key
+        for name in models:
+            if eligible:
+                levels = self._index.setdefault(name, {})
+                if priority not in levels:
+                    levels[priority] = []
+                    self._levels.pop(name, None)
+                levels[priority].append(entry)
+            else:
+                self._sidelined.setdefault(name, {})[snapshot.id] = reason
+
+    def remove(self, worker: WorkerId) -> bool:
+        entry = self._entries.pop(worker, None)
+        if entry is None:
+            return False
+        self._unindex(entry)
+        del self._keys[worker]
+        return True
+
+    def _unindex(self, entry: _Entry) -> None:
+        eligible, _, models, priority = self._keys[entry.id]
+        for name in models:
+            if not eligible:
+                held = self._sidelined[name]
+                del held[entry.id]
+                if not held:
+                    del self._sidelined[name]
+                continue
+            levels = self._index[name]
+            level = levels[priority]
+            level.remove(entry)
+            if not level:
+                del levels[priority]
+                self._levels.pop(name, None)
+                if not levels:
+                    del self._index[name]
+
+    def _levels_for(self, name: str) -> tuple[Level, ...]:
+        cached = self._levels.get(name)
+        if cached is None:
+            levels = self._index.get(name)
+            if not levels:
+                return ()
+            cached = tuple(sorted(levels.items()))
+            self._levels[name] = cached
+        return cached
+
+    def _why_absent(self, key: ModelKey) -> str:
+        held = self._sidelined.get(key.name)
+        if not held:
+            return f"no worker serves model {key}"
+        counts: dict[str, int] = {}
+        for reason in held.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        detail = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
+        return f"no worker can serve model {key}: {detail}"
+
+    def snapshot(self, worker: WorkerId) -> WorkerSnapshot | None:
+        entry = self._entries.get(worker)
+        return entry.snapshot if entry is not None else None
+
+    def models(self) -> frozenset[str]:
+        return frozenset(self._index)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, worker: object) -> bool:
+        return worker in self._entries
+
+    def statistics(self) -> TableStatistics:
+        indexed = sum(len(lv) for levels in self._index.values() for lv in levels.values())
+        sidelined = sum(len(h) for h in self._sidelined.values())
+        return TableStatistics(len(self._entries), len(self._index), indexed, sidelined)
+
+    def __repr__(self) -> str:
+        return f"<RoutingTable workers={len(self._entries)} models={len(self._index)}>"
+
+
+# ---------------------------------------------------------------- the decision
+
+_OK, _BUSY, _FULL, _NO_MEMORY, _NO_VERSION = range(5)
+
+
+class _Query:
+    """One decision's inputs, gathered once."""
+
+    __slots__ = ("exclude", "key", "load", "name", "need_bytes", "saturation_queue",
+                 "versioned", "weights")
+
+    def __init__(self, key: ModelKey, load: LoadSource | None, need_bytes: float,
+                 saturation_queue: float, weights: Weights,
+                 exclude: AbstractSet[WorkerId] = frozenset()) -> None:
+        self.exclude = exclude
+        self.key = key
+        self.name = key.name
+        self.versioned = bool(key.version)
+        self.load = load
+        self.need_bytes = need_bytes
+        self.saturation_queue = saturation_queue
+        self.weights = weights
+
+
+def _classify(e: _Entry, q: _Query, in_flight: int) -> int:
+    if q.exclude and e.id in q.exclude:
+        return _NO_VERSION  # filtered like a worker without the model
+    if q.versioned and not e.snapshot.has_model(q.key):
+        return _NO_VERSION
+    if q.need_bytes > 0 and e.has_gpu and e.free_bytes < q.need_bytes:
+        return _NO_MEMORY
+    if in_flight >= e.slots:
+        return _FULL
+    if e.pending + in_flight >= q.saturation_queue * e.slots:
+        return _BUSY
+    return _OK
+
+
+_Pick = tuple[_Entry, int, str, float]  # worker, its in-flight, reason, score (-1: unscored)
+
+
+class _Tally:
+    """What the scanned levels held back, for spill-over and the NoRoute reason."""
+
+    __slots__ = ("busy", "busy_in_flight", "full", "no_memory", "no_version")
+
+    def __init__(self) -> None:
+        self.busy: list[_Entry] = []
+        self.busy_in_flight: list[int] = []
+        self.full = 0
+        self.no_memory = 0
+        self.no_version = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStatistics:
+    policy: str
+    picker: str
+    decisions: int
+    routed: int
+    refused: int
+    refused_saturated: int
+    spilled: int            # routed below the most preferred pool level
+    queue_fallbacks: int    # every level saturated by queue; least loaded below slots
+    sticky: int
+    packed: int
+    scan_fallbacks: int     # P2C draws found nothing; the level was scanned
+
+
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
+class Router:
+    """Makes routing decisions over a :class:`RoutingTable` (see the module doc)."""
+
+    __slots__ = ("_config", "_counts", "_k", "_model_need", "_model_weights",
+                 "_p2c", "_pack", "_pack_targets", "_policy", "_rng", "_rr", "_weights")
+
+    def __init__(self, config: RoutingConfig, models: Mapping[str, ModelConfig] | None = None,
+                 *, rng: random.Random) -> None:
+        self._config = config
+        self._rng = rng
+        self._policy = config.policy
+        self._p2c = config.picker == "p2c"
+        self._k = max(1, config.choices)
+        self._pack = config.pack
+        self._weights = normalised_weights(config.weights)
+        models = models or {}
+        self._model_weights = {name: normalised_weights(m.weights)
+                               for name, m in models.items() if m.weights is not None}
+        self._model_need = {name: float(m.memory_bytes_per_request)
+                            for name, m in models.items() if m.memory_bytes_per_request}
+        # Bounded by the model names of the table: set only after a successful lookup.
+        self._rr: dict[str, int] = {}
+        self._pack_targets: dict[str, WorkerId] = {}
+        self._counts = dict.fromkeys(
+            ("decisions", "routed", "refused", "refused_saturated", "spilled",
+             "queue_fallbacks", "sticky", "packed", "scan_fallbacks"), 0)
+
+    # -- public
+
+    def decide(self, table: RoutingTable, key: ModelKey, load: LoadSource | None = None, *,
+               batch_size: int = 1, learned_bytes_per_request: float | None = None,
+               sticky: WorkerId | None = None,
+               exclude: AbstractSet[WorkerId] = frozenset()) -> Decision:
+        """Route one request for ``key``; ``load`` gives live in-flight counts (module doc).
+        ``exclude``: workers that already failed this request (a retry goes elsewhere)."""
+        counts = self._counts
+        counts["decisions"] += 1
+        levels = table._levels_for(key.name)
+        if not levels:
+            return self._refuse(table._why_absent(key), saturated=False)
+        per_request = self._model_need.get(key.name) or learned_bytes_per_request or 0.0
+        need = per_request * batch_size if batch_size > 1 else per_request
+        q = _Query(key, load, need, self._config.saturation_queue,
+                   self._model_weights.get(key.name, self._weights), exclude)
+        if sticky is not None:
+            routed = self._sticky(table, sticky, q)
+            if routed is not None:
+                return routed
+        tally = _Tally()
+        for depth, (priority, level) in enumerate(levels):
+            picked = self._pick_level(table, priority, level, q, tally,
+                                      depth == len(levels) - 1)
+            if picked is not None:
+                entry, in_flight, reason, score = picked
+                if depth:
+                    counts["spilled"] += 1
+                    reason += f"; spilled to pool priority {priority}, preferred pools saturated"
+                return self._route(entry, in_flight, q, reason, score)
+        if tally.busy:
+            counts["queue_fallbacks"] += 1
+            entry, in_flight, _, score = self._choose(tally.busy, tally.busy_in_flight, q, "")
+            return self._route(entry, in_flight, q, "every pool saturated by queue; least "
+                               "loaded worker below its slot limit", score)
+        return self._refuse_from(tally, q)
+
+    def statistics(self) -> RouterStatistics:
+        c = self._counts
+        return RouterStatistics(self._policy, self._config.picker, c["decisions"], c["routed"],
+                                c["refused"], c["refused_saturated"], c["spilled"],
+                                c["queue_fallbacks"], c["sticky"], c["packed"],
+                                c["scan_fallbacks"])
+
+    def __repr__(self) -> str:
+        c = self._counts
+        return (f"<Router policy={self._policy} picker={self._config.picker} k={self._k} "
+                f"pack={self._pack} decisions={c['decisions']} routed={c['routed']} "
+                f"refused={c['refused']}>")
+
+    # -- levels
+
+    def _pick_level(self, table: RoutingTable, priority: int, level: list[_Entry], q: _Query,
+                    tally: _Tally, last: bool) -> _Pick | None:
+        policy = self._policy
+        if policy == "round_robin":
+            return self._round_robin(level, q, tally)
+        if policy == "least_inflight":
+            how = "least in-flight"
+        elif policy == "random":
+            how = "random"
+        else:
+            how = "p2c" if self._p2c else "full scan"
+        sampled = policy == "random" or (policy == "load_aware" and self._p2c)
+        if sampled:
+            if self._pack and policy == "load_aware":
+                packed = self._pack_target(table, priority, q)
+                if packed is not None:
+                    return packed
+            k = 1 if policy == "random" else self._k
+            if len(level) > k:
+                ok, ok_in_flight, busy, busy_in_flight = self._sample(level, q, k)
+                if ok:
+                    return self._choose(ok, ok_in_flight, q, how)
+                if busy and last and not tally.busy:
+                    # Nowhere left to spill: queued-up workers drawn will do (see decide).
+                    tally.busy, tally.busy_in_flight = busy, busy_in_flight
+                    return None
+                self._counts["scan_fallbacks"] += 1
+        ok, ok_in_flight = self._scan(level, q, tally)
+        if not ok:
+            return None
+        return self._choose(ok, ok_in_flight, q, how)
+
+    def _sample(self, level: list[_Entry], q: _Query,
+                k: int) -> tuple[list[_Entry], list[int], list[_Entry], list[int]]:
+        """Up to k distinct fit, unsaturated candidates from a bounded number of draws, and
+        up to k fit ones saturated by queue only (below their slots) met on the way."""
+        rnd = self._rng.random
+        load = q.load
+        n = len(level)
+        enough = max(MIN_DRAWS, DRAWS_PER_CHOICE * k)
+        ok: list[_Entry] = []
+        ok_in_flight: list[int] = []
+        busy: list[_Entry] = []
+        busy_in_flight: list[int] = []
+        for draw in range(max(enough, MAX_DRAWS)):
+            if ok and draw >= enough:
+                break
+            e = level[int(rnd() * n)]
+            if (e.share < 1.0 and rnd() >= e.share) or e in ok:
+                continue
+            in_flight = e.in_flight if load is None else load.in_flight(e.id)
+            verdict = _classify(e, q, in_flight)
+            if verdict == _OK:
+                ok.append(e)
+                ok_in_flight.append(in_flight)
+                if len(ok) == k:
+                    break
+            elif verdict == _BUSY and len(busy) < k and e not in busy:
+                busy.append(e)
+                busy_in_flight.append(in_flight)
+        return ok, ok_in_flight, busy, busy_in_flight
+
+    def _scan(self, level: list[_Entry], q: _Query,
+              tally: _Tally) -> tuple[list[_Entry], list[int]]:
+        """Every fit, unsaturated worker of the level (slow-start thinned, never to none)."""
+        rnd = self._rng.random
+        load = q.load
+        ok: list[_Entry] = []
+        ok_in_flight: list[int] = []
+        thinned: list[_Entry] = []
+        thinned_in_flight: list[int] = []
+        first_busy = not tally.busy
+        for e in level:
+            in_flight = e.in_flight if load is None else load.in_flight(e.id)
+            verdict = _classify(e, q, in_flight)
+            if verdict == _OK:
+                if e.share < 1.0 and rnd() >= e.share:
+                    thinned.append(e)
+                    thinned_in_flight.append(in_flight)
+                else:
+                    ok.append(e)
+                    ok_in_flight.append(in_flight)
+            elif verdict == _BUSY:
+                if first_busy:  # the queue fallback stays in the most preferred level
+                    tally.busy.append(e)
+                    tally.busy_in_flight.append(in_flight)
+            elif verdict == _FULL:
+                tally.full += 1
+            elif verdict == _NO_MEMORY:
+                tally.no_memory += 1
+            else:
+                tally.no_version += 1
+        if ok:
+            return ok, ok_in_flight
+        return thinned, thinned_in_flight
+
+    def _round_robin(self, level: list[_Entry], q: _Query,
+                     tally: _Tally) -> _Pick | None:
+        load = q.load
+        n = len(level)
+        start = self._rr.get(q.name, 0)
+        for i in range(n):
+            e = level[(start + i) % n]
+            in_flight = e.in_flight if load is None else load.in_flight(e.id)
+            verdict = _classify(e, q, in_flight)
+            if verdict == _OK:
+                self._rr[q.name] = (start + i + 1) % n
+                return e, in_flight, "round robin", -1.0
+            if verdict == _BUSY:
+                if not tally.busy or tally.busy[0].priority == e.priority:
+                    tally.busy.append(e)
+                    tally.busy_in_flight.append(in_flight)
+            elif verdict == _FULL:
+                tally.full += 1
+            elif verdict == _NO_MEMORY:
+                tally.no_memory += 1
+            else:
+                tally.no_version += 1
+        return None
+
+    # -- choosing among fit candidates
+
+    def _model_in_flight(self, e: _Entry, q: _Query) -> int:
+        return e.in_flight_model if q.load is None else q.load.in_flight_model(e.id, q.name)
+
+    def _pack_target(self, table: RoutingTable, priority: int,
+                     q: _Query) -> _Pick | None:
+        target = self._pack_targets.get(q.name)
+        if target is None:
+            return None
+        e = table._entries.get(target)
+        if e is None or e.priority != priority:
+            return None
+        eligible, _, models, _ = table._keys[target]
+        if not eligible or q.name not in models:
+            return None
+        in_flight = e.in_flight if q.load is None else q.load.in_flight(e.id)
+        if _classify(e, q, in_flight) != _OK:
+            return None
+        running = self._model_in_flight(e, q)
+        if running <= 0:
+            return None
+        return e, in_flight, f"pack: already running {q.key} ({running} in flight)", -1.0
+
+    def _choose(self, ok: list[_Entry], ok_in_flight: list[int], q: _Query,
+                how: str) -> _Pick:
+        rnd = self._rng.random
+        policy = self._policy
+        if policy == "random":
+            i = int(rnd() * len(ok))
+            return ok[i], ok_in_flight[i], how, -1.0
+        if policy == "least_inflight":
+            best_i, ties = 0, 0
+            least = min(ok_in_flight)
+            for i, in_flight in enumerate(ok_in_flight):
+                if in_flight == least:
+                    ties += 1
+                    if rnd() * ties < 1.0:
+                        best_i = i
+            return (ok[best_i], ok_in_flight[best_i], f"{how} ({least} of {ok[best_i].slots})",
+                    -1.0)
+        candidates = range(len(ok))
+        if self._pack:
+            running = [self._model_in_flight(e, q) for e in ok]
+            packable = [i for i in candidates if running[i] > 0]
+            if packable:
+                if not self._p2c:
+                    most = max(running[i] for i in packable)
+                    packable = [i for i in packable if running[i] == most]
+                i, score = self._best(ok, ok_in_flight, q, packable)
+                return ok[i], ok_in_flight[i], (f"pack: already running {q.key} "
+                                                f"({running[i]} in flight)"), score
+        i, score = self._best(ok, ok_in_flight, q, candidates)
+        return ok[i], ok_in_flight[i], f"{how}: best of {len(ok)}", score
+
+    def _best(self, ok: list[_Entry], ok_in_flight: list[int], q: _Query,
+              indices: Iterable[int]) -> tuple[int, float]:
+        """Index and score of the best among ``indices``; ties broken at random."""
+        rnd = self._rng.random
+        wm, wq, wl = q.weights
+        fastest = min((e.latency_s for e in ok if e.latency_s > 0), default=0.0)
+        best_i, best, ties = -1, -1.0, 0
+        for i in indices:
+            e = ok[i]
+            score = (wm * e.memory_score
+                     + wq * queue_score(e.pending, ok_in_flight[i], e.slots)
+                     + (wl * latency_score(e.latency_s, fastest) if wl else 0.0))
+            if score > best:
+                best_i, best, ties = i, score, 1
+            elif score == best:
+                ties += 1
+                if rnd() * ties < 1.0:
+                    best_i = i
+        return best_i, best
+
+    # -- outcomes
+
+    def _sticky(self, table: RoutingTable, worker: WorkerId, q: _Query) -> Route | None:
+        e = table._entries.get(worker)
+        if e is None:
+            return None
+        eligible, _, models, _ = table._keys[worker]
+        if not eligible or q.name not in models:
+            return None
+        in_flight = e.in_flight if q.load is None else q.load.in_flight(e.id)
+        if _classify(e, q, in_flight) not in (_OK, _BUSY):
+            return None
+        self._counts["sticky"] += 1
+        return self._route(e, in_flight, q, "sticky: the sequence's worker is still eligible")
+
+    def _route(self, e: _Entry, in_flight: int, q: _Query, reason: str,
+               score: float = -1.0) -> Route:
+        counts = self._counts
+        counts["routed"] += 1
+        if self._pack:
+            self._pack_targets[q.name] = e.id
+            if reason.startswith("pack"):
+                counts["packed"] += 1
+        if score < 0:  # not scored by a picker: latency judged against itself
+            score = combined_score(q.weights, e.memory_score,
+                                   queue_score(e.pending, in_flight, e.slots),
+                                   latency_score(e.latency_s, e.latency_s))
+        return Route(e.id, reason, score)
+
+    def _refuse(self, reason: str, saturated: bool) -> NoRoute:
+        self._counts["refused"] += 1
+        if saturated:
+            self._counts["refused_saturated"] += 1
+        return NoRoute(reason, saturated)
+
+    def _refuse_from(self, tally: _Tally, q: _Query) -> NoRoute:
+        if tally.full:
+            extra = (f"; {tally.no_memory} more lack {_mib(q.need_bytes)} free GPU memory"
+                     if tally.no_memory else "")
+            return self._refuse(f"all {tally.full} eligible workers for {q.key} are at their "
+                                f"slot limit{extra}", saturated=True)
+        if tally.no_memory:
+            return self._refuse(f"no worker serving {q.key} has {_mib(q.need_bytes)} of free "
+                                f"GPU memory ({tally.no_memory} checked)", saturated=False)
+        return self._refuse(f"model {q.key} is not ready on any worker", saturated=False)
+
+
+def route(snapshots: Iterable[WorkerSnapshot], key: ModelKey, config: RoutingConfig, *,
+          rng: random.Random, models: Mapping[str, ModelConfig] | None = None,
+          load: LoadSource | None = None, batch_size: int = 1,
+          learned_bytes_per_request: float | None = None,
+          sticky: WorkerId | None = None) -> Decision:
+    """One-shot decision over a list of snapshots (builds a table; for tests and tools)."""
+    return Router(config, models, rng=rng).decide(
+        RoutingTable(snapshots), key, load, batch_size=batch_size,
+        learned_bytes_per_request=learned_bytes_per_request, sticky=sticky)

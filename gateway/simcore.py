@@ -1,0 +1,631 @@
+"""Pure model of one simulated Triton worker: admission, memory, service time, faults, codec.
+
+The asyncio shell (:mod:`gateway.sim`) feeds events in and carries decisions out; nothing
+here touches a socket or reads a clock (``now`` is monotonic seconds, passed in), and the
+only randomness comes from an injected :class:`random.Random`.
+
+How a worker behaves:
+
+* ``slots`` executions run at once. A request arriving with a free slot starts at once;
+  otherwise it waits in a FIFO queue (bounded by ``max_queue``; beyond it the request is
+  refused with 503, reason ``REJECTED``). Queued requests are Triton's
+  ``nv_inference_pending_request_count``.
+* Service time = (base_ms + per_item_ms × batch) / speed_factor.
+* GPU memory: ``memory_base_used_bytes`` is always used; each executing request holds
+  ``memory_per_item_bytes × batch`` more. A request whose memory does not fit when it would
+  start fails with 500 "... out of memory ..." (failure reason ``OTHER``; ``sim_oom_total``).
+* ``error_rate``: each arriving inference fails with 500 with that probability (reason
+  ``BACKEND``), drawn before admission.
+* ``nv_gpu_utilization`` = busy slots / slots, instantaneous (real Triton refreshes it every
+  ``--metrics-interval-ms``; the simulator has no such lag).
+* Counters are cumulative from the worker's (re)start, like a real process.
+
+The model computes its outputs for real: output *i* is input *i* times two (``op="double"``,
+the default ``simple`` model: FP32 INPUT0 [-1, 16] → OUTPUT0 = 2 × INPUT0) or unchanged
+(``op="identity"``; BYTES tensors are always passed through), so results can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+GIB = 1024**3
+MIB = 1024**2
+
+NUMPY_DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+
+MetricsFault = Literal["ok", "error", "hang"]
+ModelOp = Literal["double", "identity"]
+
+
+class SimError(Exception):
+    """An inference error the worker answers as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ------------------------------------------------------------------ configuration values
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str = "FP32"
+    dims: tuple[int, ...] = (16,)  # without the batch dimension; -1 = any size
+
+
+@dataclass(frozen=True, slots=True)
+class SimModel:
+    name: str = "simple"
+    version: str = "1"
+    inputs: tuple[TensorSpec, ...] = (TensorSpec("INPUT0"),)
+    outputs: tuple[TensorSpec, ...] = (TensorSpec("OUTPUT0"),)
+    op: ModelOp = "double"
+    max_batch_size: int = 64
+    dynamic_batching: bool = True
+    # per-model cost overrides; None = the worker's value
+    base_ms: float | None = None
+    per_item_ms: float | None = None
+    memory_per_item_bytes: int | None = None
+
+
+DEFAULT_MODEL = SimModel()
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Injected misbehaviour; every field can change at run time."""
+
+    error_rate: float = 0.0        # probability that an inference answers 500
+    added_latency_ms: float = 0.0  # added before each inference response (not in metrics)
+    hang: bool = False             # accept requests but never answer (all but /sim/*)
+    ready: bool = True             # False: /v2/health/ready and model ready answer 400
+    metrics: MetricsFault = "ok"   # /metrics: ok, 500, or never answer
+    crashed: bool = False          # not listening; connections dropped (shell state)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    slots: int = 4
+    speed_factor: float = 1.0
+    base_ms: float = 2.0
+    per_item_ms: float = 0.05
+    has_gpu: bool = True
+    memory_total_bytes: int = 16 * GIB
+    memory_base_used_bytes: int = 2 * GIB
+    memory_per_item_bytes: int = 16 * MIB
+    max_queue: int = 4096
+    models: tuple[SimModel, ...] = (DEFAULT_MODEL,)
+    faults: Faults = field(default_factory=Faults)
+
+    def find_model(self, name: str, version: str) -> SimModel | None:
+        for model in self.models:
+            if model.name == name and (not version or version == model.version):
+                return model
+        return None
+
+    def service_s(self, model: SimModel, batch: int) -> float:
+        base = self.base_ms if model.base_ms is None else model.base_ms
+        per_item = self.per_item_ms if model.per_item_ms is None else model.per_item_ms
+        return (base + per_item * batch) / max(self.speed_factor, 1e-9) / 1000.0
+
+    def memory_bytes(self, model: SimModel, batch: int) -> int:
+        per_item = (self.memory_per_item_bytes if model.memory_per_item_bytes is None
+                    else model.memory_per_item_bytes)
+        return per_item * batch if self.has_gpu else 0
+
+
+# ------------------------------------------------------------------ decisions
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    ticket: int
+    service_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    ticket: int
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    ticket: int
+
+
+Event = Start | Fail | Queued
+
+
+@dataclass(slots=True)
+class _Request:
+    ticket: int
+    model: str
+    batch: int
+    arrived_at: float
+    started_at: float = 0.0
+    memory_bytes: int = 0
+
+
+@dataclass(slots=True)
+class _ModelCounters:
+    success: int = 0
+    failure: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("OTHER", "BACKEND", "CANCELED", "REJECTED"), 0))
+    inference_count: int = 0
+    exec_count: int = 0
+    request_ns: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    pending: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    busy_slots: int
+    slots: int
+    queued: int
+    memory_used_bytes: int
+    memory_total_bytes: int
+    success: int
+    failure: int
+    oom_total: int
+
+
+class WorkerCore:
+    """State of one simulated Triton process from its (re)start."""
+
+    __slots__ = ("_counters", "_executing", "_next_ticket", "_queue", "_rng", "busy",
+                 "gpu_uuid", "memory_used_bytes", "oom_total", "spec", "started_at")
+
+    def __init__(self, spec: WorkerSpec, rng: random.Random, now: float, gpu_uuid: str) -> None:
+        self.spec = spec
+        self.gpu_uuid = gpu_uuid
+        self.started_at = now
+        self._rng = rng
+        self._queue: deque[_Request] = deque()
+        self._executing: dict[int, _Request] = {}
+        self._next_ticket = 1
+        self._counters = {m.name: _ModelCounters() for m in spec.models}
+        self.busy = 0
+        self.memory_used_bytes = spec.memory_base_used_bytes if spec.has_gpu else 0
+        self.oom_total = 0
+
+    def __repr__(self) -> str:
+        return (f"<WorkerCore busy={self.busy}/{self.spec.slots} queued={len(self._queue)} "
+                f"memory_used={self.memory_used_bytes}>")
+
+    def _model(self, name: str) -> SimModel:
+        model = self.spec.find_model(name, "")
+        if model is None:
+            raise KeyError(name)
+        return model
+
+    def _fail(self, req: _Request, status: int, reason: str, message: str) -> Fail:
+        self._counters[req.model].failure[reason] += 1
+        return Fail(req.ticket, status, message)
+
+    def _try_start(self, req: _Request, now: float) -> Start | Fail:
+        model = self._model(req.model)
+        need = self.spec.memory_bytes(model, req.batch)
+        free = self.spec.memory_total_bytes - self.memory_used_bytes
+        if self.spec.has_gpu and need > free:
+            self.oom_total += 1
+            return self._fail(req, 500, "OTHER",
+                              f"CUDA out of memory: tried to allocate {need} bytes, "
+                              f"{max(free, 0)} bytes free on {self.gpu_uuid}")
+        req.started_at = now
+        req.memory_bytes = need
+        self.memory_used_bytes += need
+        self.busy += 1
+        self._executing[req.ticket] = req
+        return Start(req.ticket, self.spec.service_s(model, req.batch))
+
+    def arrive(self, model: str, batch: int, now: float) -> Event:
+        """A valid inference of ``batch`` items for ``model`` (a served model) arrives."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        req = _Request(ticket, model, batch, now)
+        if self.spec.faults.error_rate > 0 and self._rng.random() < self.spec.faults.error_rate:
+            return self._fail(req, 500, "BACKEND", "simulated backend error")
+        if self.busy < self.spec.slots and not self._queue:
+            return self._try_start(req, now)
+        if len(self._queue) >= self.spec.max_queue:
+            return self._fail(req, 503, "REJECTED", "Exceeds maximum queue size")
+        self._queue.append(req)
+        self._counters[model].pending += 1
+        return Queued(ticket)
+
+    def complete(self, ticket: int, now: float) -> list[Start | Fail]:
+        """An execution finished; returns what the freed slot(s) start (or fail) next."""
+        req = self._executing.pop(ticket)
+        self.busy -= 1
+        self.memory_used_bytes -= req.memory_bytes
+        c = self._counters[req.model]
+        c.success += 1
+        c.inference_count += req.batch
+        c.exec_count += 1
+        c.request_ns += round((now - req.arrived_at) * 1e9)
+        c.queue_ns += round((req.started_at - req.arrived_at) * 1e9)
+        c.compute_ns += round((now - req.started_at) * 1e9)
+        c.last_inference_ms = round(now * 1000)
+        return self._drain(now)
+
+    def _drain(self, now: float) -> list[Start | Fail]:
+        events: list[Start | Fail] = []
+        while self._queue and self.busy < self.spec.slots:
+            req = self._queue.popleft()
+            self._counters[req.model].pending -= 1
+            events.append(self._try_start(req, now))
+        return events
+
+    def reconfigure(self, spec: WorkerSpec, now: float) -> list[Start | Fail]:
+        """Apply a new spec (same models) at run time; more slots may start queued work."""
+        self.spec = spec
+        return self._drain(now)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def statistics(self) -> WorkerStats:
+        return WorkerStats(
+            busy_slots=self.busy, slots=self.spec.slots, queued=len(self._queue),
+            memory_used_bytes=self.memory_used_bytes,
+            memory_total_bytes=self.spec.memory_total_bytes if self.spec.has_gpu else 0,
+            success=sum(c.success for c in self._counters.values()),
+            failure=sum(sum(c.failure.values()) for c in self._counters.values()),
+            oom_total=self.oom_total)
+
+    # -------------------------------------------------------------- observability pages
+
+    def render_metrics(self) -> str:
+        """The page Triton serves on /metrics, same names, types and label shapes."""
+        spec = self.spec
+        gpu = f'gpu_uuid="{self.gpu_uuid}",' if spec.has_gpu else ""
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str, rows: list[tuple[str, float | int]]) -> None:
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
+            out.extend(f"{name}{{{labels}}} {value}\n" if labels else f"{name} {value}\n"
+                       for labels, value in rows)
+
+        items = [(m, self._counters[m.name]) for m in spec.models]
+
+        def per_model(attr: str, scale: int = 1) -> list[tuple[str, float | int]]:
+            return [(f'{gpu}model="{m.name}",version="{m.version}"',
+                     getattr(c, attr) // scale) for m, c in items]
+
+        family("nv_inference_request_success", "counter",
+               "Number of successful inference requests, all batch sizes", per_model("success"))
+        family("nv_inference_request_failure", "counter",
+               "Number of failed inference requests, all batch sizes",
+               [(f'{gpu}model="{m.name}",reason="{reason}",version="{m.version}"', n)
+                for m, c in items for reason, n in c.failure.items()])
+        family("nv_inference_count", "counter",
+               "Number of inferences performed (does not include cached requests)",
+               per_model("inference_count"))
+        family("nv_inference_exec_count", "counter",
+               "Number of model executions performed (does not include cached requests)",
+               per_model("exec_count"))
+        family("nv_inference_request_duration_us", "counter",
+               "Cumulative inference request duration in microseconds "
+               "(includes cached requests)", per_model("request_ns", 1000))
+        family("nv_inference_queue_duration_us", "counter",
+               "Cumulative inference queuing duration in microseconds "
+               "(includes cached requests)", per_model("queue_ns", 1000))
+        family("nv_inference_compute_infer_duration_us", "counter",
+               "Cumulative compute inference duration in microseconds "
+               "(does not include cached requests)", per_model("compute_ns", 1000))
+        family("nv_inference_pending_request_count", "gauge",
+               "Instantaneous number of pending requests awaiting execution per-model.",
+               [(f'model="{m.name}",version="{m.version}"', c.pending) for m, c in items])
+        utilisation = self.busy / spec.slots if spec.slots > 0 else 0.0
+        if spec.has_gpu:
+            uuid = f'gpu_uuid="{self.gpu_uuid}"'
+            family("nv_gpu_utilization", "gauge", "GPU utilization rate [0.0 - 1.0)",
+                   [(uuid, utilisation)])
+            family("nv_gpu_memory_total_bytes", "gauge", "GPU total memory, in bytes",
+                   [(uuid, spec.memory_total_bytes)])
+            family("nv_gpu_memory_used_bytes", "gauge", "GPU used memory, in bytes",
+                   [(uuid, self.memory_used_bytes)])
+            family("nv_gpu_power_usage", "gauge", "GPU power usage in watts",
+                   [(uuid, 100.0 + 300.0 * utilisation)])
+            family("nv_gpu_power_limit", "gauge", "GPU power management limit in watts",
+                   [(uuid, 700.0)])
+        family("nv_cpu_utilization", "gauge", "CPU utilization rate [0.0 - 1.0]",
+               [("", 0.05 if spec.has_gpu else utilisation)])
+        family("sim_oom_total", "counter",
+               "Simulator: inferences refused because GPU memory was exhausted",
+               [("", self.oom_total)])
+        family("sim_busy_slots", "gauge", "Simulator: executions in progress",
+               [("", self.busy)])
+        return "".join(out)
+
+    def model_stats(self, name: str | None = None) -> dict[str, Any]:
+        """``GET /v2/models[/{m}]/stats`` (the statistics extension)."""
+        stats: list[dict[str, Any]] = []
+        for m in self.spec.models:
+            if name is not None and m.name != name:
+                continue
+            c = self._counters[m.name]
+            failed = sum(c.failure.values())
+            stats.append({
+                "name": m.name, "version": m.version, "last_inference": c.last_inference_ms,
+                "inference_count": c.inference_count, "execution_count": c.exec_count,
+                "inference_stats": {
+                    "success": {"count": c.success, "ns": c.request_ns},
+                    "fail": {"count": failed, "ns": 0},
+                    "queue": {"count": c.success, "ns": c.queue_ns},
+                    "compute_input": {"count": c.success, "ns": 0},
+                    "compute_infer": {"count": c.success, "ns": c.compute_ns},
+                    "compute_output": {"count": c.success, "ns": 0},
+                    "cache_hit": {"count": 0, "ns": 0}, "cache_miss": {"count": 0, "ns": 0}},
+                "response_stats": {}, "batch_stats": [], "memory_usage": []})
+        return {"model_stats": stats}
+
+
+# ------------------------------------------------------------------ model descriptions
+
+def model_metadata(model: SimModel) -> dict[str, Any]:
+    batch = [-1] if model.max_batch_size > 0 else []
+
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": [*batch, *t.dims]}
+                for t in specs]
+
+    return {"name": model.name, "versions": [model.version], "platform": "python",
+            "inputs": tensors(model.inputs), "outputs": tensors(model.outputs)}
+
+
+def model_config(model: SimModel) -> dict[str, Any]:
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "dims": list(t.dims),
+                 "data_type": "TYPE_STRING" if t.datatype == "BYTES" else f"TYPE_{t.datatype}"}
+                for t in specs]
+
+    config: dict[str, Any] = {
+        "name": model.name, "platform": "", "backend": "python",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": model.max_batch_size,
+        "input": tensors(model.inputs), "output": tensors(model.outputs),
+        "instance_group": [{"name": model.name, "kind": "KIND_GPU", "count": 1}],
+    }
+    if model.dynamic_batching:
+        config["dynamic_batching"] = {}
+    return config
+
+
+# ------------------------------------------------------------------ inference codec
+
+TensorData = npt.NDArray[Any] | list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: TensorData  # flat numpy array, or the elements of a BYTES tensor
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRequest:
+    name: str
+    binary: bool | None  # None: not said per output
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    id: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[OutputRequest, ...] | None
+    binary_output: bool
+
+
+def _element_count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _decode_bytes_elements(raw: bytes, name: str) -> list[bytes]:
+    elements: list[bytes] = []
+    pos = 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise SimError(400, f"unexpected end of BYTES data for input '{name}'")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + length > len(raw):
+            raise SimError(400, f"unexpected end of BYTES data for input '{name}'")
+        elements.append(raw[pos:pos + length])
+        pos += length
+    return elements
+
+
+def _decode_tensor(item: Any, raw: bytes | None) -> Tensor:
+    if not isinstance(item, dict):
+        raise SimError(400, "input must be a JSON object")
+    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) \
+            or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise SimError(400, "input must have 'name', 'datatype' and a non-negative 'shape'")
+    dims = tuple(shape)
+    count = _element_count(dims)
+    data: TensorData
+    if datatype == "BYTES":
+        if raw is not None:
+            data = _decode_bytes_elements(raw, name)
+        else:
+            values = np.asarray(item.get("data", []), dtype=object).reshape(-1).tolist()
+            data = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
+        got = len(data)
+    else:
+        dtype = NUMPY_DTYPES.get(datatype)
+        if dtype is None:
+            raise SimError(400, f"unsupported datatype '{datatype}' for input '{name}'")
+        try:
+            if raw is not None:
+                data = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+            else:
+                data = np.asarray(item.get("data", []), dtype=dtype).reshape(-1)
+        except (ValueError, TypeError) as exc:
+            raise SimError(400, f"unable to parse 'data' of input '{name}': {exc}") from exc
+        got = data.size
+    if got != count:
+        raise SimError(500, "Unable to parse 'data': Shape does not match true shape of "
+                            f"'data' field (input '{name}': {got} elements for {count})")
+    return Tensor(name, datatype, dims, data)
+
+
+def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """Decode a JSON or binary-extension inference body (``header_length`` from the header)."""
+    if header_length == 0:
+        raise SimError(400, "raw binary bodies (Inference-Header-Content-Length: 0) are not "
+                            "supported by the simulator")
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise SimError(400, "invalid Inference-Header-Content-Length")
+    header_bytes = body if header_length is None else body[:header_length]
+    try:
+        header = json.loads(header_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SimError(500, f"failed to parse the request JSON buffer: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise SimError(400, "inference request must have an 'inputs' array")
+    binary = memoryview(body)[header_length or len(body):]
+    pos = 0
+    inputs: list[Tensor] = []
+    for item in header["inputs"]:
+        params = item.get("parameters") if isinstance(item, dict) else None
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        raw: bytes | None = None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or pos + size > len(binary):
+                raise SimError(400, "binary_data_size exceeds the binary data of the request")
+            raw = bytes(binary[pos:pos + size])
+            pos += size
+        inputs.append(_decode_tensor(item, raw))
+    params = header.get("parameters")
+    binary_output = bool(params.get("binary_data_output", False)) \
+        if isinstance(params, dict) else False
+    outputs: list[OutputRequest] | None = None
+    if isinstance(header.get("outputs"), list):
+        outputs = []
+        for out in header["outputs"]:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise SimError(400, "output must have a 'name'")
+            oparams = out.get("parameters")
+            flag = oparams.get("binary_data") if isinstance(oparams, dict) else None
+            outputs.append(OutputRequest(out["name"], None if flag is None else bool(flag)))
+    request_id = header.get("id", "")
+    return InferRequest(str(request_id) if request_id is not None else "", tuple(inputs),
+                        None if outputs is None else tuple(outputs), binary_output)
+
+
+def validate(model: SimModel, req: InferRequest) -> int:
+    """Check the request against the model; returns its batch size (1 without batching)."""
+    by_name = {t.name: t for t in req.inputs}
+    batch = 1
+    for spec in model.inputs:
+        tensor = by_name.pop(spec.name, None)
+        if tensor is None:
+            raise SimError(400, f"expected {len(model.inputs)} inputs but got "
+                                f"{len(req.inputs)} inputs for model '{model.name}'")
+        if tensor.datatype != spec.datatype:
+            raise SimError(400, f"inference input '{spec.name}' data-type is "
+                                f"'{tensor.datatype}', but model '{model.name}' expects "
+                                f"'{spec.datatype}'")
+        dims = tensor.shape
+        if model.max_batch_size > 0:
+            if not dims or dims[0] > model.max_batch_size:
+                raise SimError(400, f"inference request batch-size must be <= "
+                                    f"{model.max_batch_size} for '{model.name}'")
+            batch = dims[0]
+            dims = dims[1:]
+        if len(dims) != len(spec.dims) or any(
+                w not in (-1, g) for w, g in zip(spec.dims, dims, strict=True)):
+            expected = [-1, *spec.dims] if model.max_batch_size > 0 else list(spec.dims)
+            raise SimError(400, f"unexpected shape for input '{spec.name}' for model "
+                                f"'{model.name}'. Expected {expected}, got {list(tensor.shape)}")
+    if by_name:
+        raise SimError(400, f"unexpected inference input '{next(iter(by_name))}' "
+                            f"for model '{model.name}'")
+    if req.outputs is not None:
+        known = {o.name for o in model.outputs}
+        for out in req.outputs:
+            if out.name not in known:
+                raise SimError(400, f"unexpected inference output '{out.name}' "
+                                    f"for model '{model.name}'")
+    return batch
+
+
+def compute(model: SimModel, req: InferRequest) -> dict[str, Tensor]:
+    """Output i = op(input i); the default model doubles INPUT0 into OUTPUT0."""
+    by_name = {t.name: t for t in req.inputs}
+    results: dict[str, Tensor] = {}
+    for i, spec in enumerate(model.outputs):
+        source = by_name[model.inputs[min(i, len(model.inputs) - 1)].name]
+        data = source.data
+        if model.op == "double" and not isinstance(data, list):
+            data = data * 2 if data.dtype != np.bool_ else data
+        results[spec.name] = Tensor(spec.name, spec.datatype, source.shape, data)
+    return results
+
+
+def _raw_bytes(tensor: Tensor) -> bytes:
+    if isinstance(tensor.data, list):
+        return b"".join(struct.pack("<I", len(e)) + e for e in tensor.data)
+    return tensor.data.astype(tensor.data.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _json_data(tensor: Tensor) -> list[Any]:
+    if isinstance(tensor.data, list):
+        return [e.decode("utf-8", "replace") for e in tensor.data]
+    values: list[Any] = tensor.data.tolist()
+    return values
+
+
+def encode_infer_response(model: SimModel, req: InferRequest,
+                          results: dict[str, Tensor]) -> tuple[bytes, int | None]:
+    """Body and, for a binary answer, its Inference-Header-Content-Length."""
+    wanted = req.outputs if req.outputs is not None else tuple(
+        OutputRequest(o.name, None) for o in model.outputs)
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out in wanted:
+        tensor = results[out.name]
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
+                                 "shape": list(tensor.shape)}
+        if out.binary if out.binary is not None else req.binary_output:
+            raw = _raw_bytes(tensor)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = _json_data(tensor)
+        outputs.append(entry)
+    response: dict[str, Any] = {"id": req.id} if req.id else {}
+    response["model_name"] = model.name
+    response["model_version"] = model.version
+    response["outputs"] = outputs
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)

@@ -1,0 +1,234 @@
+"""Scaling integration files: Prometheus config and rules (promtool), Grafana provisioning and
+dashboard, Kubernetes manifests (kubernetes-validate offline) and the KEDA ScaledObject."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway.config import parse_config
+
+ROOT = Path(__file__).parent.parent
+CONFIG = ROOT / "config"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
+
+GATEWAY_METRICS = {
+    "gateway_requests_total", "gateway_rejections_total", "gateway_queue_length",
+    "gateway_batch_fill_ratio", "gateway_worker_in_flight", "gateway_worker_slots",
+    "gateway_worker_utilisation", "gateway_worker_pending", "gateway_worker_gpu_free_bytes",
+    "gateway_worker_gpu_total_bytes", "gateway_worker_breaker_state", "gateway_worker_ready",
+    "gateway_fleet_utilisation", "gateway_fleet_headroom", "gateway_fleet_saturation",
+    "gateway_arrival_rate_per_s", "gateway_desired_replicas",
+}
+GATEWAY_HISTOGRAMS = {"gateway_request_duration_seconds", "gateway_upstream_duration_seconds",
+                      "gateway_queue_wait_seconds", "gateway_batch_size"}
+KNOWN = GATEWAY_METRICS | GATEWAY_HISTOGRAMS | {
+    f"{h}_{suffix}" for h in GATEWAY_HISTOGRAMS for suffix in ("bucket", "sum", "count")}
+_IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def recording_rules() -> set[str]:
+    rules = _load_yaml(CONFIG / "prometheus" / "rules.yml")
+    return {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Identifiers in a PromQL expression that name gateway or Triton series."""
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    return {m for m in _IDENT.findall(without_strings) if m.startswith(("gateway", "nv_"))}
+
+
+def check_names(expr: str, extra: frozenset[str] | set[str] = frozenset()) -> None:
+    for name in metric_names(expr):
+        assert name in KNOWN or name in extra or name.startswith("nv_"), (
+            f"{name!r} in {expr!r} is not a fixed gateway metric, a recording rule or nv_*")
+
+
+# --- Prometheus -------------------------------------------------------------------------------
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    proc = subprocess.run([str(PROMTOOL), "check", "rules", "config/prometheus/rules.yml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_promtool
+def test_promtool_check_config() -> None:
+    proc = subprocess.run([str(PROMTOOL), "check", "config", "config/prometheus/prometheus.yml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_promtool
+def test_promtool_rule_unit_tests() -> None:
+    proc = subprocess.run([str(PROMTOOL), "test", "rules", "tests/data/rules_test.yml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prometheus_scrapes_gateway_and_workers() -> None:
+    cfg = _load_yaml(CONFIG / "prometheus" / "prometheus.yml")
+    targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+               for job in cfg["scrape_configs"]}
+    assert targets["gateway"] == ["gateway:8000"]
+    assert sorted(targets["triton"]) == ["triton-0:8002", "triton-1:8002"]
+    assert cfg["rule_files"] == ["rules.yml"]
+
+
+def test_rules_use_only_fixed_metric_names() -> None:
+    rules = _load_yaml(CONFIG / "prometheus" / "rules.yml")
+    records = recording_rules()
+    assert {"gateway:desired_replicas:max", "gateway:fleet_utilisation:avg1m",
+            "gateway:rejection_ratio:rate5m"} <= records
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert {"GatewayHeadroomLow", "GatewaySaturationHigh", "GatewayP99OverBudget",
+            "GatewayBreakerOpen"} <= alerts
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            check_names(rule["expr"], records)
+
+
+# --- Grafana ----------------------------------------------------------------------------------
+
+
+def test_grafana_provisioning() -> None:
+    ds = _load_yaml(CONFIG / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
+    source = ds["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    boards = _load_yaml(CONFIG / "grafana" / "provisioning" / "dashboards" / "dashboards.yml")
+    assert boards["providers"][0]["type"] == "file"
+    assert boards["providers"][0]["options"]["path"]
+    dash = json.loads((CONFIG / "grafana" / "dashboards" / "gateway.json").read_text())
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"]
+
+
+def test_dashboard_queries_only_known_metrics() -> None:
+    dash = json.loads((CONFIG / "grafana" / "dashboards" / "gateway.json").read_text())
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("utilisation", "headroom", "desired replicas", "p99", "rejections",
+                  "in flight", "free gpu memory", "breaker"):
+        assert topic in titles
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert any('max by (mode) (gateway_desired_replicas)' in e for e in exprs)
+    queried: set[str] = set()
+    for expr in exprs:
+        check_names(expr, recording_rules())
+        queried |= metric_names(expr)
+    assert "gateway_rejections_total" in queried and "gateway_worker_breaker_state" in queried
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_name_checker_catches_strangers() -> None:
+    with pytest.raises(AssertionError):
+        check_names("rate(gateway_requests_count[1m])")
+    check_names('sum(rate(gateway_requests_total{outcome="gateway_x"}[1m]))')
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted((CONFIG / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+@pytest.mark.parametrize("key", sorted(k for k, d in manifests().items()
+                                       if not d["apiVersion"].startswith("keda.sh/")))
+def test_core_manifests_validate_offline(key: str) -> None:
+    doc = manifests()[key]
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_validator_rejects_a_broken_manifest() -> None:
+    doc = manifests()["Deployment/gateway"]
+    broken = json.loads(json.dumps(doc))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_expected_kinds_present() -> None:
+    keys = set(manifests())
+    assert {"Deployment/gateway", "Service/gateway", "ConfigMap/gateway-config",
+            "PodDisruptionBudget/gateway", "Service/triton", "Deployment/triton",
+            "HorizontalPodAutoscaler/triton", "ScaledObject/triton"} <= keys
+
+
+def test_configmap_embeds_a_valid_gateway_config() -> None:
+    docs = manifests()
+    text = docs["ConfigMap/gateway-config"]["data"]["gateway.yaml"]
+    cfg = parse_config(yaml.safe_load(text), env={})
+    triton = docs["Service/triton"]
+    namespace = triton["metadata"]["namespace"]
+    assert cfg.discovery is not None
+    assert cfg.discovery.dns_name == f"triton.{namespace}.svc.cluster.local"
+    assert triton["spec"]["clusterIP"] == "None"     # headless: one A record per pod
+    ports = {p["name"]: p["port"] for p in triton["spec"]["ports"]}
+    assert cfg.discovery.port == ports["http"] and cfg.discovery.metrics_port == ports["metrics"]
+    assert cfg.listen.host == "0.0.0.0"
+    gw = docs["Deployment/gateway"]["spec"]["template"]["spec"]
+    assert gw["volumes"][0]["configMap"]["name"] == "gateway-config"
+    command = gw["containers"][0]["command"]
+    assert command[:2] == ["gateway", "serve"]
+    assert command[command.index("--config") + 1] == "/etc/gateway/gateway.yaml"
+
+
+def test_selectors_match_pod_labels() -> None:
+    docs = manifests()
+    for service, deployment in (("Service/gateway", "Deployment/gateway"),
+                                ("Service/triton", "Deployment/triton"),
+                                ("PodDisruptionBudget/gateway", "Deployment/gateway")):
+        spec = docs[service]["spec"]
+        selector = spec["selector"].get("matchLabels", spec["selector"])
+        labels = docs[deployment]["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), service
+
+
+def test_hpa_follows_the_desired_replicas_signal() -> None:
+    hpa = manifests()["HorizontalPodAutoscaler/triton"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "triton"}
+    metric = hpa["spec"]["metrics"][0]["external"]
+    assert metric["metric"]["name"] == "gateway_desired_replicas"
+    assert metric["metric"]["selector"]["matchLabels"] == {"mode": "predictive"}
+    assert metric["target"] == {"type": "AverageValue", "averageValue": "1"}
+
+
+def test_keda_scaled_object_structure() -> None:
+    so = manifests()["ScaledObject/triton"]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    spec = so["spec"]
+    assert spec["scaleTargetRef"]["name"] == "triton"
+    assert 0 < spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert isinstance(spec["pollingInterval"], int) and isinstance(spec["cooldownPeriod"], int)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metricType"] == "AverageValue"     # replicas = ceil(value / threshold)
+    meta = trigger["metadata"]
+    assert meta["query"] == 'max(gateway_desired_replicas{mode="predictive"})'
+    assert meta["threshold"] == "1"
+    assert meta["serverAddress"].startswith("http://")
+    assert all(isinstance(v, str) for v in meta.values())  # KEDA metadata is string-typed
+    behaviour = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behaviour["scaleDown"]["stabilizationWindowSeconds"] == 300
