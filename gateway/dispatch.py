@@ -34,7 +34,6 @@ from gateway import routing
 from gateway.admission import QueueView, RateMeter, Wait, decide
 from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig
-from gateway.redis_store import RedisStore
 from gateway.errors import (
     NoHealthyWorker,
     Overloaded,
@@ -43,6 +42,7 @@ from gateway.errors import (
 )
 from gateway.fleet import Fleet
 from gateway.ratelimit import RateLimiter
+from gateway.redis_store import RedisStore
 from gateway.retrybudget import RetryBudget, is_retryable
 from gateway.types import ModelKey, NoRoute, Priority, Route, WorkerId
 from gateway.upstream import Headers, Response, UpstreamFailure

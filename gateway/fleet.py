@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from gateway import signals as triton_signals
 from gateway.config import GatewayConfig, WorkerConfig
-from gateway.types import WorkerId
 from gateway.errors import UpstreamError
+from gateway.types import WorkerId
 from gateway.upstream import PoolLimits, fetch
 from gateway.workers import Event, State, Worker, after_probe, transition, worker_id
 

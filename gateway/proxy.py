@@ -42,10 +42,10 @@ from gateway.errors import (
     PayloadTooLarge,
     SharedMemoryUnsupported,
     Unauthorized,
+    UpstreamError,
 )
 from gateway.protocol import Endpoint, Kind, classify, model_target, peek_infer
 from gateway.types import ModelKey, Priority
-from gateway.errors import UpstreamError
 from gateway.upstream import HOP_BY_HOP, Headers, fetch
 
 if TYPE_CHECKING:

@@ -70,7 +70,8 @@ passes the filters, whatever its pool; otherwise a normal pick.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Set as AbstractSet
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Final, Protocol
 

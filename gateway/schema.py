@@ -256,7 +256,8 @@ def reference(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str, str
         rows.append((key, describe(tp), default, f.metadata.get("doc", "")))
         inner = _dataclass_in(tp)
         if inner is not None:
-            marker = ".*." if get_origin(tp) is dict else ("[]." if get_origin(tp) in (list, tuple) else ".")
+            origin = get_origin(tp)
+            marker = ".*." if origin is dict else ("[]." if origin in (list, tuple) else ".")
             rows.extend(reference(inner, key + marker))
     return rows
 

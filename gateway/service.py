@@ -20,14 +20,13 @@ from typing import Any
 
 from gateway import routing
 from gateway.config import GatewayConfig
-from gateway.redis_store import RedisStore
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError, Rejected
+from gateway.errors import GatewayError, Rejected, UpstreamError
 from gateway.fleet import Fleet, run_until_stopped
+from gateway.redis_store import RedisStore
 from gateway.types import ModelKey, Priority, WorkerId
-from gateway.errors import UpstreamError
 from gateway.upstream import fetch
-from gateway.workers import State, Worker
+from gateway.workers import Worker
 
 log = logging.getLogger("gateway")
 

@@ -84,9 +84,14 @@ http {{
     default_type application/json;
     location = /v2/health/ready {{ return 200 ""; }}
     location = /v2/health/live {{ return 200 ""; }}
-    location = /v2/repository/index {{ return 200 '[{{"name":"simple","version":"1","state":"READY"}}]'; }}
+    location = /v2/repository/index {{
+      return 200 '[{{"name":"simple","version":"1","state":"READY"}}]';
+    }}
     location ~ ^/v2/models/simple/ready$ {{ return 200 ""; }}
-    location = /metrics {{ default_type text/plain; return 200 "nv_inference_pending_request_count{{model=\\"simple\\",version=\\"1\\"}} 0\\n"; }}
+    location = /metrics {{
+      default_type text/plain;
+      return 200 "nv_inference_pending_request_count{{model=\\"simple\\"}} 0\\n";
+    }}
     location ~ /infer$ {{ return 200 '{RESPONSE}'; }}
   }}
 }}
@@ -166,8 +171,9 @@ def start_gateway(tmp: Path, port: int, upstream: int, admission: bool,
                   name: str) -> subprocess.Popen[bytes]:
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(gateway_yaml(port, upstream, admission))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
+    with open(tmp / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
     wait_http(port, "/v2/health/ready")
     time.sleep(1.0)
     return proc
@@ -272,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(lambda: [p.send_signal(signal.SIGTERM) for p in procs if
-                                p.poll() is None])
+        def terminate_all() -> None:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+
+        stack.callback(terminate_all)
         up = free_port()
         procs.append(start_nginx(tmp, up))
         gw, gw_adm, hp = free_port(), free_port(), free_port()

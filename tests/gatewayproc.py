@@ -61,10 +61,10 @@ class GatewayProcess:
 
     def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> GatewayProcess:
         self.write_config()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
-            env={**os.environ, **self.env})
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout_s
         path = "/v2/health/ready" if wait_ready else "/v2/health/live"
         while time.monotonic() < deadline:

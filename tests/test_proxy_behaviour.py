@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_body_limit_timeouts_and_unknown_model(tmp_path: Path) -> None:
             r = httpx.post(gw.url + "/v2/models/slow/infer", content=b"x" * 2048, timeout=5)
             assert r.status_code == 413 and "exceeds" in r.json()["error"]
 
-            def chunks() -> object:
+            def chunks() -> Iterator[bytes]:
                 for _ in range(4):
                     yield b"y" * 512
 

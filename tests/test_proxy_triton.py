@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def _client(gw: GatewayProcess) -> httpclient.InferenceServerClient:
 
 @pytest.mark.parametrize(("name", "dtype", "array", "binary"), IDENTITY_CASES)
 def test_identity_round_trip_sync(triton_gateway: GatewayProcess, name: str, dtype: str,
-                                  array: np.ndarray, binary: bool) -> None:
+                                  array: np.ndarray[Any, Any], binary: bool) -> None:
     client = _client(triton_gateway)
     inp = httpclient.InferInput(name, list(array.shape), dtype)
     inp.set_data_from_numpy(array, binary_data=binary)
