@@ -89,6 +89,8 @@ class _Waiter:
     seq: int
     future: asyncio.Future[None] = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
+    model: str = field(default="", compare=False)
+    enqueued_at: float = field(default=0.0, compare=False)
 
 
 class Dispatcher:
@@ -118,6 +120,8 @@ class Dispatcher:
         self.counters: collections.Counter[str] = collections.Counter()
         self.upstream_attempts = 0
         self._waiter_deadlines: dict[int, float] = {}
+        # Set by the metrics exporter: (model, seconds from enqueue to leaving the queue).
+        self.on_queue_wait: Callable[[str, float], None] | None = None
 
     def __repr__(self) -> str:
         return (f"<Dispatcher queued={self._queued} sticky={len(self._sticky)} "
@@ -147,7 +151,8 @@ class Dispatcher:
     async def dispatch(self, call: Call) -> Lease:
         now = self.clock()
         self.arrival(call.key.name, now)
-        await self.limiter.admit(call.tenant, call.key.name, call.cost)
+        if call.cost > 0:  # 0: a merged batch whose members were charged one by one
+            await self.limiter.admit(call.tenant, call.key.name, call.cost)
         self.retry_budget.record_request(now)
         tried: set[WorkerId] = set()
         attempts = 0
@@ -220,6 +225,8 @@ class Dispatcher:
         else:
             self.breakers.record(worker.id, now, ok=ok, latency_s=latency)
         self.completions.add(now)
+        if self._queued == 0:
+            self._mark_saturated(False)  # a slot is free and nobody waits for one
         if ok:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
                                         else 0.9 * self.service_time_ewma_s + 0.1 * latency)
@@ -255,9 +262,17 @@ class Dispatcher:
                 self._mark_saturated(True)
                 waiter = await self._wait(call, waiter)
         finally:
-            if waiter is not None and not waiter.cancelled:
-                waiter.cancelled = True
-                self._queued -= 1
+            if waiter is not None:
+                self._leave_queue(waiter)
+
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        if waiter.cancelled:
+            return
+        waiter.cancelled = True
+        self._queued -= 1
+        self._waiter_deadlines.pop(waiter.seq, None)
+        if self.on_queue_wait is not None:
+            self.on_queue_wait(waiter.model, self.clock() - waiter.enqueued_at)
 
     async def _wait(self, call: Call, waiter: _Waiter | None) -> _Waiter:
         now = self.clock()
@@ -271,7 +286,8 @@ class Dispatcher:
                 raise decision
             assert isinstance(decision, Wait)
             waiter = _Waiter(int(call.priority), next(self._seq),
-                             asyncio.get_running_loop().create_future())
+                             asyncio.get_running_loop().create_future(),
+                             model=call.key.name, enqueued_at=now)
             self._queued += 1
             self.counters["queued"] += 1
             waiter_deadline = now + decision.max_wait_s
@@ -284,7 +300,15 @@ class Dispatcher:
         try:
             async with asyncio.timeout(max(0.0, deadline - now)):
                 await waiter.future
-        except TimeoutError:
+        except BaseException as exc:
+            # The caller never gets this waiter back: leave the queue here, or the queue
+            # length (and the wake-ups owed to it) would leak.
+            woken = waiter.future.done() and not waiter.future.cancelled()
+            self._leave_queue(waiter)
+            if woken:
+                self.wake_waiters(1)  # the slot it was woken for goes to the next waiter
+            if not isinstance(exc, TimeoutError):
+                raise
             self._waiter_deadlines.pop(waiter.seq, None)
             if self.clock() >= call.deadline:
                 raise UpstreamTimeout("request deadline expired while waiting for a worker",

@@ -314,8 +314,15 @@ class TritonFleet:
         self._log_dir = Path(log_dir) if log_dir is not None else self._root / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        if base_port is None:
+            picked = free_ports(PORTS_PER_WORKER * n)  # all at once: no two workers share
+            ports = [WorkerPorts(*picked[k:k + PORTS_PER_WORKER])
+                     for k in range(0, len(picked), PORTS_PER_WORKER)]
+        else:
+            ports = [WorkerPorts(*(base_port + PORTS_PER_WORKER * i + k for k in range(3)))
+                     for i in range(n)]
         self._workers = [
-            _Worker(WorkerInfo(index=i, name=f"triton-{i}", ports=self._ports_for(i),
+            _Worker(WorkerInfo(index=i, name=f"triton-{i}", ports=ports[i],
                                service_time_ms=float(t), pid=None,
                                log_path=self._log_dir / f"triton-{i}.log",
                                is_running=False, starts=0))
@@ -433,12 +440,13 @@ class TritonFleet:
 
     # ---------------------------------------------------------------- internals
 
-    def _ports_for(self, i: int) -> WorkerPorts:
-        if self._base_port is None:
-            http, grpc, metrics = free_ports(PORTS_PER_WORKER)
-        else:
-            http, grpc, metrics = (self._base_port + PORTS_PER_WORKER * i + k for k in range(3))
-        return WorkerPorts(http=http, grpc=grpc, metrics=metrics)
+    def _fresh_ports(self, i: int) -> WorkerPorts:
+        taken = {p for k, w in enumerate(self._workers) if k != i
+                 for p in (w.info.ports.http, w.info.ports.grpc, w.info.ports.metrics)}
+        while True:
+            ports = WorkerPorts(*free_ports(PORTS_PER_WORKER))
+            if taken.isdisjoint((ports.http, ports.grpc, ports.metrics)):
+                return ports
 
     def _spawn(self, i: int) -> None:
         with self._lock:
@@ -491,7 +499,7 @@ class TritonFleet:
                         # Most likely a port taken since we picked it: new ports, again.
                         attempts[i] += 1
                         with self._lock:
-                            w.info = replace(w.info, ports=self._ports_for(i))
+                            w.info = replace(w.info, ports=self._fresh_ports(i))
                         self._spawn(i)
                         continue
                     raise FleetError(f"{w.info.name} exited with status {status}"
@@ -507,28 +515,30 @@ class TritonFleet:
                 time.sleep(POLL_INTERVAL_S)
 
     def _terminate(self, indices: list[int], *, graceful: bool) -> None:
+        # The lock guards the bookkeeping only, so snapshots stay cheap while workers stop.
         with self._lock:
-            live = [(i, w) for i, w in ((i, self._workers[i]) for i in indices)
+            live = [(w, w.process) for w in (self._workers[i] for i in indices)
                     if w.process is not None]
-            leftovers = {i: _leftovers(w.process.pid) for i, w in live if w.process}
-            members = {i: group_members(w.process.pid) for i, w in live if w.process}
-            if graceful:
-                for _, w in live:
-                    if w.process and w.process.poll() is None:
-                        _signal_group(w.process.pid, signal.SIGTERM)
-                deadline = time.monotonic() + self._stop_timeout_s
-                for _, w in live:
-                    if w.process:
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            for i, w in live:
-                assert w.process is not None
-                pgid = w.process.pid
-                # SIGKILL the group even after a clean exit: catches anything left behind.
-                _signal_group(pgid, signal.SIGKILL)
-                w.process.wait()
-                _wait_group_gone(pgid, members[i], timeout_s=5.0)
-                _remove(leftovers[i])
+            doomed = [(proc, group_members(proc.pid), _leftovers(proc.pid))
+                      for _, proc in live]
+        if graceful:
+            for proc, _, _ in doomed:
+                if proc.poll() is None:
+                    _signal_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self._stop_timeout_s
+            for proc, _, _ in doomed:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc, members, leftovers in doomed:
+            # SIGKILL the group even after a clean exit: catches anything left behind.
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            _wait_group_gone(proc.pid, members, timeout_s=5.0)
+            _remove(leftovers)
+        with self._lock:
+            for w, proc in live:
+                if w.process is not proc:
+                    continue  # restarted meanwhile
                 if w.log_file is not None:
                     w.log_file.close()
                 if w.workdir is not None:
@@ -641,6 +651,11 @@ def main(argv: list[str]) -> int:
             return 1
     try:
         base = _load_yaml(args.config) if args.config else None
+        # Check the other sections now rather than after the servers took seconds to start.
+        parse_config({**(base or {}), "discovery": None,
+                      "workers": [{"url": f"http://{HOST}:1"}],
+                      "listen": {**((base or {}).get("listen") or {}),
+                                 **({"port": args.port} if args.port is not None else {})}})
     except ConfigError as exc:
         print(f"gateway local: {exc}", file=sys.stderr)
         return 2
@@ -668,7 +683,8 @@ def main(argv: list[str]) -> int:
         _print_urls(fleet, None)
 
         def on_ready(url: str) -> None:
-            print(f"gateway        {url}   (Ctrl-C stops everything)", flush=True)
+            print(f"gateway        {url}   metrics {url}/metrics  status {url}/status\n"
+                  "Ctrl-C stops everything.", flush=True)
 
         return run(cfg, on_ready=on_ready)
     except KeyboardInterrupt:

@@ -200,12 +200,18 @@ class ProxyApp:
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
+        cost = batch if model_cfg.cost == "batch_size" else 1
+        if (model_cfg.batching.enabled and facts is not None and facts.sequence_id is None
+                and ep.kind is Kind.INFER):
+            await self._run_batched(key, body, ihcl, encoding, tenant, cost, receive, send, rid,
+                                    now)
+            return
         call = Call(
             method="POST", target=target, headers=fwd, body=body, key=key, priority=priority,
             tenant=tenant, deadline=now + deadline_s,
             sequence_id=facts.sequence_id if facts else None,
             sequence_end=facts.sequence_end if facts else False,
-            batch_size=batch, cost=batch if model_cfg.cost == "batch_size" else 1,
+            batch_size=batch, cost=cost,
             stream=ep.kind is Kind.GENERATE_STREAM,
         )
         await self._run_guarded(call, scope, receive, send, rid, now)
@@ -247,6 +253,48 @@ class ProxyApp:
             finished = True
             watcher.cancel()
 
+    async def _run_batched(self, key: ModelKey, body: bytes, ihcl: bytes | None,
+                           encoding: bytes | None, tenant: str | None, cost: int,
+                           receive: Receive, send: Send, rid: bytes, started: float) -> None:
+        """The batched path; falls back to a plain forward when the request cannot join a
+        batch. A client that disconnects withdraws its request from the batch."""
+        svc = self.service
+        task = asyncio.current_task()
+        done = False
+
+        async def watch() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not done and task is not None:
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            reply = await svc.batch_infer(key, body, ihcl, encoding, tenant, cost)
+            if reply is None:
+                done = True
+                watcher.cancel()
+                headers = [(k, v) for k, v in (
+                    (b"inference-header-content-length", ihcl),
+                    (b"content-encoding", encoding)) if v is not None]
+                call = Call(method="POST", target=key_target(key), headers=[
+                    *headers, (b"content-type", b"application/json"), (_REQUEST_ID, rid)],
+                    body=body, key=key, tenant=tenant, cost=cost,
+                    deadline=started + svc.cfg.admission.queue.default_deadline_s)
+                await self._run_guarded(call, {}, receive, send, rid, started)
+                return
+            done = True
+            out = [(k, v) for k, v in reply.headers if k not in HOP_BY_HOP]
+            out.append((_REQUEST_ID, rid))
+            await _send_raw(send, reply.status, out, reply.body, rid=None)
+            svc.record_result(key.name, reply.status, svc.clock() - started, 0.0)
+        except asyncio.CancelledError:
+            if done:
+                raise
+            svc.record_abort(key.name)
+        finally:
+            done = True
+            watcher.cancel()
+
     async def _forward_one(self, ep: Endpoint, scope: Scope, send: Send, rid: bytes,
                            target: str) -> None:
         svc = self.service
@@ -277,6 +325,10 @@ async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
     async for chunk in resp.stream():
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
+
+
+def key_target(key: ModelKey) -> str:
+    return model_target(key.name, key.version, "infer")
 
 
 def _request_id(scope: Scope) -> bytes:
@@ -340,10 +392,11 @@ async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
 
 
 async def _send_raw(send: Send, status: int, headers: Headers, body: bytes,
-                    rid: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode()),
-                            (_REQUEST_ID, rid)]})
+                    rid: bytes | None) -> None:
+    out = [*headers, (b"content-length", str(len(body)).encode())]
+    if rid is not None:
+        out.append((_REQUEST_ID, rid))
+    await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -160,6 +160,14 @@ class LocalBucket(_Bucket):
         self._limiter._level = max(0.0, self._limiter._level - self.clamp(cost))
         self.refunded_total += 1
 
+    def available(self) -> float:
+        """Tokens in the bucket now (drained up to the loop's clock when one runs)."""
+        try:
+            self._limiter.has_capacity(0)
+        except RuntimeError:        # no running loop: the level as of the last check
+            pass
+        return max(0.0, self.capacity - self._limiter._level)
+
 
 class GlobalBucket(_Bucket):
     """A bucket shared by every replica, in Redis."""
@@ -299,6 +307,16 @@ class RateLimiter:
                 if isinstance(bucket, LocalBucket):
                     bucket.refund(cost)
             raise
+
+    def describe(self) -> list[dict[str, object]]:
+        """One row per bucket for /status.json: name, scope, rate, burst and the tokens
+        available now (local buckets; None for global ones — that would cost a Redis call)."""
+        buckets = [*([self._global] if self._global else []), *self._tenants.values(),
+                   *self._models.values()]
+        return [{"name": b.name, "scope": b.config.scope, "rate_per_s": b.config.rate_per_s,
+                 "burst": b.capacity,
+                 "available": b.available() if isinstance(b, LocalBucket) else None}
+                for b in buckets]
 
     def statistics(self) -> RateLimiterStatistics:
         buckets = [*([self._global] if self._global else []), *self._tenants.values(),

@@ -72,7 +72,11 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
     ucfg = uvicorn.Config(app, host=cfg.listen.host, port=cfg.listen.port, lifespan="off",
                           access_log=False, log_level="warning", http="httptools",
                           timeout_graceful_shutdown=int(max(1, cfg.upstream.drain_timeout_s)),
-                          timeout_keep_alive=75, backlog=4096)
+                          timeout_keep_alive=75, backlog=4096,
+                          # The gateway is the origin of its own errors and passes each
+                          # worker's headers through: no extra Server header, and no
+                          # X-Forwarded-* rewriting layer on the hot path.
+                          server_header=False, proxy_headers=False)
     server = _Server(ucfg)
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -19,11 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import routing
+from gateway.batching import Batcher, BatchKey, BatchRecord, HttpReply, NotBatchable, prepare
 from gateway.config import GatewayConfig
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Call, Dispatcher
 from gateway.errors import GatewayError, Rejected, UpstreamError
 from gateway.fleet import Fleet, run_until_stopped
+from gateway.protocol import peek_infer
 from gateway.redis_store import RedisStore
+from gateway.tensors import decode_content
 from gateway.types import ModelKey, Priority, WorkerId
 from gateway.upstream import fetch
 from gateway.workers import Worker
@@ -78,6 +81,8 @@ class GatewayService:
         self._known: frozenset[str] = frozenset()
         self._table_dirty = True
         self.draining = False
+        self.batchers: dict[str, Batcher] = {}
+        self.model_max_batch: dict[str, int] = {}
         self._fleet_changed()
 
     def __repr__(self) -> str:
@@ -276,6 +281,75 @@ class GatewayService:
         except ValueError:
             return 502, {"error": "worker sent invalid JSON"}
 
+    # gateway-side batching ---------------------------------------------------------------
+    async def max_batch_size(self, model: str) -> int:
+        """The model's ``max_batch_size`` from its config on a worker (cached; 0 = the model
+        does not batch, or no worker could tell)."""
+        cached = self.model_max_batch.get(model)
+        if cached is not None:
+            return cached
+        worker = self.any_worker_with(ModelKey(model))
+        if worker is None:
+            return 0
+        status, doc = await self._get_json(worker, "GET", f"/v2/models/{model}/config")
+        size = 0
+        if status == 200 and isinstance(doc, dict):
+            raw = doc.get("max_batch_size", 0)
+            decoupled = isinstance(doc.get("model_transaction_policy"), dict) and bool(
+                doc["model_transaction_policy"].get("decoupled"))
+            size = 0 if decoupled or not isinstance(raw, int) else raw
+            self.model_max_batch[model] = size
+        return size
+
+    async def batch_infer(self, key: ModelKey, body: bytes, header_length: bytes | None,
+                          encoding: bytes | None, tenant: str | None,
+                          cost: int) -> HttpReply | None:
+        """Try the batched path; None = not batchable, forward the request as it is."""
+        model_max = await self.max_batch_size(key.name)
+        if model_max <= 0:
+            return None
+        cfg = self.cfg.model(key.name).batching
+        if encoding:
+            body = decode_content(body, encoding.decode("latin-1"),
+                                  max_bytes=self.cfg.upstream.max_body_bytes)
+        try:
+            hl = int(header_length) if header_length is not None else None
+        except ValueError:
+            return None
+        prepared = prepare(key, body, hl, model_max_batch_size=model_max)
+        if isinstance(prepared, NotBatchable):
+            return None
+        request, bkey = prepared
+        await self.dispatcher.limiter.admit(tenant, key.name, cost)
+        batcher = self.batchers.get(key.name)
+        if batcher is None:
+            batcher = self.batchers[key.name] = Batcher.from_config(
+                cfg, self._send_batch, model_max_batch_size=model_max,
+                on_batch=self._on_batch)
+        return await batcher.submit(request, bkey)
+
+    def _on_batch(self, record: BatchRecord) -> None:
+        self.telemetry.observe_batch(record.key.model, record.members, record.fill_ratio)
+
+    async def _send_batch(self, bkey: BatchKey, body: bytes,
+                          headers: list[tuple[bytes, bytes]]) -> tuple[
+                              int, list[tuple[bytes, bytes]], bytes]:
+        """One merged request, routed as one request of ``rows`` rows (members were
+        charged to the rate limits one by one already)."""
+        hl = next((v for k, v in headers if k == b"inference-header-content-length"), None)
+        rows = peek_infer(body[:int(hl)] if hl else body, need_batch=True).batch_size
+        call = Call(method="POST", target=bkey.infer_path, headers=list(headers), body=body,
+                    key=ModelKey(bkey.model, bkey.version), cost=0, batch_size=rows,
+                    deadline=self.clock() + self.cfg.admission.queue.default_deadline_s)
+        lease = await self.dispatcher.dispatch(call)
+        try:
+            data = await lease.response.read()
+        except BaseException:
+            self.dispatcher.finish(lease, ok=False)
+            raise
+        self.dispatcher.finish(lease)
+        return lease.response.status, lease.response.headers, data
+
     # recording ---------------------------------------------------------------------------
     def record_result(self, model: str, status: int, total_s: float, upstream_s: float) -> None:
         self.telemetry.request_done(model, status, total_s, upstream_s)
@@ -301,6 +375,8 @@ class GatewayService:
         self.fleet.stop()
 
     async def aclose(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.aclose(timeout_s=5)
         await self.fleet.aclose()
         store = self.redis_store
         if store is not None and hasattr(store, "aclose"):

@@ -95,6 +95,11 @@ class SimWorkerStats:
     http_requests: int
     hung_requests: int
     core: WorkerStats
+    # inference requests received (every attempt, across restarts), answered-or-not now, and
+    # the most ever in progress at once (received, not yet answered: queued + executing)
+    infer_requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +282,9 @@ class _Worker(_Handler):
         self.gpu_uuid = ""
         self.http_requests = 0
         self.hung = 0
+        self.infer_requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._pending: dict[int, _Pending] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -308,6 +316,7 @@ class _Worker(_Handler):
             timer.cancel()
         self._timers.clear()
         self._pending.clear()
+        self.in_flight = 0
         self.core = None
         self.spec = dataclasses.replace(self.spec,
                                         faults=dataclasses.replace(self.spec.faults, crashed=True))
@@ -322,7 +331,8 @@ class _Worker(_Handler):
         core = self.core.statistics() if self.core is not None else WorkerStats(
             0, self.spec.slots, 0, 0, 0, 0, 0, 0)
         return SimWorkerStats(self.index, self.port, self.is_up, self.spec.faults,
-                              self.http_requests, self.hung, core)
+                              self.http_requests, self.hung, core, self.infer_requests,
+                              self.in_flight, self.max_in_flight)
 
     # ----------------------------------------------------------------- request handling
 
@@ -416,6 +426,7 @@ class _Worker(_Handler):
     def _infer(self, model: SimModel, request: _Request, respond: Respond) -> None:
         core = self.core
         assert core is not None
+        respond = self._counted(respond)
         headers = request.headers
         try:
             body = _decompress(request.body, headers.get("content-encoding", ""))
@@ -449,6 +460,24 @@ class _Worker(_Handler):
             self._schedule(event)
         else:
             assert isinstance(event, Queued)
+
+    def _counted(self, respond: Respond) -> Respond:
+        """Count the inference as in progress until its answer goes out (once)."""
+        self.infer_requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        core = self.core
+        answered = False
+
+        def counted(status: int, body: bytes = b"", content_type: str = "application/json",
+                    extra: Sequence[tuple[str, str]] = ()) -> None:
+            nonlocal answered
+            if not answered and self.core is core:   # a crash already reset the count
+                self.in_flight -= 1
+            answered = True
+            respond(status, body, content_type, extra)
+
+        return counted
 
     def _schedule(self, event: Start) -> None:
         loop = asyncio.get_running_loop()

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +32,7 @@ from gateway.local import (  # noqa: E402
     TritonFleet,
     WorkerInfo,
     build_config_data,
+    free_ports,
     group_members,
 )
 from gateway.triton_worker import (  # noqa: E402
@@ -302,14 +307,14 @@ def _triton_processes(pgids: set[int], marker: str) -> list[str]:
     return found
 
 
-def test_stop_leaves_no_processes(fleet: TritonFleet) -> None:
+async def test_stop_leaves_no_processes(fleet: TritonFleet) -> None:
     pgids = {w.pid for w in fleet.workers if w.pid is not None}
     assert len(pgids) == 2
     members = [pid for pgid in pgids for pid in group_members(pgid)]
     names = {Path(f"/proc/{pid}/exe").resolve().name for pid in members}
     assert {"tritonserver", "triton_python_backend_stub"} <= names
     marker = str(fleet.scratch_dir)  # every worker's files live under it
-    fleet.stop()
+    await fleet.astop()  # the async face: stop() in a thread
     assert _triton_processes(pgids, marker) == []
     assert not Path(marker).exists()
     assert all(not w.is_running for w in fleet.workers)
@@ -325,3 +330,53 @@ def test_startup_failure_is_reported(tmp_path: Path) -> None:
         with pytest.raises(FleetError, match="exited"):
             fleet.start()
     assert fleet.workers[0].pid is None
+
+
+def _wait_for_line(path: Path, prefix: str, proc: subprocess.Popen[bytes],
+                   timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line
+        time.sleep(0.2)
+    raise AssertionError(f"no {prefix!r} line; output:\n{path.read_text(errors='replace')}")
+
+
+def test_gateway_local_command_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    out = tmp_path / "out.txt"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "local", "--workers", "1",
+             "--service-times", "1", "--port", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        logs_line = _wait_for_line(out, "worker logs", proc, 90)
+        scratch = str(Path(logs_line.split()[-1]).parent)
+        _wait_for_line(out, "gateway ", proc, 30)
+        c = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=10.0)
+        ones = np.ones((1, 16), np.float32)
+        try:
+            deadline = time.monotonic() + 20
+            while True:  # until the gateway has probed the worker ready
+                try:
+                    result = c.infer("add_sub", [tensor("INPUT0", ones, "FP32", True),
+                                                 tensor("INPUT1", ones, "FP32", True)])
+                    break
+                except InferenceServerException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        finally:
+            c.close()
+        assert result.as_numpy("OUTPUT0").sum() == 32
+        assert _triton_processes(set(), scratch) != []
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert proc.wait(timeout=60) in (0, 130)
+        assert _triton_processes(set(), scratch) == []
+        assert not Path(scratch).exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,553 @@
+"""Routing-quality benchmark: load-aware routing vs baselines on a heterogeneous simulated fleet.
+
+    python -m loadtest.routing [--duration 6] [--loads 0.7,0.85,0.95] [--quick]
+
+What runs, side by side in one run:
+
+* **The fleet**: 8 simulated Triton workers (``python -m gateway sim``, one subprocess),
+  4 execution slots each, service time ``--base-ms`` / speed with speeds 1, 1, 1.5, 1.5, 2,
+  2, 3, 3, and unequal GPU memory: 24 GiB on five workers, 8 GiB on three (workers 1, 4 and
+  7: speeds 1, 2 and 3), 4 GiB always in use (weights) and 1.5 GiB per executing request.
+  A small-memory worker fits 2 requests at once (4 GiB free); the third running at once
+  fails with the simulator's "CUDA out of memory" 500 — so a policy that fills its 4 slots
+  produces OOM failures.
+* **Capacity**: measured, not assumed — a short closed-loop probe straight at the workers
+  (no gateway), each worker driven at its *memory-safe* concurrency (min(slots, what fits)),
+  sums the completions per second. The analytic figure Σ safe slots × speed / service time
+  is printed beside it. Offered loads are ``--loads`` × the measured capacity.
+* **The gateway** (``python -m gateway serve``, a real subprocess) in front, once per
+  policy: ``round_robin``, ``random``, ``least_inflight``, ``load_aware`` with the ``p2c``
+  picker, ``load_aware`` with ``full_scan``; and **HAProxy** ``balance leastconn`` with
+  ``maxconn`` = slots per server when ``haproxy`` is installed. Configured as an operator
+  would: per-worker ``slots`` = the workers' execution slots (4), the model's
+  ``memory_bytes_per_request`` = 1.5 GiB (the router has no learned estimate), default
+  weights (memory 1, queue 2, latency 0) and scrape interval (1 s). Breakers are off and
+  ``max_attempts`` is 1 for every policy so that the comparison isolates the routing choice
+  (a breaker would eject OOM-ing workers for round robin too, hiding its failures).
+* **Load**: an open-loop Poisson client (asyncio, own keep-alive pool); latency is measured
+  from each request's *scheduled* send time, so queueing in the client is not hidden. Bounded:
+  at most ``--max-outstanding`` requests in flight (more are counted ``dropped``), 10 s
+  timeout each, ``--duration`` seconds per cell after a 1 s warm-up at the same rate.
+* **Per cell**: p50/p99 latency of successful requests; goodput = successful requests within
+  the SLO per second (SLO = ``--slo-ms``, default 2.5 × the slowest worker's service time);
+  OOM failures (500s whose body says out of memory, cross-checked with the simulator's
+  ``oom_total``); shed (429/503 from the gateway's queue); other errors.
+* **Decision cost** of ``Router.decide`` at 10 / 100 / 1,000 / 10,000 workers (the cells of
+  ``loadtest.decision_cost``, P2C and full scan).
+* **Scrape cost**: 1,000 simulated workers in one process, a gateway configured with all
+  of them and ``scrape.interval_s: 1``; the gateway's CPU time (utime+stime from
+  ``/proc/<pid>/stat``) over ``--scrape-window-s`` with scraping on, and again with it off
+  (same health probes), the difference being the scraping's share of one core.
+
+Prints tables and writes ``results/routing.json``. Absolute numbers depend on the machine
+(2 shared cores here) — compare rows of one run. ``--quick`` runs a short smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config import RoutingConfig
+from gateway.routing import RoutingTable
+from gateway.upstream import Pool, PoolLimits, UpstreamError
+from loadtest import decision_cost
+from tests.gatewayproc import GatewayProcess, free_port, http_get
+
+GIB = 2**30
+MODEL = "simple"
+INFER_PATH = f"/v2/models/{MODEL}/infer"
+BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+                               "data": [float(i) for i in range(16)]}]}).encode()
+HEADERS = [(b"content-type", b"application/json")]
+
+SPEEDS = (1.0, 1.0, 1.5, 1.5, 2.0, 2.0, 3.0, 3.0)
+MEMORY_GIB = (24, 8, 24, 24, 8, 24, 24, 8)
+BASE_USED_GIB = 4
+PER_ITEM_MIB = 1536
+SLOTS = 4
+
+POLICIES: tuple[tuple[str, dict[str, Any] | None], ...] = (
+    ("round_robin", {"policy": "round_robin"}),
+    ("random", {"policy": "random"}),
+    ("least_inflight", {"policy": "least_inflight"}),
+    ("load_aware p2c", {"policy": "load_aware", "picker": "p2c"}),
+    ("load_aware full_scan", {"policy": "load_aware", "picker": "full_scan"}),
+    ("haproxy leastconn", None),
+)
+
+
+# ------------------------------------------------------------------------- processes
+
+class SimProcess:
+    """``python -m gateway sim`` as a subprocess on free ports."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.ports: list[int] = []
+
+    def start(self, timeout_s: float = 120.0) -> SimProcess:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "sim", "--base-port", "0", *self.args],
+                stdout=subprocess.PIPE, stderr=log, text=True)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"simulator exited: {self.log_path.read_text()[-2000:]}")
+            if line.startswith("{"):
+                self.ports = list(json.loads(line)["ports"])
+                return self
+        raise RuntimeError("simulator did not print its ports in time")
+
+    def stats(self) -> list[dict[str, Any]]:
+        _, body = http_get(f"http://127.0.0.1:{self.ports[0]}/sim/stats", timeout_s=10.0)
+        workers: list[dict[str, Any]] = json.loads(body)["workers"]
+        return workers
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_haproxy(tmp: Path, port: int, worker_ports: list[int],
+                  slots: int) -> subprocess.Popen[bytes] | None:
+    if shutil.which("haproxy") is None:
+        return None
+    servers = "".join(f"  server w{i} 127.0.0.1:{p} maxconn {slots}\n"
+                      for i, p in enumerate(worker_ports))
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  timeout queue 5s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend workers
+backend workers
+  balance leastconn
+  http-reuse always
+{servers}""")
+    proc = subprocess.Popen(["haproxy", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if http_get(f"http://127.0.0.1:{port}/v2/health/ready", 1.0)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("haproxy did not answer")
+
+
+def gateway_config(worker_ports: list[int], routing: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "log_level": "warning",
+        "workers": [{"url": f"http://127.0.0.1:{p}", "metrics_url":
+                     f"http://127.0.0.1:{p}/metrics", "slots": SLOTS} for p in worker_ports],
+        "models": {MODEL: {"memory_bytes_per_request": PER_ITEM_MIB * 2**20}},
+        "health": {"interval_s": 0.5, "rise": 1, "fall": 3},
+        "scrape": {"interval_s": 1.0},
+        "routing": routing,
+        "admission": {"breaker": {"enabled": False}, "retry": {"max_attempts": 1},
+                      "queue": {"max_length": 4096, "max_wait_s": 5.0}},
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------- load
+
+@dataclass
+class Cell:
+    policy: str
+    load: float
+    offered_rps: float
+    sent: int
+    ok: int
+    p50_ms: float
+    p99_ms: float
+    goodput_rps: float
+    slo_attained: float
+    oom: int
+    oom_sim: int
+    shed: int
+    errors: int
+    dropped: int
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1000
+
+
+async def poisson_load(port: int, rate: float, duration_s: float, warmup_s: float, seed: int,
+                       max_outstanding: int) -> dict[str, Any]:
+    """Open-loop Poisson arrivals; returns latencies (s) and outcome counts of the requests
+    scheduled after the warm-up."""
+    pool = Pool("127.0.0.1", port, PoolLimits(max_connections=max_outstanding,
+                                              read_timeout_s=10.0))
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    measured_from = loop.time() + warmup_s
+    latencies: list[float] = []
+    counts = {"sent": 0, "ok": 0, "oom": 0, "shed": 0, "errors": 0, "dropped": 0}
+    outstanding = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(scheduled: float) -> None:
+        nonlocal outstanding
+        measured = scheduled >= measured_from
+        try:
+            resp = await pool.request("POST", INFER_PATH, HEADERS, BODY)
+            body = await resp.read()
+            status = resp.status
+        except (UpstreamError, OSError):
+            status, body = 0, b""
+        finally:
+            outstanding -= 1
+        if not measured:
+            return
+        if status == 200:
+            counts["ok"] += 1
+            latencies.append(loop.time() - scheduled)
+        elif status == 500 and b"out of memory" in body:
+            counts["oom"] += 1
+        elif status in (429, 503):
+            counts["shed"] += 1
+        else:
+            counts["errors"] += 1
+
+    at = loop.time() + 0.05
+    end = measured_from + duration_s
+    while at < end:
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if at >= measured_from:
+            counts["sent"] += 1
+        if outstanding >= max_outstanding:
+            if at >= measured_from:
+                counts["dropped"] += 1
+        else:
+            outstanding += 1
+            task = loop.create_task(one(at))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        at += rng.expovariate(rate)
+    if tasks:
+        await asyncio.wait(tasks, timeout=15.0)
+    for task in list(tasks):
+        task.cancel()
+    await pool.aclose()
+    return {"latencies": latencies, **counts}
+
+
+async def probe_capacity(ports: list[int], safe_slots: list[int], duration_s: float) -> float:
+    """Closed loop straight at the workers, each at its memory-safe concurrency: req/s."""
+    pools = [Pool("127.0.0.1", p, PoolLimits(max_connections=s, read_timeout_s=10.0))
+             for p, s in zip(ports, safe_slots, strict=True)]
+    loop = asyncio.get_running_loop()
+    done = 0
+    start = loop.time()
+    stop_at = start + duration_s
+
+    async def worker(pool: Pool) -> None:
+        nonlocal done
+        while loop.time() < stop_at:
+            resp = await pool.request("POST", INFER_PATH, HEADERS, BODY)
+            await resp.read()
+            if resp.status == 200:
+                done += 1
+
+    await asyncio.gather(*(worker(pool) for pool, s in zip(pools, safe_slots, strict=True)
+                           for _ in range(s)))
+    elapsed = loop.time() - start
+    for pool in pools:
+        await pool.aclose()
+    return done / elapsed
+
+
+def wait_idle(sim: SimProcess, timeout_s: float = 20.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = sim.stats()
+        busy = sum(w["core"]["busy_slots"] + w["core"]["queued"] for w in stats)
+        if busy == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def run_cell(name: str, port: int, sim: SimProcess, load: float, rate: float,
+             args: argparse.Namespace, slo_s: float, seed: int) -> Cell:
+    before = wait_idle(sim)
+    result = asyncio.run(poisson_load(port, rate, args.duration, args.warmup, seed,
+                                      args.max_outstanding))
+    after = wait_idle(sim)
+    oom_sim = sum(a["core"]["oom_total"] - b["core"]["oom_total"]
+                  for a, b in zip(after, before, strict=True))
+    lat = sorted(result["latencies"])
+    good = sum(1 for x in lat if x <= slo_s)
+    sent = max(1, result["sent"])
+    return Cell(name, load, rate, result["sent"], result["ok"], pct(lat, 0.5), pct(lat, 0.99),
+                good / args.duration, good / sent, result["oom"], oom_sim, result["shed"],
+                result["errors"], result["dropped"])
+
+
+# ------------------------------------------------------------------------- parts
+
+def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> dict[str, Any]:
+    sim_args = ["--workers", str(len(SPEEDS)), "--slots", str(SLOTS),
+                "--speeds", ",".join(f"{s:g}" for s in SPEEDS),
+                "--memory-gib", ",".join(str(m) for m in MEMORY_GIB),
+                "--base-used-gib", str(BASE_USED_GIB),
+                "--memory-per-item-mib", str(PER_ITEM_MIB),
+                "--base-ms", f"{args.base_ms:g}", "--per-item-ms", "0", "--seed", "7"]
+    sim = SimProcess(sim_args, tmp / "sim.log").start()
+    stack.callback(sim.stop)
+    service_s = [args.base_ms / 1000 / s for s in SPEEDS]
+    safe = [min(SLOTS, (m - BASE_USED_GIB) * 1024 // PER_ITEM_MIB) for m in MEMORY_GIB]
+    analytic = sum(n / t for n, t in zip(safe, service_s, strict=True))
+    measured = asyncio.run(probe_capacity(sim.ports, safe, args.probe_s))
+    slo_s = args.slo_ms / 1000 if args.slo_ms else 2.5 * max(service_s)
+    print(f"fleet: {len(SPEEDS)} workers, speeds {SPEEDS}, memory GiB {MEMORY_GIB}, "
+          f"{SLOTS} slots, service {args.base_ms:g} ms / speed; memory-safe slots {safe}")
+    print(f"capacity: analytic {analytic:.0f} req/s, measured {measured:.0f} req/s "
+          f"(closed loop at the memory-safe concurrency, {args.probe_s:g} s); "
+          f"SLO {slo_s * 1000:.0f} ms", flush=True)
+
+    loads = [float(x) for x in args.loads.split(",") if x]
+    cells: list[Cell] = []
+    for pi, (name, routing) in enumerate(POLICIES):
+        if args.policies and name.split()[0] not in args.policies.split(","):
+            continue
+        proc: GatewayProcess | subprocess.Popen[bytes] | None
+        if routing is None:
+            port = free_port()
+            proc = start_haproxy(tmp, port, sim.ports, SLOTS)
+            if proc is None:
+                print("haproxy not installed: its rows are skipped")
+                continue
+        else:
+            gw = GatewayProcess(gateway_config(sim.ports, routing), tmp)
+            gw.start()
+            gw.wait_for(lambda g=gw: g.status()["fleet"]["workers_ready"] == len(SPEEDS),  # type: ignore[misc]
+                        what="every worker ready")
+            time.sleep(1.5)  # one scrape in, so signals are present
+            port, proc = gw.port, gw
+        try:
+            for li, load in enumerate(loads):
+                cell = run_cell(name, port, sim, load, load * measured, args, slo_s,
+                                seed=1000 * li + 17)
+                cells.append(cell)
+                print(f"  {name:<22} {load:>4.0%}  p50 {cell.p50_ms:7.1f}  p99 "
+                      f"{cell.p99_ms:8.1f}  good {cell.slo_attained:6.1%}  oom {cell.oom:>5}"
+                      f"  shed {cell.shed:>5}", flush=True)
+        finally:
+            if isinstance(proc, GatewayProcess):
+                proc.stop()
+            elif proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+        del pi
+    return {"capacity_analytic_rps": analytic, "capacity_measured_rps": measured,
+            "slo_ms": slo_s * 1000, "cells": [asdict(c) for c in cells],
+            "fleet": {"speeds": SPEEDS, "memory_gib": MEMORY_GIB, "slots": SLOTS,
+                      "base_ms": args.base_ms, "base_used_gib": BASE_USED_GIB,
+                      "per_item_mib": PER_ITEM_MIB, "memory_safe_slots": safe}}
+
+
+def decision_costs(sizes: list[int], budget_s: float) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        snapshots = decision_cost.fleet(n, random.Random(1))
+        table = RoutingTable(snapshots)
+        for picker in ("p2c", "full_scan"):
+            cell = decision_cost.measure(table, snapshots, RoutingConfig(picker=picker),
+                                         20000, budget_s, 1, 0.0)
+            rows.append({"workers": n, "picker": picker, **cell})
+    return rows
+
+
+def scrape_cost(workers: int, window_s: float, tmp: Path, stack: ExitStack) -> dict[str, Any]:
+    sim = SimProcess(["--workers", str(workers), "--slots", "4"], tmp / "sim-scrape.log")
+    sim.start()
+    stack.callback(sim.stop)
+    out: dict[str, Any] = {"workers": workers, "window_s": window_s}
+    for label, enabled in (("scrape_on", True), ("scrape_off", False)):
+        cfg = {"log_level": "warning",
+               "workers": [{"url": f"http://127.0.0.1:{p}",
+                            "metrics_url": f"http://127.0.0.1:{p}/metrics"} for p in sim.ports],
+               "health": {"interval_s": 5.0, "rise": 1, "timeout_s": 4.0},
+               "scrape": {"enabled": enabled, "interval_s": 1.0, "timeout_s": 0.9,
+                          "max_concurrency": 64},
+               "models": {MODEL: {}}}
+        gw = GatewayProcess(cfg, tmp)
+        gw.start(timeout_s=60)
+        try:
+            gw.wait_for(lambda g=gw: g.status()["fleet"]["workers_ready"] == workers,  # type: ignore[misc]
+                        timeout_s=60, what="1,000 workers ready")
+            time.sleep(2.0)
+            assert gw.proc is not None
+            pid = gw.proc.pid
+            c0, t0 = cpu_seconds(pid), time.monotonic()
+            time.sleep(window_s)
+            c1, t1 = cpu_seconds(pid), time.monotonic()
+            status = gw.status()["workers"]
+            fresh = sum(1 for w in status if w.get("signals_age_s") is not None
+                        and w["signals_age_s"] < 2.5)
+            out[label] = {"cpu_core_fraction": (c1 - c0) / (t1 - t0),
+                          "workers_with_fresh_signals": fresh}
+        finally:
+            gw.stop()
+    out["scrape_core_fraction"] = (out["scrape_on"]["cpu_core_fraction"]
+                                   - out["scrape_off"]["cpu_core_fraction"])
+    sim.stop()
+    return out
+
+
+# ------------------------------------------------------------------------- report
+
+def verdicts(cells: list[dict[str, Any]], costs: list[dict[str, Any]],
+             scrape: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    at = {c["policy"]: c for c in cells if math.isclose(c["load"], 0.85)}
+    rr, li = at.get("round_robin"), at.get("least_inflight")
+    for name in ("load_aware p2c", "load_aware full_scan"):
+        la = at.get(name)
+        if la is None or rr is None or li is None:
+            continue
+        out.append(f"85 %: {name} p99 / round_robin p99 = {la['p99_ms'] / rr['p99_ms']:.2f} "
+                   f"(target ≤ 0.5); / least_inflight p99 = "
+                   f"{la['p99_ms'] / li['p99_ms']:.2f} (target ≤ 0.8)")
+    for c in cells:
+        if c["policy"].startswith("load_aware") and c["oom"]:
+            rr_load = next((r for r in cells if r["policy"] == "round_robin"
+                            and r["load"] == c["load"]), None)
+            if rr_load and rr_load["oom"]:
+                out.append(f"OOM: {c['policy']} at {c['load']:.0%}: {c['oom']} "
+                           f"(round robin {rr_load['oom']}) — target 0")
+    for r in costs:
+        if r["workers"] == 10000 and r["picker"] == "p2c":
+            out.append(f"decision p50 at 10,000 workers (p2c): {r['p50_us']:.1f} µs "
+                       "(target ≤ 20 µs)")
+    if scrape is not None:
+        out.append(f"scraping {scrape['workers']} workers every second: "
+                   f"{scrape['scrape_core_fraction']:.1%} of one core (target ≤ 25 %)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.routing",
+                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per cell")
+    ap.add_argument("--loads", default="0.7,0.85,0.95", help="fractions of measured capacity")
+    ap.add_argument("--base-ms", type=float, default=150.0,
+                    help="service time at speed 1 (ms)")
+    ap.add_argument("--slo-ms", type=float, default=0.0,
+                    help="latency SLO; 0 = 2.5 × the slowest worker's service time")
+    ap.add_argument("--probe-s", type=float, default=3.0, help="capacity probe length")
+    ap.add_argument("--max-outstanding", type=int, default=1024)
+    ap.add_argument("--policies", default="", help="comma-separated subset (first word)")
+    ap.add_argument("--sizes", default="10,100,1000,10000", help="decision-cost fleet sizes")
+    ap.add_argument("--scrape-workers", type=int, default=1000)
+    ap.add_argument("--scrape-window-s", type=float, default=15.0)
+    ap.add_argument("--skip", default="", help="comma-separated: quality,cost,scrape")
+    ap.add_argument("--quick", action="store_true", help="short smoke run")
+    ap.add_argument("--out", default="results/routing.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.probe_s = 2.0, 0.5, 1.5
+        args.sizes, args.scrape_workers, args.scrape_window_s = "10,1000", 200, 4.0
+    skip = set(args.skip.split(","))
+    result: dict[str, Any] = {"benchmark": "routing", "args": vars(args),
+                              "cpus": os.cpu_count(),
+                              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    quality: dict[str, Any] = {"cells": []}
+    costs: list[dict[str, Any]] = []
+    scrape: dict[str, Any] | None = None
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        if "quality" not in skip:
+            quality = routing_quality(args, tmp, stack)
+            result["quality"] = quality
+        if "cost" not in skip:
+            costs = decision_costs([int(s) for s in args.sizes.split(",") if s],
+                                   0.2 if args.quick else 0.5)
+            result["decision_cost"] = costs
+        if "scrape" not in skip:
+            scrape = scrape_cost(args.scrape_workers, args.scrape_window_s, tmp, stack)
+            result["scrape_cost"] = scrape
+
+    if quality["cells"]:
+        print(f"\nrouting quality (SLO {quality['slo_ms']:.0f} ms, capacity "
+              f"{quality['capacity_measured_rps']:.0f} req/s measured)")
+        print(f"{'policy':<22} {'load':>5} {'req/s':>6} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'goodput/s':>9} {'in SLO':>7} {'OOM':>5} {'OOM sim':>7} {'shed':>5} "
+              f"{'err':>4} {'drop':>5}")
+        for c in sorted(quality["cells"], key=lambda c: (c["load"], POLICY_ORDER[c["policy"]])):
+            print(f"{c['policy']:<22} {c['load']:>5.0%} {c['offered_rps']:>6.0f} "
+                  f"{c['p50_ms']:>8.1f} {c['p99_ms']:>8.1f} {c['goodput_rps']:>9.1f} "
+                  f"{c['slo_attained']:>7.1%} {c['oom']:>5} {c['oom_sim']:>7} {c['shed']:>5} "
+                  f"{c['errors']:>4} {c['dropped']:>5}")
+    if costs:
+        print(f"\n{'workers':>8} {'picker':<10} {'p50 µs':>8} {'p99 µs':>8}")
+        for r in costs:
+            print(f"{r['workers']:>8} {r['picker']:<10} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f}")
+    if scrape is not None:
+        print(f"\nscrape cost, {scrape['workers']} workers every 1 s: gateway CPU "
+              f"{scrape['scrape_on']['cpu_core_fraction']:.1%} of a core with scraping, "
+              f"{scrape['scrape_off']['cpu_core_fraction']:.1%} without → scraping "
+              f"{scrape['scrape_core_fraction']:.1%}; fresh signals on "
+              f"{scrape['scrape_on']['workers_with_fresh_signals']} workers")
+    result["verdicts"] = verdicts(quality["cells"], costs, scrape)
+    print("\n" + "\n".join(result["verdicts"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+POLICY_ORDER = {name: i for i, (name, _) in enumerate(POLICIES)}
+
+if __name__ == "__main__":
+    sys.exit(main())
