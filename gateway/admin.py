@@ -88,6 +88,7 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
             "queue_length": svc.dispatcher.queue_length,
         },
         "counters": totals,
+        "dispatch": svc.dispatcher.statistics(),
         "workers": workers,
         "limits": svc.dispatcher.limiter.describe() if hasattr(svc.dispatcher.limiter,
                                                                "describe") else [],

@@ -14,13 +14,30 @@ fixed sets.
 
 Capacity signals (definitions in ``gateway.capacity``), sampled once a second:
 
-* utilisation = busy slots / slots of ready workers (smoothed over ~10 s);
+* utilisation = busy slots / slots of ready workers (an EWMA of one-second samples, time
+  constant ~5 s), fleet-wide and per model (the model's in-flight requests over the slots of
+  the workers serving it);
 * headroom = 1 − utilisation / target (``capacity.target_utilisation``, default 0.7);
 * saturation = share of the last minute during which requests had to queue for a slot;
-* ``gateway_desired_replicas{mode="reactive"}`` = HPA formula on utilisation vs target, + N+k;
-* ``gateway_desired_replicas{mode="predictive"}`` = forecast arrival rate ``lead_time_s`` ahead
-  (``gateway.forecast``, daily and weekly seasonality, chosen by backtest) over the observed
-  per-replica throughput at the target, + N+k, floored by the rate observed now.
+* arrival rate = requests per second per model (decayed, half-life ``ARRIVAL_HALF_LIFE_S``),
+  counted when a request for a known model arrives, before rate limits — demand, not goodput;
+* ``gateway_desired_replicas{mode="reactive"}`` = HPA formula on the model's utilisation vs the
+  target, + N+k: ``ceil(current × utilisation / target) + k`` (two workers at 100 % with a
+  0.7 target and k = 1 → ceil(2 / 0.7) + 1 = 4);
+* ``gateway_desired_replicas{mode="predictive"}`` = the peak forecast arrival rate over the
+  next ``lead_time_s`` (``gateway.forecast``, daily and weekly seasonality, model chosen by
+  backtest on the gateway's own per-step history), floored by the rate observed now, over the
+  per-replica throughput at the target, + N+k.
+
+Per-replica throughput (the predictive rule's denominator) is measured, not configured:
+requests completed per busy slot-second, times slots per replica, over a sliding window of
+``THROUGHPUT_WINDOW_S`` one-second samples. By Little's law that is ``slots / service time``,
+the rate one replica sustains at 100 % slot utilisation; it is the same model of a replica as
+the reactive rule's (at a steady rate both give ``ceil(current × utilisation / target) + k``).
+The estimate is only updated once the window holds ``MIN_BUSY_SLOT_S`` of busy slot-time, so
+an idle model keeps its last estimate; before any estimate predictive equals reactive.
+Requests merged into one gateway batch count one slot and one completion per member, so both
+the forecast and the throughput are in client requests.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import capacity
+from gateway.admission import RateMeter
 from gateway.errors import GatewayError
 from gateway.forecast import Forecaster
 
@@ -47,6 +65,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_MODELS = 256
+ARRIVAL_HALF_LIFE_S = 10.0
+THROUGHPUT_WINDOW_S = 60
+MIN_BUSY_SLOT_S = 2.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -60,16 +81,32 @@ def outcome_of(status: int) -> str:
 
 
 class ModelCapacity:
-    """Per-model capacity state: forecaster and smoothed utilisation."""
+    """Per-model capacity state: forecaster, arrival meter, smoothed utilisation and the
+    per-replica throughput window (``(busy slot-seconds, completions, slots per replica)``
+    per one-second sample)."""
 
-    __slots__ = ("arrivals_seen", "forecaster", "per_replica_rps", "utilisation")
+    __slots__ = ("arrival_meter", "arrivals_seen", "completions_seen", "forecaster",
+                 "per_replica_rps", "utilisation", "window")
 
     def __init__(self, step_s: float, max_points: int, lead_time_s: float) -> None:
         self.forecaster = Forecaster(step_s=step_s, max_points=max_points,
                                      selection_horizon_s=lead_time_s)
+        self.arrival_meter = RateMeter(ARRIVAL_HALF_LIFE_S)
         self.utilisation = 0.0
         self.per_replica_rps = 0.0
         self.arrivals_seen = 0
+        self.completions_seen = 0
+        self.window: collections.deque[tuple[float, int, float]] = collections.deque(
+            maxlen=THROUGHPUT_WINDOW_S)
+
+    def update_throughput(self, busy_slot_s: float, completed: int,
+                          slots_per_replica: float) -> None:
+        self.window.append((busy_slot_s, completed, slots_per_replica))
+        busy = sum(b for b, _, _ in self.window)
+        done = sum(c for _, c, _ in self.window)
+        if busy >= MIN_BUSY_SLOT_S and done > 0:
+            slots = sum(s * b for b, _, s in self.window) / busy  # busy-weighted mean
+            self.per_replica_rps = done / busy * slots
 
 
 class Telemetry:
@@ -88,19 +125,22 @@ class Telemetry:
                                   "(from dispatch to full response)", ["model"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("gateway_queue_wait_seconds", "Time spent waiting for a "
-                                    "worker slot", buckets=LATENCY_BUCKETS, registry=r)
+                                    "worker slot (queued requests only)", ["model"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("gateway_batch_size", "Requests merged per gateway batch",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_fill: dict[str, float] = {}
         self.models: dict[str, ModelCapacity] = {}
         self.arrival_counts: collections.Counter[str] = collections.Counter()
+        self.completion_counts: collections.Counter[str] = collections.Counter()
         self.saturation_samples: collections.deque[float] = collections.deque(maxlen=60)
         self.fleet_utilisation = 0.0
         self.recent_rejections: collections.deque[dict[str, object]] = collections.deque(
             maxlen=50)
         self._last_saturation_s = 0.0
-        self._children: dict[tuple[str, str], object] = {}
+        self._last_sample: float | None = None
         r.register(_StateCollector(self))
+        service.dispatcher.on_queue_wait = self.observe_queue_wait
 
     # hot path ---------------------------------------------------------------------------
     def label(self, model: str) -> str:
@@ -114,6 +154,7 @@ class Telemetry:
     def request_done(self, model: str, status: int, total_s: float, upstream_s: float) -> None:
         m = self.label(model)
         self.requests.labels(m, outcome_of(status)).inc()
+        self.completion_counts[m] += 1
         self.duration.labels(m).observe(total_s)
         self.upstream.labels(m).observe(upstream_s)
 
@@ -126,6 +167,10 @@ class Telemetry:
                                            "status": exc.status})
         elif exc.status >= 500:
             self.requests.labels(m, "upstream_error").inc()
+            if exc.status == 504:   # the request's deadline ran out: counted by reason too
+                self.rejections.labels(m, "upstream_timeout").inc()
+                self.recent_rejections.append({"at": time.time(), "model": m,
+                                               "reason": "upstream_timeout", "status": 504})
         else:
             self.requests.labels(m, "client_error").inc()
             if exc.reason == "bad_request":
@@ -138,6 +183,9 @@ class Telemetry:
         m = self.label(model)
         self.batch_size.labels(m).observe(size)
         self.batch_fill[m] = fill_ratio
+
+    def observe_queue_wait(self, model: str, wait_s: float) -> None:
+        self.queue_wait.labels(self.label(model)).observe(max(0.0, wait_s))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -156,8 +204,11 @@ class Telemetry:
         busy = sum(w.in_flight for w in ready)
         util = capacity.fleet_utilisation(busy, slots)
         self.fleet_utilisation = 0.8 * self.fleet_utilisation + 0.2 * util
+        dt = 1.0 if self._last_sample is None else min(5.0, max(0.0, now - self._last_sample))
+        self._last_sample = now
         sat_s = svc.dispatcher.saturation_seconds()
-        self.saturation_samples.append(min(1.0, max(0.0, sat_s - self._last_saturation_s)))
+        self.saturation_samples.append(min(1.0, max(0.0, (sat_s - self._last_saturation_s)
+                                                    / dt)) if dt > 0 else 0.0)
         self._last_saturation_s = sat_s
         for name in set(self.arrival_counts) | set(self.models):
             mc = self.models.get(name)
@@ -167,16 +218,20 @@ class Telemetry:
                 mc = self.models[name] = ModelCapacity(cap.history_step_s,
                                                        cap.history_max_points, cap.lead_time_s)
             count = self.arrival_counts.get(name, 0)
-            mc.forecaster.record(now, float(count - mc.arrivals_seen))
+            arrived = count - mc.arrivals_seen
             mc.arrivals_seen = count
+            mc.forecaster.record(now, float(arrived))
+            mc.arrival_meter.add(now, float(arrived))
+            done = self.completion_counts.get(name, 0)
+            completed = done - mc.completions_seen
+            mc.completions_seen = done
             serving = [w for w in ready if name in w.models_ready]
             m_slots = sum(w.slots for w in serving)
             m_busy = sum(w.in_flight_by_model.get(name, 0) for w in serving)
             mc.utilisation = 0.8 * mc.utilisation + 0.2 * capacity.fleet_utilisation(m_busy,
                                                                                      m_slots)
-            rate = svc.dispatcher.completions.rate(now)
-            if serving and mc.utilisation > 0.05 and rate > 0:
-                mc.per_replica_rps = rate / (len(serving) * mc.utilisation)
+            if serving:
+                mc.update_throughput(m_busy * dt, completed, m_slots / len(serving))
 
     def saturation(self) -> float:
         s = self.saturation_samples
@@ -195,8 +250,7 @@ class Telemetry:
             cap.max_replicas)
         if mc is None or mc.per_replica_rps <= 0:
             return reactive, reactive
-        observed = svc.dispatcher.arrivals.get(name)
-        now_rate = observed.rate(now) if observed else 0.0
+        now_rate = mc.arrival_meter.rate(now)
         # The peak over the lead time: capacity must also cover the minutes before new
         # replicas are warm.
         predicted = max(mc.forecaster.forecast_peak(now, cap.lead_time_s), now_rate)
@@ -212,7 +266,7 @@ class Telemetry:
         for name in self.models:
             r, p = self.desired_replicas(name, now)
             reactive, predictive = max(reactive, r), max(predictive, p)
-        arrival = sum(m.rate(now) for m in svc.dispatcher.arrivals.values())
+        arrival = sum(m.arrival_meter.rate(now) for m in self.models.values())
         return {
             "utilisation": self.fleet_utilisation,
             "headroom": capacity.headroom(self.fleet_utilisation, cap.target_utilisation),
@@ -284,9 +338,8 @@ class _StateCollector(Collector):
                                     labels=["model", "mode"])
         fill = GaugeMetricFamily("gateway_batch_fill_ratio", "Last batch size / batch limit",
                                  labels=["model"])
-        for name in list(t.models):
-            meter = svc.dispatcher.arrivals.get(name)
-            arrival.add_metric([name], meter.rate(now) if meter else 0.0)
+        for name, mc in list(t.models.items()):
+            arrival.add_metric([name], mc.arrival_meter.rate(now))
             r, p = t.desired_replicas(name, now)
             desired.add_metric([name, "reactive"], r)
             desired.add_metric([name, "predictive"], p)
