@@ -36,6 +36,7 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
     board = svc.dispatcher.breakers
     stale = svc.cfg.scrape.stale_after_s
     workers = []
+    breakers = board.statistics(now).workers
     for w in svc.fleet.workers.values():
         sig = w.signals
         fresh = w.fresh_signals(now, stale)
@@ -46,6 +47,8 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
             "state": w.state.value,
             "ready": w.is_routable,
             "breaker": breaker,
+            "breaker_opened_total": breakers[w.id].opened_total if w.id in breakers else 0,
+            "traffic_share": breakers[w.id].traffic_share if w.id in breakers else 1.0,
             "score": svc.dispatcher.router_score(w.id) if hasattr(svc.dispatcher,
                                                                     "router_score") else None,
             "in_flight": w.in_flight,

@@ -45,7 +45,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
@@ -54,7 +54,8 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.local import FleetError, TritonFleet
 
 DEMO_SERVICE_TIMES_MS = (2.0, 5.0, 10.0)
-DEMO_SLOTS_PER_WORKER = 4
+DEMO_SLOTS_PER_WORKER = 2
+DEFAULT_GLOBAL_RATE_PER_S = 400.0
 DEFAULT_P99_BUDGET_MS = 200.0
 SAMPLE_PEAK_RPS = 2000.0  # the production peak the sample plan is sized for
 SAMPLE_GPU_HOUR_COST = 2.50
@@ -89,9 +90,11 @@ class Interrupted(Exception):
 # ------------------------------------------------------------------ configuration
 
 
-def demo_config_data(fleet: TritonFleet, port: int, *, global_rate_per_s: float = 250.0,
+def demo_config_data(fleet: TritonFleet, port: int, *,
+                     global_rate_per_s: float | None = DEFAULT_GLOBAL_RATE_PER_S,
                      slots: int = DEMO_SLOTS_PER_WORKER) -> dict[str, Any]:
-    """Gateway config for the demo fleet: small slots and queue, tenant and global limits."""
+    """Gateway config for the demo fleet: small slots and queue, tenant and global limits
+    (``global_rate_per_s=None``: no rate limits at all, for capacity sweeps)."""
     data = fleet.gateway_config_dict(port)
     for worker in data["workers"]:
         worker["slots"] = slots
@@ -99,16 +102,16 @@ def demo_config_data(fleet: TritonFleet, port: int, *, global_rate_per_s: float 
         "health": {"interval_s": 0.5, "rise": 1, "fall": 2},
         "scrape": {"interval_s": 1.0, "stale_after_s": 3.0},
         "upstream": {"default_slots": slots, "drain_timeout_s": 2.0},
-        "admission": {
-            "tenants": DEMO_TENANTS,
-            "global_limit": {"rate_per_s": global_rate_per_s, "burst": global_rate_per_s / 4},
-            "queue": {"max_length": 8 * slots, "max_wait_s": 1.0},
-        },
+        "admission": {"queue": {"max_length": 8 * slots, "max_wait_s": 0.5}},
         # Short history and lead time so the predictive signal moves within a minute.
         "capacity": {"target_utilisation": 0.7, "redundancy": 0, "lead_time_s": 15.0,
                      "history_step_s": 1.0},
         "log_level": "warning",
     })
+    if global_rate_per_s is not None:
+        data["admission"]["tenants"] = DEMO_TENANTS
+        data["admission"]["global_limit"] = {"rate_per_s": global_rate_per_s,
+                                             "burst": global_rate_per_s / 4}
     return data
 
 
@@ -168,6 +171,8 @@ class GatewayThread:
             loop.close()
 
     def stop(self, timeout_s: float = GATEWAY_STOP_TIMEOUT_S) -> None:
+        if self._thread.is_alive():
+            self._ready.wait(timeout_s)  # stopped while starting: let it get its loop first
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed in between
@@ -242,13 +247,16 @@ class Frame:
     rps: float | None
     p99_ms: float | None
     error: str | None = None
+    names: dict[str, str] = field(default_factory=dict)  # worker id → display name
 
 
 class StatusReader:
     """Polls ``/status.json`` and ``/metrics``; RPS from counter deltas, p99 over a window."""
 
-    def __init__(self, url: str, window_s: float = P99_WINDOW_S) -> None:
+    def __init__(self, url: str, window_s: float = P99_WINDOW_S,
+                 names: dict[str, str] | None = None) -> None:
         self._url = url
+        self._names = dict(names or {})
         self._window_s = window_s
         self._histograms: deque[tuple[float, dict[float, float]]] = deque()
         self._last_count: tuple[float, int] | None = None
@@ -265,7 +273,8 @@ class StatusReader:
             status = json.loads(self._get("/status.json"))
             buckets = parse_latency_buckets(self._get("/metrics").decode())
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            return Frame(elapsed_s, self.last_status, None, None, error=str(exc))
+            return Frame(elapsed_s, self.last_status, None, None, error=str(exc),
+                         names=self._names)
         self.last_status = status
         requests = int(status.get("counters", {}).get("requests", 0))
         rps = None
@@ -278,7 +287,8 @@ class StatusReader:
         oldest = self._histograms[0][1]
         window = {b: c - oldest.get(b, 0.0) for b, c in buckets.items()}
         p99_s = histogram_quantile(0.99, window)
-        return Frame(elapsed_s, status, rps, p99_s * 1000.0 if p99_s is not None else None)
+        return Frame(elapsed_s, status, rps, p99_s * 1000.0 if p99_s is not None else None,
+                     names=self._names)
 
 
 # ------------------------------------------------------------------ the live view
@@ -323,20 +333,26 @@ def _rejection_reasons(status: dict[str, Any]) -> str:
     return ", ".join(f"{k} ×{n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
 
 
+def _name(worker: dict[str, Any], names: dict[str, str]) -> str:
+    wid = str(worker.get("id"))
+    return names.get(wid, wid)
+
+
 def render_frame(frame: Frame, *, title: str) -> list[str]:
     """The full-screen view: a header, one row per worker, the fleet's totals."""
+    names = frame.names
     lines = [f"{title}   t = {frame.elapsed_s:4.0f} s"]
     status = frame.status
     if status is None:
         return [*lines, f"  waiting for the gateway … {frame.error or ''}"]
     fleet = status.get("fleet", {})
-    lines.append(f"  {'worker':<12} {'state':<9} {'breaker':<10} {'in flight / slots':<24} "
+    lines.append(f"  {'worker':<16} {'state':<9} {'breaker':<10} {'in flight / slots':<24} "
                  f"{'pending':>7}  {'memory':<16} {'latency':>9}")
     for w in status.get("workers", []):
         slots = int(w.get("slots") or 0)
         in_flight = int(w.get("in_flight") or 0)
         lines.append(
-            f"  {str(w.get('id'))[:12]:<12} {str(w.get('state'))[:9]:<9} "
+            f"  {_name(w, names)[:16]:<16} {str(w.get('state'))[:9]:<9} "
             f"{w.get('breaker')!s:<10} {_bar(in_flight, slots)} {in_flight:>3} / {slots:<5}   "
             f"{_num(w.get('pending')):>7}  {_memory(w):<16} {_ms(w.get('latency_ms')):>9}")
     admitted, shed, errors = _counts(status)
@@ -358,6 +374,7 @@ def render_frame(frame: Frame, *, title: str) -> list[str]:
 
 def render_line(frame: Frame) -> str:
     """One line per second, for pipes and dumb terminals."""
+    names = frame.names
     head = f"[{frame.elapsed_s:4.0f} s]"
     status = frame.status
     if status is None:
@@ -366,7 +383,7 @@ def render_line(frame: Frame) -> str:
     fleet = status.get("fleet", {})
     desired = fleet.get("desired_replicas", {})
     workers = " | ".join(
-        f"{w.get('id')} {w.get('in_flight', 0)}/{w.get('slots', 0)} "
+        f"{_name(w, names)} {w.get('in_flight', 0)}/{w.get('slots', 0)} "
         f"pend {_num(w.get('pending'))} {_memory(w)} {w.get('breaker')}"
         for w in status.get("workers", []))
     return (f"{head} RPS {_num(frame.rps)} p99 {_ms(frame.p99_ms)} admitted {admitted} "
@@ -465,13 +482,47 @@ class LocustRun:
 # ------------------------------------------------------------------ the plan
 
 
-def per_worker_points(history_csv: Path, workers: int) -> list[dict[str, float]]:
-    """Load points of the run with the fleet's throughput divided by its size."""
-    from gateway.plan import read_locust_csv
+def served_points(history_csv: Path, workers: int) -> list[dict[str, float]]:
+    """One load point per user-count plateau of the run, per worker.
 
-    warnings: list[str] = []
-    return [{"throughput_rps": p.throughput_rps / workers, "p99_ms": p.p99_ms}
-            for p in read_locust_csv(history_csv, warnings)]
+    Like ``gateway plan --from-locust`` (plateaus of Locust's ``*_stats_history.csv``), but
+    the throughput counts only requests that succeeded — the demo's limits answer part of the
+    spike with fast 429/503s, which are not capacity — and is divided by the fleet's size,
+    so one Triton worker stands for one GPU in the plan.
+    """
+    import csv
+
+    from gateway.plan import PlanError
+
+    try:
+        with history_csv.open(newline="") as fh:
+            rows = [r for r in csv.DictReader(fh)
+                    if r.get("Name") == "Aggregated" and r.get("99%") not in (None, "", "N/A")]
+    except OSError as exc:
+        raise PlanError(f"cannot read {history_csv}: {exc.strerror}") from None
+    plateaus: list[list[dict[str, str]]] = []
+    for row in rows:
+        if plateaus and plateaus[-1][0]["User Count"] == row["User Count"]:
+            plateaus[-1].append(row)
+        else:
+            plateaus.append([row])
+    points = []
+    for plateau in plateaus:
+        first, last = plateau[0], plateau[-1]
+        span_s = float(last["Timestamp"]) - float(first["Timestamp"])
+        if len(plateau) < 3 or span_s <= 0:
+            continue  # a ramp, not a plateau
+
+        def served(row: dict[str, str]) -> float:
+            return float(row["Total Request Count"]) - float(row["Total Failure Count"])
+
+        tail = sorted(float(r["99%"]) for r in plateau[len(plateau) // 2:])
+        points.append({"throughput_rps": (served(last) - served(first)) / span_s / workers,
+                       "p99_ms": tail[len(tail) // 2]})
+    if not points:
+        raise PlanError(f"{history_csv}: no load plateau (three or more rows at one user "
+                        "count) found")
+    return points
 
 
 def plan_arguments(source: Path, *, bench: bool, budget_ms: float) -> list[str]:
@@ -487,14 +538,15 @@ def print_plan(history_csv: Path, out_dir: Path, workers: int, budget_ms: float)
     from gateway.plan import main as plan_main
 
     try:
-        points = per_worker_points(history_csv, workers)
+        points = served_points(history_csv, workers)
     except PlanError as exc:
         print(f"no capacity plan: {exc}")
         return False
     bench = out_dir / "per_worker_points.json"
     bench.write_text(json.dumps({"workers": workers, "source": str(history_csv),
                                  "points": points}, indent=2) + "\n")
-    print(f"load points per worker (fleet throughput / {workers}), from {history_csv}:")
+    print(f"load points per worker (requests served / {workers} workers), "
+          f"from {history_csv}:")
     for p in points:
         print(f"  {p['throughput_rps']:8.1f} RPS   p99 {p['p99_ms']:7.1f} ms")
     print(f"\n$ gateway plan {' '.join(plan_arguments(bench, bench=True, budget_ms=budget_ms))}")
@@ -525,7 +577,8 @@ class RunOptions:
     port: int
     out_dir: Path
     live: bool
-    global_rate_per_s: float
+    global_rate_per_s: float | None  # None: no rate limits
+    slots: int
 
 
 @dataclass(slots=True)
@@ -589,7 +642,7 @@ def run_cluster(opts: RunOptions, *, on_frame: Callable[[Frame], None] | None) -
         for w, ready_s in zip(fleet.workers, fleet.startup_times_s(), strict=True):
             _say(f"  {w.name:<9} {w.http_url}  service {w.service_time_ms:g} ms  "
                  f"ready in {ready_s or 0.0:.1f} s")
-        cfg = parse_config(demo_config_data(fleet, opts.port,
+        cfg = parse_config(demo_config_data(fleet, opts.port, slots=opts.slots,
                                             global_rate_per_s=opts.global_rate_per_s))
         gateway = GatewayThread(cfg)
         url = gateway.start()
@@ -602,7 +655,8 @@ def run_cluster(opts: RunOptions, *, on_frame: Callable[[Frame], None] | None) -
                            out_prefix=opts.out_dir / "locust",
                            log_path=opts.out_dir / "locust.log")
         locust.start()
-        reader = StatusReader(url)
+        names = {w.client_url: f"{w.name} {w.service_time_ms:g}ms" for w in fleet.workers}
+        reader = StatusReader(url, names=names)
         next_tick = time.monotonic()
         while locust.is_running():
             if locust.overdue():
@@ -641,8 +695,11 @@ def _add_common(p: argparse.ArgumentParser, *, workers: int, duration_s: float, 
     p.add_argument("--service-times", default=",".join(f"{t:g}" for t in
                                                          DEMO_SERVICE_TIMES_MS),
                    help="add_sub ms per execution, per worker, cycled")
-    p.add_argument("--global-rate", type=float, default=250.0,
-                   help="gateway-wide rate limit, requests/s (default 250)")
+    p.add_argument("--global-rate", type=float, default=DEFAULT_GLOBAL_RATE_PER_S,
+                   help="gateway-wide rate limit, requests/s "
+                   f"(default {DEFAULT_GLOBAL_RATE_PER_S:g})")
+    p.add_argument("--slots", type=int, default=DEMO_SLOTS_PER_WORKER,
+                   help=f"in-flight requests per worker (default {DEMO_SLOTS_PER_WORKER})")
     p.add_argument("--p99-budget-ms", type=float, default=DEFAULT_P99_BUDGET_MS,
                    help="latency budget of the capacity plan")
 
@@ -658,9 +715,9 @@ def _default_port() -> int:
 
 
 def _options(p: argparse.ArgumentParser, args: argparse.Namespace, shape: str,
-             live: bool) -> RunOptions:
-    if args.workers < 1:
-        p.error("--workers must be at least 1")
+             live: bool, *, limits: bool = True) -> RunOptions:
+    if args.workers < 1 or args.slots < 1:
+        p.error("--workers and --slots must be at least 1")
     if args.users < 1 or args.duration <= 0:
         p.error("--users and --duration must be positive")
     try:
@@ -672,7 +729,8 @@ def _options(p: argparse.ArgumentParser, args: argparse.Namespace, shape: str,
     port = args.port if args.port is not None else _default_port()
     return RunOptions(workers=args.workers, service_times_ms=times, duration_s=args.duration,
                       users=args.users, shape=shape, port=port, out_dir=Path(args.out),
-                      live=live, global_rate_per_s=args.global_rate)
+                      live=live, global_rate_per_s=args.global_rate if limits else None,
+                      slots=args.slots)
 
 
 def _run_and_report(opts: RunOptions, on_frame: Callable[[Frame], None] | None,
@@ -731,8 +789,10 @@ def main_loadtest(argv: Sequence[str]) -> int:
     p.add_argument("--shape", default="step", choices=("step", "spike", "diurnal", "constant"),
                    help="load shape (default step: a capacity sweep)")
     _add_common(p, workers=2, duration_s=60.0, users=40, out="results/loadtest")
+    p.add_argument("--limits", action="store_true", help="apply the demo's tenant and global "
+                   "rate limits (default off: a capacity sweep measures the fleet)")
     args = p.parse_args(list(argv))
-    opts = _options(p, args, args.shape, live=False)
+    opts = _options(p, args, args.shape, live=False, limits=args.limits)
     last: list[float] = [0.0]
 
     def every_ten_s(frame: Frame) -> None:
@@ -751,8 +811,13 @@ def main_loadtest(argv: Sequence[str]) -> int:
         print(f"  {path}")
     args_ = plan_arguments(result.outputs.history_csv, bench=False,
                            budget_ms=args.p99_budget_ms)
-    print("capacity plan for this fleet (the whole fleet's rate counts as one unit):")
-    print(f"  python -m gateway plan {' '.join(args_)}")
+    print("\ncapacity plan from this run (the whole fleet's rate counts as one unit):")
+    print(f"$ python -m gateway plan {' '.join(args_)}", flush=True)
+    from gateway.plan import main as plan_main
+
+    if plan_main(args_) != 0:
+        print("(no plan from this run: see the message above; a longer --duration or more "
+              "--users gives the step shape plateaus to measure)")
     print(f"timings: total {result.timings_s.get('total_s', 0):.1f} s")
     return 0
 

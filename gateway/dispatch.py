@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import routing
+from gateway.adaptive import AdaptiveLimit
 from gateway.admission import QueueView, RateMeter, Wait, decide
 from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig
@@ -120,6 +121,9 @@ class Dispatcher:
         self.counters: collections.Counter[str] = collections.Counter()
         self.upstream_attempts = 0
         self._waiter_deadlines: dict[int, float] = {}
+        # admission.adaptive: one gradient limit per fleet member (pruned by the service)
+        self.adaptive: dict[WorkerId, AdaptiveLimit] = {}
+        self.in_flight_total = 0
         # Set by the metrics exporter: (model, seconds from enqueue to leaving the queue).
         self.on_queue_wait: Callable[[str, float], None] | None = None
 
@@ -128,6 +132,8 @@ class Dispatcher:
                 f"counters={dict(self.counters)}>")
 
     def reconfigure(self, cfg: GatewayConfig, redis_store: RedisStore | None = None) -> None:
+        if cfg.admission.adaptive != self.cfg.admission.adaptive:
+            self.adaptive.clear()
         self.cfg = cfg
         self.breakers.reconfigure(cfg.admission.breaker)
         self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store)
@@ -163,6 +169,7 @@ class Dispatcher:
             self.upstream_attempts += 1
             started = self.clock()
             worker.begin(call.key.name)
+            self.in_flight_total += 1
             try:
                 resp = await worker.pool.request(call.method, call.target, call.headers,
                                                  call.body, stream=call.stream,
@@ -220,6 +227,10 @@ class Dispatcher:
         now = self.clock()
         latency = now - started
         worker.end(model, latency if ok else None)
+        self.in_flight_total -= 1
+        if ok and self.cfg.admission.adaptive.enabled:
+            # in flight when it ended, itself included: close to when it started
+            self._adaptive_for(worker).on_sample(now, latency, worker.in_flight + 1)
         if ok is None:
             self.breakers.cancel(worker.id, now)
         else:
@@ -231,6 +242,21 @@ class Dispatcher:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
                                         else 0.9 * self.service_time_ewma_s + 0.1 * latency)
         self.wake_waiters(1)
+
+    def effective_slots(self, worker: Worker) -> int:
+        """The worker's slot limit, lowered to its adaptive concurrency limit when
+        ``admission.adaptive.enabled``. The router reads it from the routing table, which
+        the service refreshes every scrape tick (≤ 0.25 s), never above ``slots``."""
+        if not self.cfg.admission.adaptive.enabled:
+            return worker.slots
+        return min(worker.slots, self._adaptive_for(worker).limit)
+
+    def _adaptive_for(self, worker: Worker) -> AdaptiveLimit:
+        limit = self.adaptive.get(worker.id)
+        cfg = self.cfg.admission.adaptive
+        if limit is None or limit.max_limit != max(worker.slots, cfg.min_limit):
+            limit = self.adaptive[worker.id] = AdaptiveLimit(cfg, worker.slots)
+        return limit
 
     # routing + queueing -------------------------------------------------------------------
     def pick(self, call: Call, exclude: set[WorkerId]) -> Route | NoRoute:
@@ -279,7 +305,7 @@ class Dispatcher:
         if waiter is None:
             ahead = sum(1 for w in self._queue if not w.cancelled and w.priority <= call.priority)
             view = QueueView(length=self._queued, ahead=ahead,
-                             drain_rate_per_s=self.completions.rate(now),
+                             drain_rate_per_s=self.drain_rate(now),
                              service_time_s=self.service_time_ewma_s)
             decision = decide(view, call.priority, call.deadline - now, self.cfg.admission.queue)
             if isinstance(decision, Rejected):
@@ -317,8 +343,18 @@ class Dispatcher:
                              retry_after_s=max(1.0, self._drain_estimate())) from None
         return waiter
 
+    def drain_rate(self, now: float) -> float:
+        """Completions per second the queue can count on: the recent completion rate, or,
+        when higher, Little's law over the slots busy now (in flight / mean service time).
+        The decayed meter alone lags for seconds after an idle spell — exactly when a herd
+        arrives — and would refuse as "deadline unmeetable" requests the fleet can serve."""
+        rate = self.completions.rate(now)
+        if self.service_time_ewma_s > 0 and self.in_flight_total > 0:
+            rate = max(rate, self.in_flight_total / self.service_time_ewma_s)
+        return rate
+
     def _drain_estimate(self) -> float:
-        rate = self.completions.rate(self.clock())
+        rate = self.drain_rate(self.clock())
         return self._queued / rate if rate > 0 else 1.0
 
     def wake_waiters(self, n: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -245,6 +246,10 @@ class Fleet:
                                if w.state in (State.SERVING, State.JOINING)))
 
     async def scrape(self, w: Worker) -> None:
+        # In-flight around the scrape: the smaller of before and after leaves out requests
+        # sent or finished while the page was in transit (conservative for routing's memory
+        # estimate, see routing.live_free_bytes).
+        in_flight_before = w.in_flight
         try:
             status, body = await fetch(w.metrics_pool, "GET", w.metrics_path,
                                        timeout_s=self.cfg.scrape.timeout_s)
@@ -257,7 +262,12 @@ class Fleet:
         now = self.clock()
         raw = triton_signals.parse_metrics(body.decode("utf-8", "replace"))
         prev = w.raw_metrics if isinstance(w.raw_metrics, triton_signals.RawMetrics) else None
-        w.signals = triton_signals.derive_signals(prev, raw, now, w.raw_metrics_at)
+        derived = triton_signals.derive_signals(prev, raw, now, w.raw_metrics_at)
+        if derived.gpus and max(in_flight_before, w.in_flight) == 0 and not derived.pending():
+            w.idle_free_bytes = derived.free_memory_bytes
+        w.signals = dataclasses.replace(
+            derived, in_flight_at_scrape=min(in_flight_before, w.in_flight),
+            idle_free_bytes=w.idle_free_bytes)
         w.raw_metrics, w.raw_metrics_at = raw, now
 
     # DNS discovery ----------------------------------------------------------------------

@@ -25,7 +25,9 @@ Three objects, and who owns what
 Filters (:func:`drop_reason` is the reference; the table applies the same rules): not
 ready; model (and version, if asked) not ready; breaker refuses; free GPU memory below the
 request's footprint (``memory_bytes_per_request`` × batch size, else a learned per-request
-estimate × batch size; a worker without GPU signals, or with stale ones, passes); gateway
+estimate × batch size; a worker without GPU signals, or with stale ones, passes) — free memory
+*now*, estimated by :func:`live_free_bytes` from the scrape and the live in-flight count, so
+requests decided between two scrapes do not all fit into the same scraped free bytes; gateway
 in-flight at or above ``slots`` — *saturated*: when only saturation stands in the way the
 answer is ``NoRoute(saturated=True)`` so the shell queues instead of failing.
 
@@ -107,9 +109,39 @@ def required_memory_bytes(model: ModelConfig, batch_size: int = 1,
     return float(per_request) * max(1, batch_size)
 
 
-def has_memory_for(signals: WorkerSignals | None, need_bytes: float) -> bool:
-    return need_bytes <= 0 or signals is None or not signals.gpus or (
-        signals.free_memory_bytes >= need_bytes)
+def executing_at_scrape(signals: WorkerSignals) -> int | None:
+    """Requests the worker was executing (holding memory) when scraped, as the gateway saw
+    it: its in-flight then minus the worker's own queue; None when not recorded."""
+    if signals.in_flight_at_scrape is None:
+        return None
+    return max(0, signals.in_flight_at_scrape - round(signals.pending()))
+
+
+def live_free_bytes(free_bytes: float, need_bytes: float, executing_then: int | None,
+                    in_flight_now: int, idle_free_bytes: float | None = None) -> float:
+    """Free GPU memory now: the scraped free bytes, plus the footprint of the requests
+    executing at the scrape, minus that of every request in flight now (all counted as
+    executing — conservative: a request queued in the worker holds no memory yet). At most
+    the free memory seen idle minus every request in flight now: a response still in
+    transit at the scrape (a fast out-of-memory failure, typically) would otherwise count as
+    executing then and let one request too many through until the next scrape."""
+    free = free_bytes
+    if executing_then is not None:
+        free += need_bytes * (executing_then - in_flight_now)
+    if idle_free_bytes is not None:
+        free = min(free, idle_free_bytes - need_bytes * in_flight_now)
+    return free
+
+
+def has_memory_for(signals: WorkerSignals | None, need_bytes: float,
+                   in_flight: int | None = None) -> bool:
+    if need_bytes <= 0 or signals is None or not signals.gpus:
+        return True
+    free = signals.free_memory_bytes
+    if in_flight is not None:
+        free = live_free_bytes(free, need_bytes, executing_at_scrape(signals), in_flight,
+                               signals.idle_free_bytes)
+    return free >= need_bytes
 
 
 def is_saturated(pending: float, in_flight: int, slots: int, saturation_queue: float) -> bool:
@@ -126,9 +158,10 @@ def drop_reason(worker: WorkerSnapshot, key: ModelKey, *, in_flight: int | None 
         return DROP_NO_MODEL
     if not worker.breaker_allows:
         return DROP_BREAKER
-    if not has_memory_for(worker.signals, need_bytes):
+    live = worker.in_flight if in_flight is None else in_flight
+    if not has_memory_for(worker.signals, need_bytes, live):
         return DROP_MEMORY
-    if (worker.in_flight if in_flight is None else in_flight) >= worker.slots:
+    if live >= worker.slots:
         return DROP_SATURATED
     return None
 
@@ -235,8 +268,9 @@ class InFlightCounters:
 class _Entry:
     """One worker as the router sees it between rebuilds (figures precomputed)."""
 
-    __slots__ = ("free_bytes", "has_gpu", "id", "in_flight", "in_flight_model", "latency_s",
-                 "memory_score", "pending", "priority", "share", "slots", "snapshot")
+    __slots__ = ("executing_then", "free_bytes", "has_gpu", "id", "idle_free", "in_flight",
+                 "in_flight_model", "latency_s", "memory_score", "pending", "priority",
+                 "share", "slots", "snapshot")
 
     def __init__(self, snapshot: WorkerSnapshot) -> None:
         self.refresh(snapshot)
@@ -252,6 +286,10 @@ class _Entry:
         self.pending = sig.pending() if sig is not None else 0.0
         self.has_gpu = sig is not None and sig.has_gpu
         self.free_bytes = sig.free_memory_bytes if sig is not None else 0.0
+        executing = executing_at_scrape(sig) if sig is not None else None
+        self.executing_then = -1 if executing is None else executing
+        idle = sig.idle_free_bytes if sig is not None else None
+        self.idle_free = -1.0 if idle is None else idle
         self.memory_score = memory_score(sig)
         self.latency_s = s.latency_ewma_s
         self.share = min(1.0, max(0.0, s.traffic_share))
@@ -414,8 +452,13 @@ def _classify(e: _Entry, q: _Query, in_flight: int) -> int:
         return _NO_VERSION  # filtered like a worker without the model
     if q.versioned and not e.snapshot.has_model(q.key):
         return _NO_VERSION
-    if q.need_bytes > 0 and e.has_gpu and e.free_bytes < q.need_bytes:
-        return _NO_MEMORY
+    if q.need_bytes > 0 and e.has_gpu:
+        free = e.free_bytes if e.executing_then < 0 else (
+            e.free_bytes + q.need_bytes * (e.executing_then - in_flight))
+        if e.idle_free >= 0:
+            free = min(free, e.idle_free - q.need_bytes * in_flight)
+        if free < q.need_bytes:
+            return _NO_MEMORY
     if in_flight >= e.slots:
         return _FULL
     if e.pending + in_flight >= q.saturation_queue * e.slots:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -154,13 +155,19 @@ class GatewayService:
                     board.remove_worker(w.id)
                     board.add_worker(w.id, now, slow_start=True)
                 self._serving_seen[w.id] = w.serving_since
-            table.update(w.snapshot(ModelKey(""), now, self.cfg.scrape.stale_after_s,
-                                    breaker_allows=board.state(w.id, now).gauge != 2,
-                                    traffic_share=board.traffic_share(w.id, now)))
+            snap = w.snapshot(ModelKey(""), now, self.cfg.scrape.stale_after_s,
+                              breaker_allows=board.state(w.id, now).gauge != 2,
+                              traffic_share=board.traffic_share(w.id, now))
+            if self.cfg.admission.adaptive.enabled:
+                slots = self.dispatcher.effective_slots(w)
+                if slots != snap.slots:
+                    snap = dataclasses.replace(snap, slots=slots)
+            table.update(snap)
         for wid in [wid for wid in board.workers() if wid not in present]:
             board.remove_worker(wid)
             table.remove(wid)
             self._serving_seen.pop(wid, None)
+            self.dispatcher.adaptive.pop(wid, None)
         self._table_dirty = False
 
     async def _table_loop(self) -> None:

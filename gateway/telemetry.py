@@ -8,9 +8,14 @@ Two kinds of series:
   slots, utilisation, pending, free/total GPU memory, breaker state, ready) and per fleet
   (utilisation, headroom, saturation, arrival rate, desired replicas).
 
-Label cardinality is bounded: ``model`` is a configured or discovered model name (anything
-else is reported as ``_other``), ``worker`` is a fleet member, ``reason``/``outcome`` are
-fixed sets.
+The gateway has one priority queue for all models, so ``gateway_queue_length`` is a fleet
+gauge; ``gateway_queue_wait_seconds{model}`` observes each queued request once, from entering
+the queue to leaving it (routed, timed out or abandoned). Counters of configured and served
+models are exported at 0 before their first event, so ``rate()`` sees the first burst.
+
+Label cardinality is bounded: ``model`` is a configured or discovered model name (at most
+``MAX_MODELS``; anything else is reported as ``_other``), ``worker`` is a fleet member,
+``reason``/``outcome`` are fixed sets.
 
 Capacity signals (definitions in ``gateway.capacity``), sampled once a second:
 
@@ -49,7 +54,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -70,6 +81,12 @@ THROUGHPUT_WINDOW_S = 60
 MIN_BUSY_SLOT_S = 2.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
+OUTCOMES = ("ok", "client_error", "upstream_error", "rejected")
+REJECTION_REASONS = ("rate_limited", "overloaded", "no_worker", "deadline", "rejected",
+                     "unauthorized", "payload_too_large", "bad_request")
+
+# ``*_created`` timestamps double the series count and no rule or dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def outcome_of(status: int) -> str:
@@ -144,7 +161,8 @@ class Telemetry:
 
     # hot path ---------------------------------------------------------------------------
     def label(self, model: str) -> str:
-        if model in self.models or self.service.model_known(model):
+        if model in self.models or (self.service.model_known(model)
+                                    and len(self.models) < MAX_MODELS):
             return model
         return "_other"
 
@@ -210,13 +228,18 @@ class Telemetry:
         self.saturation_samples.append(min(1.0, max(0.0, (sat_s - self._last_saturation_s)
                                                     / dt)) if dt > 0 else 0.0)
         self._last_saturation_s = sat_s
-        for name in set(self.arrival_counts) | set(self.models):
+        # Every configured or served model gets signals, traffic or not (an idle model's
+        # desired replicas is the floor); names come from config and workers, never clients.
+        served = {m for w in ready for m in w.models_ready if "/" not in m}
+        for name in sorted(set(self.arrival_counts) | set(self.models) | set(svc.cfg.models)
+                           | served):
             mc = self.models.get(name)
             if mc is None:
                 if len(self.models) >= MAX_MODELS:
                     continue
                 mc = self.models[name] = ModelCapacity(cap.history_step_s,
                                                        cap.history_max_points, cap.lead_time_s)
+                self._zero_counters(name)
             count = self.arrival_counts.get(name, 0)
             arrived = count - mc.arrivals_seen
             mc.arrivals_seen = count
@@ -232,6 +255,15 @@ class Telemetry:
                                                                                      m_slots)
             if serving:
                 mc.update_throughput(m_busy * dt, completed, m_slots / len(serving))
+
+    def _zero_counters(self, model: str) -> None:
+        """Export a model's counters at 0 before its first event: ``rate()`` over a series
+        that is born at N sees no increase, so the first burst of, say, rejections would be
+        invisible to the rules."""
+        for outcome in OUTCOMES:
+            self.requests.labels(model, outcome)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(model, reason)
 
     def saturation(self) -> float:
         s = self.saturation_samples

@@ -67,6 +67,13 @@ class WorkerSignals:
     scraped_at: float
     gpus: tuple[GpuSignal, ...] = ()
     models: dict[str, ModelSignal] = field(default_factory=dict)
+    # The gateway's own in-flight count on the worker when the scrape was taken (None:
+    # unknown). With it the router estimates free memory *now* (routing.live_free_bytes).
+    in_flight_at_scrape: int | None = None
+    # Free GPU memory at the last scrape taken while the gateway had nothing in flight on
+    # the worker and it queued nothing (None: not seen yet): an upper bound the router
+    # subtracts every in-flight request from, robust to in-flight counted at a bad moment.
+    idle_free_bytes: float | None = None
 
     @property
     def has_gpu(self) -> bool:

@@ -96,6 +96,7 @@ class Worker:
     __slots__ = (
         "fail_streak",
         "host",
+        "idle_free_bytes",
         "id",
         "in_flight",
         "in_flight_by_model",
@@ -147,6 +148,7 @@ class Worker:
         self.raw_metrics: object | None = None
         self.raw_metrics_at: float | None = None
         self.scrape_errors = 0
+        self.idle_free_bytes: float | None = None
         self.latency_ewma_s = 0.0
         self.serving_since: float | None = None
 

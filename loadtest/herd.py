@@ -412,14 +412,14 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 
 def table(rows: list[HerdFigures]) -> str:
-    cols = ["scenario", "requests", "answers by status", "rej. w/ Retry-After",
+    cols = ["scenario", "requests", "connections", "answers by status", "rej. w/ Retry-After",
             "200 p50 ms", "200 p99 ms", "max in-flight/worker (limit)", "ready max ms",
             "RSS peak MB", "storm s"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         pct = 100.0 * r.rejections_with_retry_after / r.rejections if r.rejections else 100.0
         lines.append(" | ".join([
-            r.scenario, str(r.requests),
+            r.scenario, str(r.requests), str(r.connections),
             " ".join(f"{k}:{v}" for k, v in r.by_status.items()),
             f"{r.rejections_with_retry_after}/{r.rejections} ({pct:.0f} %)",
             _fmt(r.admitted_p50_ms), _fmt(r.admitted_p99_ms),
@@ -431,7 +431,9 @@ def table(rows: list[HerdFigures]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.herd", description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--connections", type=int, default=5000)
+    parser.add_argument("--connections", type=int, default=1000,
+                        help="connections of the main rows (a third row always uses one "
+                             "connection per request)")
     parser.add_argument("--quick", action="store_true", help="1,000 requests")
     parser.add_argument("--probe", nargs=2, metavar=("URL", "STOP_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -440,13 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     requests = 1000 if args.quick else args.requests
     rows = []
+    no_limits = {"queue": {"max_length": requests + 1, "max_wait_s": 60.0,
+                           "default_deadline_s": DEADLINE_MS / 1000}}
     with tempfile.TemporaryDirectory(prefix="herd-") as tmp:
-        for scenario, admission in (
-                ("admission", admission_config()),
-                ("no limits", {"queue": {"max_length": requests + 1, "max_wait_s": 60.0,
-                                         "default_deadline_s": DEADLINE_MS / 1000}})):
+        for scenario, admission, connections in (
+                ("admission", admission_config(), args.connections),
+                ("admission", admission_config(), requests),
+                ("no limits", no_limits, args.connections)):
             rows.append(run_herd(scenario, admission, requests=requests,
-                                 connections=args.connections, workdir=Path(tmp)))
+                                 connections=connections, workdir=Path(tmp)))
     print(table(rows))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
