@@ -96,8 +96,8 @@ class Worker:
     __slots__ = (
         "fail_streak",
         "host",
-        "idle_free_bytes",
         "id",
+        "idle_free_bytes",
         "in_flight",
         "in_flight_by_model",
         "latency_ewma_s",

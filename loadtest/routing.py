@@ -17,13 +17,16 @@ What runs, side by side in one run:
   is printed beside it. Offered loads are ``--loads`` × the measured capacity.
 * **The gateway** (``python -m gateway serve``, a real subprocess) in front, once per
   policy: ``round_robin``, ``random``, ``least_inflight``, ``load_aware`` with the ``p2c``
-  picker, ``load_aware`` with ``full_scan``; and **HAProxy** ``balance leastconn`` with
-  ``maxconn`` = slots per server when ``haproxy`` is installed. Configured as an operator
-  would: per-worker ``slots`` = the workers' execution slots (4), the model's
-  ``memory_bytes_per_request`` = 1.5 GiB (the router has no learned estimate), default
-  weights (memory 1, queue 2, latency 0) and scrape interval (1 s). Breakers are off and
-  ``max_attempts`` is 1 for every policy so that the comparison isolates the routing choice
-  (a breaker would eject OOM-ing workers for round robin too, hiding its failures).
+  picker, with ``full_scan``, and with ``p2c`` plus the latency scorer (weight 1); and
+  **HAProxy** ``balance leastconn`` with ``maxconn`` = slots per server when ``haproxy`` is
+  installed. Configured as an operator would: per-worker ``slots`` = the workers' execution
+  slots (4; ``--gateway-slots``), default weights (memory 1, queue 2, latency 0) and scrape
+  interval (1 s); for the load-aware rows the model's ``memory_bytes_per_request`` = 1.5 GiB
+  (the router has no learned estimate). The baselines stand for a generic load balancer,
+  which knows nothing of GPU memory: they get no footprint (given one, they would share the
+  router's memory filter — the router applies the same filters to every policy). Breakers
+  are off and ``max_attempts`` is 1 for every policy so that the comparison isolates the
+  routing choice (a breaker would eject OOM-ing workers, hiding round robin's failures).
 * **Load**: an open-loop Poisson client (asyncio, own keep-alive pool); latency is measured
   from each request's *scheduled* send time, so queueing in the client is not hidden. Bounded:
   at most ``--max-outstanding`` requests in flight (more are counted ``dropped``), 10 s
@@ -488,8 +491,9 @@ def finite(value: Any) -> Any:
 
 
 def ratio(a: float, b: float) -> str:
-    return "0 (baseline never answered 1 %)" if math.isinf(b) and not math.isinf(a) \
-        else f"{a / b:.2f}"
+    if math.isinf(b):
+        return "baseline's p99 is a failure" if not math.isinf(a) else "both fail"
+    return f"{a / b:.2f}"
 
 
 def ms(value: float) -> str:
@@ -542,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="routing.weights.latency for the load-aware rows")
     ap.add_argument("--saturation-queue", type=float, default=0.0,
                     help="routing.saturation_queue for the load-aware rows (0: default)")
-    ap.add_argument("--gateway-slots", type=int, default=2 * SLOTS,
+    ap.add_argument("--gateway-slots", type=int, default=SLOTS,
                     help="per-worker slots in the gateway (HAProxy maxconn)")
     ap.add_argument("--policies", default="", help="comma-separated subset (first word)")
     ap.add_argument("--sizes", default="10,100,1000,10000", help="decision-cost fleet sizes")

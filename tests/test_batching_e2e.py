@@ -58,7 +58,7 @@ pytestmark = pytest.mark.triton
 
 LIMIT = 4                 # the gateway's batch limit for identity and add_sub
 WINDOW_MS = 15.0          # identity: short window, batches form from concurrent callers
-LONG_WINDOW_MS = 600.0    # add_sub: every caller of a scenario arrives inside one window
+LONG_WINDOW_MS = 800.0    # add_sub: every caller of a scenario arrives inside one window
 IDENTITY_MAX_BATCH = 8    # the model's own max_batch_size (gateway.triton_worker)
 STRINGS_MAX_BATCH = 64
 IDENTITY_TYPES = ("FP32", "FP16", "INT64", "BOOL", "BYTES")

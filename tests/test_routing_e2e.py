@@ -110,6 +110,7 @@ def test_herd_spreads_requests_decided_within_one_scrape_interval(
     stack.append(sim.start())
     # Slots high enough that the slot limit cannot hide a herd: only the live in-flight
     # counts stand between 1,000 simultaneous decisions and the worker that looked best.
+    # One scrape in 5 s: the whole burst (well under a second) sees the same signals.
     cfg = config(sim, scrape={"interval_s": 5.0, "timeout_s": 1.0, "stale_after_s": 30.0})
     cfg["workers"] = [dict(w, slots=n_requests) for w in cfg["workers"]]
     gw = start(cfg, tmp_path)
@@ -180,8 +181,8 @@ def test_pools_spill_when_preferred_is_saturated_and_return(tmp_path: Path,
     stack.append(sim.start())
     cfg = config(sim, pools=[{"name": "onprem", "priority": 0},
                              {"name": "burst", "priority": 1}])
-    for i, w in enumerate(cfg["workers"]):
-        w.update(pool="onprem", slots=2) if i < 2 else w.update(pool="burst")
+    for i, w in enumerate(cfg["workers"]):   # on-premises: 2 slow workers, 2 slots each
+        w.update({"pool": "onprem", "slots": 2} if i < 2 else {"pool": "burst"})
     gw = start(cfg, tmp_path)
     stack.append(gw)
 
@@ -209,12 +210,16 @@ def test_pools_spill_when_preferred_is_saturated_and_return(tmp_path: Path,
     (2, 0.0, 2, True),       # two executing then and now: still the scraped 2 GiB
     (2, 0.0, 0, True),       # both finished since: 4 GiB back
     (3, 1.0, 4, False),      # one queued then (held no memory); two more sent since
+    (3, 0.0, 3, True),       # 4 GiB seen idle (these two rows): 3 in flight leave 1 GiB
+    (3, 0.0, 4, False),      # the scrape alone says 1 GiB left, idle says 0: "3 executing"
+                             # then counted a response still in transit
 ])
 def test_drop_reason_estimates_free_memory_now(in_flight_then: int | None, pending: float,
                                                in_flight_now: int, fits: bool) -> None:
+    idle = 4 * GIB if (in_flight_then, pending) == (3, 0.0) else None
     signals = WorkerSignals(scraped_at=0.0, gpus=(GpuSignal("GPU-0", 8 * GIB, 6 * GIB, 0.5),),
                             models={"simple": ModelSignal(pending=pending)},
-                            in_flight_at_scrape=in_flight_then)
+                            in_flight_at_scrape=in_flight_then, idle_free_bytes=idle)
     worker = WorkerSnapshot(id="w", pool_priority=0, ready=True,
                             models_ready=frozenset({"simple"}), slots=16,
                             in_flight=in_flight_now, in_flight_model=in_flight_now,
