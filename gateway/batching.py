@@ -68,7 +68,7 @@ DEFAULT_MAX_WAITING_REQUESTS = 4096
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-FlushReason = Literal["full", "timer", "flush"]
+FlushReason = Literal["full", "timer", "flush", "idle"]
 Headers = list[tuple[bytes, bytes]]
 UpstreamReply = tuple[int, HeadersLike, bytes]
 Send = Callable[["BatchKey", bytes, Headers], Awaitable[UpstreamReply]]
@@ -431,16 +431,18 @@ class Batcher:
     __slots__ = ("_batches_sent", "_cancelled", "_clock", "_closed", "_failed", "_flushes",
                  "_max_open_batches", "_max_waiting", "_on_batch", "_open", "_rejected",
                  "_requests_sent", "_rows_sent", "_send", "_size_counts", "_tasks", "_waiting",
-                 "max_batch_size", "max_bytes", "max_delay_s")
+                 "flush_when_idle", "max_batch_size", "max_bytes", "max_delay_s")
 
     def __init__(self, send: Send, *, max_batch_size: int, max_delay_ms: float,
                  max_bytes: int, max_open_batches: int = DEFAULT_MAX_OPEN_BATCHES,
                  max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
                  clock: Callable[[], float] | None = None,
-                 on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+                 on_batch: Callable[[BatchRecord], None] | None = None,
+                 flush_when_idle: bool = False) -> None:
         if max_batch_size < 1 or max_bytes < 1 or max_delay_ms < 0:
             raise ValueError("max_batch_size and max_bytes must be positive, max_delay_ms >= 0")
         self._send = send
+        self.flush_when_idle = flush_when_idle
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
         self.max_bytes = max_bytes
@@ -458,7 +460,7 @@ class Batcher:
         self._failed = 0
         self._cancelled = 0
         self._rejected = 0
-        self._flushes: dict[str, int] = {"full": 0, "timer": 0, "flush": 0}
+        self._flushes: dict[str, int] = {"full": 0, "timer": 0, "flush": 0, "idle": 0}
         self._size_counts = [0] * (len(_SIZE_BUCKETS) + 1)
 
     @classmethod
@@ -469,7 +471,8 @@ class Batcher:
         if config.max_batch_size is not None:
             limit = min(limit, config.max_batch_size) if limit > 0 else config.max_batch_size
         return cls(send, max_batch_size=max(1, limit), max_delay_ms=config.max_delay_ms,
-                   max_bytes=config.max_bytes, clock=clock, on_batch=on_batch)
+                   max_bytes=config.max_bytes, clock=clock, on_batch=on_batch,
+                   flush_when_idle=config.flush_when_idle)
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -519,6 +522,13 @@ class Batcher:
             if not plan.is_ready:
                 break
             self._dispatch(key, batch, len(plan.members), "full")
+        if (self.flush_when_idle and batch.members and not self._tasks
+                and self._open.get(key) is batch):
+            # Nothing of this model is in flight: waiting would only add latency (a lone
+            # caller at low load). While batches are in flight, members gather for up to
+            # max_delay_ms, so batches grow with load.
+            self._dispatch(key, batch, len(batch.members), "idle")
+            return
         self._arm_timer(key, batch)
 
     def _arm_timer(self, key: BatchKey, batch: _OpenBatch) -> None:

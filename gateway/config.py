@@ -148,6 +148,9 @@ class BatchingConfig:
     max_delay_ms: float = opt(2.0, "How long the first request of a batch waits for others.",
                               non_negative())
     max_bytes: int = opt(16 * 1024 * 1024, "Byte cap of one merged request.", positive())
+    flush_when_idle: bool = opt(True, "Send at once when no batch of the model is in flight "
+                                "(no added latency at low load); otherwise gather for up "
+                                "to max_delay_ms.")
 
 
 @dataclass(frozen=True, slots=True)

@@ -794,3 +794,25 @@ def test_real_triton_batches_mixed_callers(triton_url: str) -> None:
         np.testing.assert_array_equal(got["OUTPUT1"], a - b)
         assert binary == {n for n in got if request.wants_binary(n)}
 
+
+
+async def test_flush_when_idle_sends_a_lone_caller_at_once_and_gathers_under_load() -> None:
+    upstream = RefUpstream()
+    upstream.gate = asyncio.Event()
+    batcher = _batcher(upstream, max_batch_size=8, max_delay_ms=60_000.0, flush_when_idle=True)
+    first = asyncio.create_task(batcher.submit(_rows(1, 1.0, "a"), key_of(_rows(1))))
+    await _settle()
+    # Nothing was in flight: sent at once despite the 60 s window.
+    assert batcher.statistics().flushes["idle"] == 1
+    assert batcher.statistics().in_flight_batches == 1
+    # While that batch is in flight, the next callers gather into one batch.
+    rest = [asyncio.create_task(batcher.submit(_rows(1, float(i), f"r{i}"), key_of(_rows(1))))
+            for i in range(3)]
+    await _settle()
+    assert batcher.statistics().open_batches == 1 and batcher.statistics().batches_sent == 1
+    upstream.gate.set()
+    await asyncio.wait_for(first, 5)
+    batcher.flush()
+    replies = await asyncio.wait_for(asyncio.gather(*rest), 5)
+    assert [len(b.inputs[0].data) for b in upstream.batches] == [8, 24]  # 1 row, then 3
+    assert all(r.status == 200 for r in replies)

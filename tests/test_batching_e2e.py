@@ -73,11 +73,12 @@ Decoded = tuple[int, Any]  # (status, (InferResponse, binary output names) | err
 def batching_gateway(triton_fleet: TritonFleet,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     models = {
+        # flush_when_idle off: these scenarios check window semantics exactly
         "identity": {"batching": {"enabled": True, "max_batch_size": LIMIT,
-                                  "max_delay_ms": WINDOW_MS}},
+                                  "max_delay_ms": WINDOW_MS, "flush_when_idle": False}},
         "strings": {"batching": {"enabled": True, "max_delay_ms": 2}},  # the form
         "add_sub": {"batching": {"enabled": True, "max_batch_size": LIMIT,
-                                 "max_delay_ms": LONG_WINDOW_MS}},
+                                 "max_delay_ms": LONG_WINDOW_MS, "flush_when_idle": False}},
         "overhead": {},
     }
     gw = GatewayProcess(fleet_config(triton_fleet, models=models),
@@ -456,7 +457,8 @@ def test_worker_errors_and_crashes_fail_every_member(tmp_path: Path) -> None:
     with SimFleetThread([WorkerSpec(base_ms=5.0)], control_port=control_port) as sim:
         url = f"http://127.0.0.1:{sim.ports[0]}"
         cfg = {"workers": [{"url": url, "metrics_url": url + "/metrics"}],
-               "models": {"simple": {"batching": {"enabled": True, "max_delay_ms": 300}}},
+               "models": {"simple": {"batching": {"enabled": True, "max_delay_ms": 300,
+                                                  "flush_when_idle": False}}},
                "health": {"interval_s": 0.2, "rise": 1, "fall": 1, "timeout_s": 0.5},
                "scrape": {"interval_s": 0.5}}
         body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
