@@ -385,7 +385,7 @@ def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> di
 
     loads = [float(x) for x in args.loads.split(",") if x]
     cells: list[Cell] = []
-    for pi, (name, routing) in enumerate(POLICIES):
+    for name, routing in POLICIES:
         if args.policies and name.split()[0] not in args.policies.split(","):
             continue
         proc: GatewayProcess | subprocess.Popen[bytes] | None
@@ -420,7 +420,6 @@ def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> di
             elif proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=10)
-        del pi
     return {"capacity_analytic_rps": analytic, "capacity_measured_rps": measured,
             "slo_ms": slo_s * 1000, "cells": [asdict(c) for c in cells],
             "fleet": {"speeds": SPEEDS, "memory_gib": MEMORY_GIB, "slots": SLOTS,

@@ -4,6 +4,7 @@ environment, so the tests find exactly those (and nobody else's) in /proc afterw
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -26,8 +27,11 @@ from gateway.demo import (
     render_line,
 )
 
-pytest.importorskip("pytriton")
-pytest.importorskip("locust")
+# find_spec, not importorskip: importing locust monkey-patches this whole process with gevent
+# (threads become greenlets), which hangs every later test that runs an event loop in a thread.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("locust") is None,
+    reason="needs nvidia-pytriton and locust")
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG_VAR = "GATEWAY_DEMO_TEST_TAG"

@@ -33,6 +33,7 @@ INFER = "/v2/models/simple/infer"
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                "data": [1.0] * 16}]}).encode()
 HEADERS = [(b"content-type", b"application/json")]
+STALE_AFTER_S = 3.0  # scrapes every 0.3 s: fresh signals stay fresh on a busy machine
 
 
 def successes(sim: SimFleetThread) -> list[int]:
@@ -75,7 +76,7 @@ def config(sim: SimFleetThread, **extra: Any) -> dict[str, Any]:
         "workers": workers,
         "models": {"simple": {}},
         "health": {"interval_s": 0.3, "rise": 1, "fall": 2, "timeout_s": 1.0},
-        "scrape": {"interval_s": 0.3, "timeout_s": 0.2, "stale_after_s": 1.0},
+        "scrape": {"interval_s": 0.3, "timeout_s": 1.0, "stale_after_s": STALE_AFTER_S},
         "admission": {"breaker": {"slow_start_s": 0}},
     }
     cfg.update(extra)
@@ -137,18 +138,18 @@ def test_stale_and_missing_metrics_still_route_and_say_so(tmp_path: Path,
 
     def stale() -> bool:
         ws = {w["id"]: w for w in gw.status()["workers"]}
-        return all(ws[i]["gpu_free_bytes"] is None and ws[i]["signals_age_s"] > 1.0
+        return all(ws[i]["gpu_free_bytes"] is None and ws[i]["signals_age_s"] > STALE_AFTER_S
                    for i in ids[1:])
 
-    gw.wait_for(stale, timeout_s=10, what="workers 1 and 2 with stale signals")
+    gw.wait_for(stale, timeout_s=15, what="workers 1 and 2 with stale signals")
     fresh = gw.worker_status(ids[0])
-    assert fresh["gpu_free_bytes"] is not None and fresh["signals_age_s"] < 1.0
+    assert fresh["gpu_free_bytes"] is not None and fresh["signals_age_s"] < STALE_AFTER_S
     before = successes(sim)
     assert send(gw, 90, concurrency=3) == [200] * 90
     served = served_since(sim, before)
-    assert all(s > 0 for s in served), served
+    assert all(s > 0 for s in served), (served, gw.status()["workers"], gw.log())
     age = gw.worker_status(ids[1])["signals_age_s"]
-    assert age is not None and age > 1.0  # still growing: the scrapes keep failing
+    assert age is not None and age > STALE_AFTER_S  # still growing: scrapes keep failing
     assert gw.proc is not None and gw.proc.poll() is None
 
 
