@@ -19,9 +19,11 @@ What runs, side by side in one run:
   policy: ``round_robin``, ``random``, ``least_inflight``, ``load_aware`` with the ``p2c``
   picker, with ``full_scan``, and with ``p2c`` plus the latency scorer (weight 1); and
   **HAProxy** ``balance leastconn`` with ``maxconn`` = slots per server when ``haproxy`` is
-  installed. Configured as an operator would: per-worker ``slots`` = the workers' execution
-  slots (4; ``--gateway-slots``), default weights (memory 1, queue 2, latency 0) and scrape
-  interval (1 s); for the load-aware rows the model's ``memory_bytes_per_request`` = 1.5 GiB
+  installed. The load-aware rows are configured as an operator would: per-worker ``slots`` =
+  the workers' execution slots (4; ``--gateway-slots``); the baselines get the generous
+  default of a generic load balancer (64; ``--baseline-slots``; pass 4 to give them the same
+  cap and isolate the routing choice alone), default weights (memory 1, queue 2, latency 0)
+  and scrape interval (1 s); for the load-aware rows the model's ``memory_bytes_per_request`` = 1.5 GiB
   (the router has no learned estimate). The baselines stand for a generic load balancer,
   which knows nothing of GPU memory: they get no footprint (given one, they would share the
   router's memory filter — the router applies the same filters to every policy). Breakers
@@ -391,7 +393,7 @@ def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> di
         proc: GatewayProcess | subprocess.Popen[bytes] | None
         if routing is None:
             port = free_port()
-            proc = start_haproxy(tmp, port, sim.ports, args.gateway_slots)
+            proc = start_haproxy(tmp, port, sim.ports, args.baseline_slots)
             if proc is None:
                 print("haproxy not installed: its rows are skipped")
                 continue
@@ -400,7 +402,9 @@ def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> di
                 routing = {**routing, "weights": {"latency": args.latency_weight}}
             if routing.get("policy") == "load_aware" and args.saturation_queue:
                 routing = {**routing, "saturation_queue": args.saturation_queue}
-            gw = GatewayProcess(gateway_config(sim.ports, routing, args.gateway_slots), tmp)
+            slots = (args.gateway_slots if routing.get("policy") == "load_aware"
+                     else args.baseline_slots)
+            gw = GatewayProcess(gateway_config(sim.ports, routing, slots), tmp)
             gw.start()
             gw.wait_for(lambda g=gw: g.status()["fleet"]["workers_ready"] == len(SPEEDS),  # type: ignore[misc]
                         what="every worker ready")
@@ -546,7 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saturation-queue", type=float, default=0.0,
                     help="routing.saturation_queue for the load-aware rows (0: default)")
     ap.add_argument("--gateway-slots", type=int, default=SLOTS,
-                    help="per-worker slots in the gateway (HAProxy maxconn)")
+                    help="per-worker slots of the load-aware rows")
+    ap.add_argument("--baseline-slots", type=int, default=64,
+                    help="per-worker slots of the baseline rows and HAProxy's maxconn "
+                         "(default 64, the gateway's default: a generic load balancer does "
+                         "not cap per-worker concurrency; pass 4 to give the baselines the "
+                         "same slot limit and isolate the routing choice)")
     ap.add_argument("--policies", default="", help="comma-separated subset (first word)")
     ap.add_argument("--sizes", default="10,100,1000,10000", help="decision-cost fleet sizes")
     ap.add_argument("--scrape-workers", type=int, default=1000)
