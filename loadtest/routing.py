@@ -24,11 +24,12 @@ What runs, side by side in one run:
   default of a generic load balancer (64; ``--baseline-slots``; pass 4 to give them the same
   cap and isolate the routing choice alone), default weights (memory 1, queue 2, latency 0)
   and scrape interval (1 s); for the load-aware rows the model's
-  ``memory_bytes_per_request`` = 1.5 GiB (the router has no learned estimate). The
-  baselines stand for a generic load balancer, which knows nothing of GPU memory: they get no footprint (given one, they would share the
-  router's memory filter — the router applies the same filters to every policy). Breakers
-  are off and ``max_attempts`` is 1 for every policy so that the comparison isolates the
-  routing choice (a breaker would eject OOM-ing workers, hiding round robin's failures).
+  ``memory_bytes_per_request`` = 1.5 GiB (the router has no learned estimate). The baselines
+  stand for a generic load balancer, which knows nothing of GPU memory: they get no
+  footprint (given one, they would share the router's memory filter — the router applies the
+  same filters to every policy). Breakers are off and ``max_attempts`` is 1 for every policy
+  so that the comparison isolates the routing choice (a breaker would eject OOM-ing workers,
+  hiding round robin's failures).
 * **Load**: an open-loop Poisson client (asyncio, own keep-alive pool); latency is measured
   from each request's *scheduled* send time, so queueing in the client is not hidden. Bounded:
   at most ``--max-outstanding`` requests in flight (more are counted ``dropped``), 10 s
