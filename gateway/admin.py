@@ -17,11 +17,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import __version__
+from gateway import __version__, routing
 from gateway.telemetry import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from gateway.service import GatewayService
+    from gateway.types import WorkerSignals
+    from gateway.workers import Worker
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -49,8 +51,8 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
             "breaker": breaker,
             "breaker_opened_total": breakers[w.id].opened_total if w.id in breakers else 0,
             "traffic_share": breakers[w.id].traffic_share if w.id in breakers else 1.0,
-            "score": svc.dispatcher.router_score(w.id) if hasattr(svc.dispatcher,
-                                                                    "router_score") else None,
+            "name": w.name,
+            "score": _display_score(svc, w, fresh) if w.is_routable else None,
             "in_flight": w.in_flight,
             "slots": w.slots,
             "pending": fresh.pending() if fresh else None,
@@ -59,7 +61,7 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
             "gpu_utilisation": fresh.gpu_utilisation if fresh and fresh.has_gpu else None,
             "latency_ms": w.latency_ewma_s * 1000 if w.latency_ewma_s else None,
             "signals_age_s": (now - sig.scraped_at) if sig else None,
-            "models": sorted(m for m in w.models_ready if not m.endswith("/?")),
+            "models": sorted(m for m in w.models_ready if "/" not in m),
         })
     counters = svc.telemetry.requests
     totals = {"requests": 0, "ok": 0, "rejected": 0, "errors": 0}
@@ -97,6 +99,16 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
                                                                "describe") else [],
         "rejections": list(t.recent_rejections)[::-1],
     }
+
+
+def _display_score(svc: GatewayService, w: Worker, sig: WorkerSignals | None) -> float:
+    """The worker's load-aware score as the router would weigh it now (default weights;
+    latency neutral), in [0, 1], 1 best — for people reading the status page."""
+    weights = routing.normalised_weights(svc.cfg.routing.weights)
+    pending = sig.pending() if sig is not None else 0.0
+    return round(routing.combined_score(
+        weights, routing.memory_score(sig),
+        routing.queue_score(pending, w.in_flight, w.slots), routing.NEUTRAL_SCORE), 3)
 
 
 def build_admin_app(svc: GatewayService) -> Starlette:

@@ -103,9 +103,12 @@ def test_status_page_shows_the_live_fleet(
     page = parse(dom)
     head, *rows = page.rows["workers"]
     assert head[:4] == ["Worker", "Pool", "State", "Breaker"]
-    by_id = {row[0]: dict(zip(head, row, strict=True)) for row in rows}
-    assert set(by_id) == set(ids)
     status = {w["id"]: w for w in gw.status()["workers"]}
+    # The cell shows the id, then the configured name beneath it.
+    shown = {wid + (status[wid]["name"] if status[wid]["name"] != wid else ""): wid
+             for wid in ids}
+    by_id = {shown[row[0]]: dict(zip(head, row, strict=True)) for row in rows}
+    assert set(by_id) == set(ids)
     triton = [by_id[i] for i in ids if status[i]["pool"] == "default"]
     sims = [by_id[i] for i in ids if status[i]["pool"] == "sim"]
     assert len(triton) == 2 and len(sims) == 2
