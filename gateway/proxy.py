@@ -315,6 +315,10 @@ async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
     resp = lease.response
     out = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != _REQUEST_ID]
     out.append((_REQUEST_ID, rid))
+    if resp.status == 503 and resp.header(b"retry-after") is None:
+        # A worker's own "unavailable" (its queue is full): tell the client when to retry,
+        # like every rejection the gateway makes itself.
+        out.append((b"retry-after", b"1"))
     if not stream:
         body = await resp.read()
         out.append((b"content-length", str(len(body)).encode()))

@@ -1,11 +1,12 @@
 """Thundering herd: N requests released at once at a small simulated fleet behind the gateway.
 
-    python -m loadtest.herd [--requests 5000] [--connections 5000] [--quick]
+    python -m loadtest.herd [--requests 5000] [--connections 1000] [--quick]
 
-Every part is a real process on loopback: the simulator (``python -m gateway sim``, 4 workers
-with 4 execution slots each), the gateway (``python -m gateway serve``), a readiness prober
-(its own process, one keep-alive connection, ``GET /v2/health/ready`` every 10 ms) and this
-client (raw asyncio HTTP/1.1).
+Every part is a real process on loopback: the simulator (``python -m gateway sim``, 4 workers,
+20 ms per request, room for 64 at once — the gateway's 4 slots per worker are the limit that
+counts, and the simulator records the most it ever had in progress), the gateway
+(``python -m gateway serve``), a readiness prober (its own process, one keep-alive
+connection, ``GET /v2/health/ready`` every 10 ms) and this client (raw asyncio HTTP/1.1).
 
 "At once": the client first opens ``--connections`` TCP connections to the gateway (in
 batches, so the accept backlog never overflows), then releases every request in the same
@@ -15,11 +16,13 @@ the first answer each request gets.
 
 Scenarios, side by side in one run:
 
-* ``admission`` — the gateway's admission control with small limits: a global token bucket,
-  4 slots per worker, a bounded priority queue (``max_length`` 200, ``max_wait_s`` 1.5) and a
-  2 s deadline (``X-Request-Timeout-Ms``).
+* ``admission`` — the gateway's admission control with small limits: a global token bucket
+  (1,000/s, burst 500), 4 slots per worker, a bounded priority queue (``max_length`` 200,
+  ``max_wait_s`` 1.5) and a 2 s deadline (``X-Request-Timeout-Ms``). Twice: over
+  ``--connections`` connections (default 1,000: five requests back to back on each — the
+  test suite's herd) and over one connection per request (5,000 truly simultaneous).
 * ``no limits`` — the same fleet with no rate limit and a queue big enough for the whole herd
-  (the deadline stays): what admission control saves the fleet from.
+  (the deadline stays): what the fleet sees without the bucket and the bounded queue.
 
 For each it prints and writes to ``results/herd.json``: answers by status, how many
 rejections carried ``Retry-After``, admitted (200) latency p50/p99 as the client saw it, the
