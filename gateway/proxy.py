@@ -45,6 +45,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.protocol import Endpoint, Kind, classify, model_target, peek_infer
+from gateway.turnstile import Turnstile
 from gateway.types import ModelKey, Priority
 from gateway.upstream import HOP_BY_HOP, Headers, fetch
 
@@ -72,6 +73,7 @@ def _error_body(message: str) -> bytes:
 class ProxyApp:
     def __init__(self, service: GatewayService) -> None:
         self.service = service
+        self.turnstile = Turnstile()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,6 +152,8 @@ class ProxyApp:
     async def _infer(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
                      rid: bytes) -> None:
         svc = self.service
+        # Health, /metrics and /status never queue behind a storm of inference requests.
+        await self.turnstile.enter()
         cfg = svc.cfg
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         tenant, default_priority = svc.identify(headers)

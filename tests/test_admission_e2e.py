@@ -213,12 +213,11 @@ def test_thundering_herd_5000_requests_get_fast_definite_answers(tmp_path: Path)
     assert fig.admitted_p99_ms is not None and fig.admitted_p99_ms <= DEADLINE_MS, fig
     assert fig.gateway_peak_rss_mb < 300, fig
     assert sum(fig.rejections_by_reason.values()) == fig.rejections, fig.rejections_by_reason
-    # Readiness stays true and never waits for admission (queued requests wait up to 1.5 s).
-    # It shares the event loop with the herd, so its worst case is about one loop pass over
-    # a wave of 1,000 requests: 90-220 ms measured here on a shared 2-core box, against the
-    # issue's 100 ms target — the benchmark reports it; CI asserts only the loose bound.
+    # Readiness stays true and never waits for admission (queued requests wait up to 1.5 s),
+    # nor for the herd's parsing: the proxy's turnstile lets at most 32 inference requests
+    # start per loop turn, so a probe waits a few short turns (about 30 ms measured here).
     assert fig.ready_probes > 10 and fig.ready_probe_not_ready == 0, fig
-    assert fig.ready_probe_max_ms < 750, fig
+    assert fig.ready_probe_max_ms < 100, fig
 
 
 # ------------------------------------------------------------------------------ rejections
