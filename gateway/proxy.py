@@ -224,20 +224,12 @@ class ProxyApp:
                            rid: bytes, started: float) -> None:
         """Dispatch and relay; a client that disconnects cancels the upstream request."""
         svc = self.service
-        task = asyncio.current_task()
-        finished = False
-
-        async def watch() -> None:
-            message = await receive()
-            if message["type"] == "http.disconnect" and not finished and task is not None:
-                task.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watch = _DisconnectWatch(receive)
         lease: Lease | None = None
         try:
             lease = await svc.dispatcher.dispatch(call)
             await _relay(lease, send, rid, call.stream)
-            finished = True
+            watch.done = True
             svc.dispatcher.finish(lease)
             svc.record_result(call.key.name, lease.response.status, svc.clock() - started,
                               svc.clock() - lease.started)
@@ -246,7 +238,7 @@ class ProxyApp:
                 lease.response.close()
                 svc.dispatcher.finish(lease, aborted=True)
             svc.record_abort(call.key.name)
-            if finished:
+            if watch.done:
                 raise
             return
         except UpstreamError:
@@ -254,8 +246,7 @@ class ProxyApp:
                 svc.dispatcher.finish(lease, ok=False)
             raise
         finally:
-            finished = True
-            watcher.cancel()
+            watch.close()
 
     async def _run_batched(self, key: ModelKey, body: bytes, ihcl: bytes | None,
                            encoding: bytes | None, tenant: str | None, cost: int,
@@ -263,20 +254,11 @@ class ProxyApp:
         """The batched path; falls back to a plain forward when the request cannot join a
         batch. A client that disconnects withdraws its request from the batch."""
         svc = self.service
-        task = asyncio.current_task()
-        done = False
-
-        async def watch() -> None:
-            message = await receive()
-            if message["type"] == "http.disconnect" and not done and task is not None:
-                task.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watch = _DisconnectWatch(receive)
         try:
             reply = await svc.batch_infer(key, body, ihcl, encoding, tenant, cost)
             if reply is None:
-                done = True
-                watcher.cancel()
+                watch.close()
                 headers = [(k, v) for k, v in (
                     (b"inference-header-content-length", ihcl),
                     (b"content-encoding", encoding)) if v is not None]
@@ -286,18 +268,17 @@ class ProxyApp:
                     deadline=started + svc.cfg.admission.queue.default_deadline_s)
                 await self._run_guarded(call, {}, receive, send, rid, started)
                 return
-            done = True
+            watch.done = True
             out = [(k, v) for k, v in reply.headers if k not in HOP_BY_HOP]
             out.append((_REQUEST_ID, rid))
             await _send_raw(send, reply.status, out, reply.body, rid=None)
             svc.record_result(key.name, reply.status, svc.clock() - started, 0.0)
         except asyncio.CancelledError:
-            if done:
+            if watch.done:
                 raise
             svc.record_abort(key.name)
         finally:
-            done = True
-            watcher.cancel()
+            watch.close()
 
     async def _forward_one(self, ep: Endpoint, scope: Scope, send: Send, rid: bytes,
                            target: str) -> None:
@@ -313,6 +294,44 @@ class ProxyApp:
         status, body = await fetch(worker.pool, "GET", target,
                                    timeout_s=svc.cfg.upstream.read_timeout_s)
         await _send_raw(send, status, [_JSON], body, rid)
+
+
+class _DisconnectWatch:
+    """Cancels the current task when the client disconnects before ``done``.
+
+    Watching needs a task blocked in ``receive()``; most requests finish long before a
+    client could give up, so the task is only created once the request has taken
+    ``ARM_AFTER_S`` — a timer costs far less than a task on the hot path."""
+
+    ARM_AFTER_S = 0.02
+    __slots__ = ("_receive", "_task", "_timer", "_watcher", "done")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[None] | None = None
+        self.done = False
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            self.ARM_AFTER_S, self._arm)
+
+    def _arm(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.done and self._task is not None:
+            self._task.cancel()
+
+    def close(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
 
 async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:

@@ -52,7 +52,7 @@ import collections
 import math
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -149,6 +149,7 @@ class Telemetry:
         self.batch_fill: dict[str, float] = {}
         self.models: dict[str, ModelCapacity] = {}
         self.arrival_counts: collections.Counter[str] = collections.Counter()
+        self._done_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
         self.completion_counts: collections.Counter[str] = collections.Counter()
         self.saturation_samples: collections.deque[float] = collections.deque(maxlen=60)
         self.fleet_utilisation = 0.0
@@ -171,10 +172,20 @@ class Telemetry:
 
     def request_done(self, model: str, status: int, total_s: float, upstream_s: float) -> None:
         m = self.label(model)
-        self.requests.labels(m, outcome_of(status)).inc()
+        children = self._done_children.get((m, status))
+        if children is None:
+            # labels() costs a lock and a dict walk; the children per (model, status) are
+            # few (bounded models × HTTP statuses seen) and looked up once.
+            if len(self._done_children) >= 4096:
+                self._done_children.clear()
+            children = self._done_children[(m, status)] = (
+                self.requests.labels(m, outcome_of(status)), self.duration.labels(m),
+                self.upstream.labels(m))
+        requests, duration, upstream = children
+        requests.inc()
         self.completion_counts[m] += 1
-        self.duration.labels(m).observe(total_s)
-        self.upstream.labels(m).observe(upstream_s)
+        duration.observe(total_s)
+        upstream.observe(upstream_s)
 
     def request_failed(self, model: str, exc: GatewayError, *, is_rejection: bool) -> None:
         m = self.label(model)
