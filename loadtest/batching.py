@@ -59,8 +59,8 @@ import numpy as np
 
 from gateway.tensors import InferRequest, Tensor, encode_infer_request
 from gateway.upstream import Pool, PoolLimits
-from loadtest.overhead import free_port, start_nginx, wait_http
-from tests.gatewayproc import GatewayProcess
+from loadtest.overhead import start_nginx, wait_http
+from tests.gatewayproc import GatewayProcess, free_port
 
 RESULTS = Path("results/batching.json")
 DEFAULT_CONCURRENCY = (64, 256)

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gateway.upstream import Pool, PoolLimits
+from tests.gatewayproc import free_port
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                "data": list(range(16))}]})
@@ -47,10 +48,6 @@ RESPONSE = json.dumps({"model_name": "simple", "model_version": "1", "outputs": 
 INFER_PATH = "/v2/models/simple/infer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(port: int, path: str, timeout_s: float = 20.0) -> None:

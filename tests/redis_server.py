@@ -25,15 +25,12 @@ import tempfile
 import time
 from types import TracebackType
 
+from tests.gatewayproc import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_TIMEOUT_S = 10.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _pong(port: int, timeout_s: float = 0.5) -> bool:

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,15 +31,11 @@ if str(ROOT) not in sys.path:  # loadtest/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from loadtest.run import outputs_for, run_locust, summarise  # noqa: E402
+from tests.gatewayproc import free_port  # noqa: E402
 
 READY_TIMEOUT_S = 90.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_ready(url: str, deadline_s: float, process: subprocess.Popen[bytes]) -> None:
