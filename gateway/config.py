@@ -21,6 +21,7 @@ from gateway.schema import ConfigError, Secret, build, check, fraction, non_nega
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # Triton's own --http-max-input-size
 DEFAULT_TRITON_METRICS_PORT = 8002
+AUTO_SLOTS_FALLBACK = 64  # upstream.default_slots: auto, before the model configs are read
 
 
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
@@ -102,7 +103,12 @@ class UpstreamConfig:
     connect_timeout_s: float = opt(2.0, "TCP connect timeout to a worker (→ 502).", positive())
     read_timeout_s: float = opt(60.0, "Time allowed for a worker's response (→ 504).", positive())
     max_connections_per_worker: int = opt(64, "Keep-alive pool bound per worker.", positive())
-    default_slots: int = opt(64, "Default maximum in-flight requests per worker.", positive())
+    default_slots: int | Literal["auto"] = opt(
+        64, "Maximum in-flight requests per worker when workers[].slots is not set. 'auto': "
+        "derived from the worker's models — 2 × the model instances Triton reports in their "
+        "instance_group (one executing, one waiting per instance), at least 2; "
+        f"{AUTO_SLOTS_FALLBACK} until the configs are read.",
+        check(lambda v: v == "auto" or v > 0, "a number > 0 or 'auto'"))
     max_body_bytes: int = opt(DEFAULT_MAX_BODY_BYTES, "Largest request body accepted (→ 413).",
                               positive())
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may finish.",

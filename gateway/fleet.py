@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from gateway import signals as triton_signals
-from gateway.config import GatewayConfig, WorkerConfig
+from gateway.config import AUTO_SLOTS_FALLBACK, GatewayConfig, WorkerConfig
 from gateway.errors import UpstreamError
 from gateway.types import WorkerId
 from gateway.upstream import PoolLimits, fetch
@@ -29,6 +29,25 @@ from gateway.workers import Event, State, Worker, after_probe, transition, worke
 log = logging.getLogger("gateway.fleet")
 
 MODEL_PROBE_EVERY = 5  # model readiness is re-probed every N health intervals
+
+
+def instance_count(model_config: object) -> int:
+    """Model instances in a Triton model config: Σ count (× GPUs listed, for GPU groups);
+    a model without instance_group has one instance."""
+    if not isinstance(model_config, dict):
+        return 0
+    groups = model_config.get("instance_group")
+    if not isinstance(groups, list) or not groups:
+        return 1
+    total = 0
+    for g in groups:
+        if not isinstance(g, dict):
+            continue
+        count = g.get("count", 1)
+        count = count if isinstance(count, int) and count > 0 else 1
+        gpus = g.get("gpus")
+        total += count * (len(gpus) if isinstance(gpus, list) and gpus else 1)
+    return total
 
 
 def pool_limits(cfg: GatewayConfig) -> PoolLimits:
@@ -72,7 +91,6 @@ class Fleet:
         limits = pool_limits(cfg)
         wanted = self._wanted()
         for wid, wc in wanted.items():
-            slots = wc.slots or cfg.upstream.default_slots
             prio = cfg.pool_priority(wc.pool)
             w = self.workers.get(wid)
             if w is None or w.state in (State.DRAINING, State.GONE):
@@ -80,18 +98,29 @@ class Fleet:
                     # Re-added while draining: start over as a fresh joiner beside it.
                     self._retire(w)
                 w = Worker(wc.url, wc.resolved_metrics_url(), pool_name=wc.pool,
-                           pool_priority=prio, slots=slots, limits=limits, name=wc.name)
+                           pool_priority=prio, slots=AUTO_SLOTS_FALLBACK, limits=limits,
+                           name=wc.name)
                 self.workers[wid] = w
                 log.info("worker %s joining (pool %s)", wid, wc.pool)
             else:
-                w.pool_name, w.pool_priority, w.slots = wc.pool, prio, slots
+                w.pool_name, w.pool_priority = wc.pool, prio
                 w.pool.limits = limits
+            w.configured_slots = wc.slots
+            w.slots = self._slots_for(w)
         for wid, w in list(self.workers.items()):
             if wid not in wanted and w.state not in (State.DRAINING, State.GONE):
                 w.state = transition(w.state, Event.REMOVE)
                 log.info("worker %s draining (%d in flight)", wid, w.in_flight)
         self._reap()
         self._on_change()
+
+    def _slots_for(self, w: Worker) -> int:
+        if w.configured_slots is not None:
+            return w.configured_slots
+        default = self.cfg.upstream.default_slots
+        if isinstance(default, int):
+            return default
+        return w.derived_slots or AUTO_SLOTS_FALLBACK
 
     def _retire(self, w: Worker) -> None:
         self.workers.pop(w.id, None)
@@ -230,6 +259,26 @@ class Fleet:
                 ready.add(name + "/?")
         if ready != w.models_ready:
             w.models_ready = frozenset(ready)
+            self._on_change()
+        if self.cfg.upstream.default_slots == "auto" and w.configured_slots is None:
+            await self._derive_slots(w, [n for n in ready if "/" not in n])
+
+    async def _derive_slots(self, w: Worker, models: list[str]) -> None:
+        """upstream.default_slots: auto — 2 × the instances of the worker's ready models."""
+        instances = 0
+        for name in sorted(models)[:64]:  # bounded: model names come from the worker
+            try:
+                status, body = await fetch(w.pool, "GET", f"/v2/models/{name}/config",
+                                           timeout_s=self.cfg.health.timeout_s)
+                doc = json.loads(body) if status == 200 else None
+            except (UpstreamError, ValueError):
+                continue
+            instances += instance_count(doc)
+        derived = max(2, 2 * instances) if instances else None
+        if derived is not None and derived != w.derived_slots:
+            w.derived_slots = derived
+            w.slots = self._slots_for(w)
+            log.info("worker %s: %d model instances, %d slots", w.id, instances, w.slots)
             self._on_change()
 
     # metrics scrapes --------------------------------------------------------------------

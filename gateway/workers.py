@@ -94,6 +94,8 @@ class Worker:
     """Shell-side state of one worker; mutated only by the event loop's thread."""
 
     __slots__ = (
+        "configured_slots",
+        "derived_slots",
         "fail_streak",
         "host",
         "id",
@@ -138,6 +140,8 @@ class Worker:
         self.pool_name = pool_name
         self.pool_priority = pool_priority
         self.slots = slots
+        self.configured_slots: int | None = None
+        self.derived_slots: int | None = None
         self.state = State.JOINING
         self.ok_streak = 0
         self.fail_streak = 0

@@ -1,0 +1,48 @@
+"""upstream.default_slots: auto — per-worker slots derived from the models' instances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.fleet import instance_count
+from gateway.schema import ConfigError
+from gateway.sim import SimFleetThread
+from tests.gatewayproc import GatewayProcess
+
+
+@pytest.mark.parametrize(("config", "instances"), [
+    ({"instance_group": [{"kind": "KIND_GPU", "count": 2, "gpus": [0, 1]}]}, 4),
+    ({"instance_group": [{"kind": "KIND_CPU", "count": 3},
+                         {"kind": "KIND_GPU", "count": 1}]}, 4),
+    ({"max_batch_size": 8}, 1),
+    ({"instance_group": [{"kind": "KIND_GPU", "count": 0}]}, 1),
+    ("not a config", 0),
+])
+def test_instance_count(config: object, instances: int) -> None:
+    assert instance_count(config) == instances
+
+
+def test_default_slots_accepts_a_number_or_auto() -> None:
+    base = {"workers": [{"url": "http://a:1"}]}
+    assert parse_config({**base, "upstream": {"default_slots": "auto"}}).upstream \
+        .default_slots == "auto"
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, "upstream": {"default_slots": "many"}})
+    assert info.value.path == "upstream.default_slots"
+
+
+def test_auto_slots_follow_the_workers_model_instances(tmp_path: Path) -> None:
+    with SimFleetThread(workers=2) as sim:
+        cfg = {"workers": [{"url": f"http://127.0.0.1:{sim.ports[0]}"},
+                           {"url": f"http://127.0.0.1:{sim.ports[1]}", "slots": 7}],
+               "models": {"simple": {}}, "upstream": {"default_slots": "auto"},
+               "health": {"interval_s": 0.2, "rise": 1}, "scrape": {"enabled": False}}
+        with GatewayProcess(cfg, tmp_path) as gw:
+            auto_id, fixed_id = (f"127.0.0.1:{p}" for p in sim.ports)
+            # The simulator's model has one instance: 2 slots; explicit slots win.
+            gw.wait_for(lambda: gw.worker_status(auto_id)["slots"] == 2,
+                        what="slots derived from the instance group")
+            assert gw.worker_status(fixed_id)["slots"] == 7
