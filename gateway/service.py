@@ -80,7 +80,6 @@ class GatewayService:
         self.admin_app = build_admin_app(self)
         self._keys = self._tenant_keys(cfg)
         self._known: frozenset[str] = frozenset()
-        self._table_dirty = True
         self.draining = False
         self.batchers: dict[str, Batcher] = {}
         self.model_max_batch: dict[str, int] = {}
@@ -128,7 +127,6 @@ class GatewayService:
     def _fleet_changed(self) -> None:
         if not hasattr(self, "_serving_seen") or "fleet" not in self.__dict__:
             return  # during construction; __init__ calls this once at the end
-        self._table_dirty = True
         known: set[str] = set(self.cfg.models)
         for w in self.fleet.workers.values():
             known.update(m for m in w.models_ready if "/" not in m)
@@ -168,7 +166,6 @@ class GatewayService:
             table.remove(wid)
             self._serving_seen.pop(wid, None)
             self.dispatcher.adaptive.pop(wid, None)
-        self._table_dirty = False
 
     async def _table_loop(self) -> None:
         while True:
