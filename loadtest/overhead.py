@@ -99,9 +99,14 @@ http {{
     return proc
 
 
-def start_haproxy(tmp: Path, port: int, upstream: int) -> subprocess.Popen[bytes] | None:
+def start_haproxy(tmp: Path, port: int, upstreams: list[int],
+                  maxconn: int | None = None) -> subprocess.Popen[bytes] | None:
+    """HAProxy 2.x, one thread, ``balance leastconn`` over ``upstreams`` (None when haproxy
+    is not installed). ``maxconn`` per server queues the excess in HAProxy (5 s)."""
     if shutil.which("haproxy") is None:
         return None
+    limit = f" maxconn {maxconn}" if maxconn else ""
+    servers = "".join(f"  server w{i} 127.0.0.1:{p}{limit}\n" for i, p in enumerate(upstreams))
     conf = tmp / "haproxy.cfg"
     conf.write_text(f"""
 global
@@ -111,6 +116,7 @@ defaults
   timeout connect 2s
   timeout client 30s
   timeout server 30s
+  timeout queue 5s
   option http-keep-alive
 frontend fe
   bind 127.0.0.1:{port}
@@ -118,11 +124,15 @@ frontend fe
 backend workers
   balance leastconn
   http-reuse always
-  server w1 127.0.0.1:{upstream}
-""")
+{servers}""")
     proc = subprocess.Popen(["haproxy", "-f", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    wait_http(port, "/v2/health/ready")
+    try:
+        wait_http(port, "/v2/health/ready")
+    except RuntimeError:
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 
@@ -288,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(gw_proc)
         gw_adm_proc = start_gateway(tmp, gw_adm, up, admission=True, name="gateway-admission")
         procs.append(gw_adm_proc)
-        ha = start_haproxy(tmp, hp, up)
+        ha = start_haproxy(tmp, hp, [up])
         if ha is not None:
             procs.append(ha)
         targets: list[tuple[str, int, dict[str, str]]] = [("direct (nginx)", up, {}),

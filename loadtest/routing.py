@@ -62,7 +62,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from gateway.errors import UpstreamError
 from gateway.routing import RoutingTable
 from gateway.upstream import Pool, PoolLimits
 from loadtest import decision_cost
+from loadtest.overhead import start_haproxy
 from tests.gatewayproc import GatewayProcess, free_port, http_get
 
 GIB = 2**30
@@ -146,45 +146,6 @@ class SimProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def start_haproxy(tmp: Path, port: int, worker_ports: list[int],
-                  slots: int) -> subprocess.Popen[bytes] | None:
-    if shutil.which("haproxy") is None:
-        return None
-    servers = "".join(f"  server w{i} 127.0.0.1:{p} maxconn {slots}\n"
-                      for i, p in enumerate(worker_ports))
-    conf = tmp / "haproxy.cfg"
-    conf.write_text(f"""
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  timeout queue 5s
-  option http-keep-alive
-frontend fe
-  bind 127.0.0.1:{port}
-  default_backend workers
-backend workers
-  balance leastconn
-  http-reuse always
-{servers}""")
-    proc = subprocess.Popen(["haproxy", "-f", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if http_get(f"http://127.0.0.1:{port}/v2/health/ready", 1.0)[0] == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("haproxy did not answer")
 
 
 def gateway_config(worker_ports: list[int], routing: dict[str, Any],
