@@ -481,6 +481,15 @@ class _Tally:
         self.no_memory = 0
         self.no_version = 0
 
+    def reject(self, verdict: int) -> None:
+        """Count a worker a filter held back (full, short of memory, or without the model)."""
+        if verdict == _FULL:
+            self.full += 1
+        elif verdict == _NO_MEMORY:
+            self.no_memory += 1
+        else:
+            self.no_version += 1
+
 
 @dataclass(frozen=True, slots=True)
 class RouterStatistics:
@@ -667,12 +676,8 @@ class Router:
                 if first_busy:  # the queue fallback stays in the most preferred level
                     tally.busy.append(e)
                     tally.busy_in_flight.append(in_flight)
-            elif verdict == _FULL:
-                tally.full += 1
-            elif verdict == _NO_MEMORY:
-                tally.no_memory += 1
             else:
-                tally.no_version += 1
+                tally.reject(verdict)
         if ok:
             return ok, ok_in_flight
         return thinned, thinned_in_flight
@@ -693,12 +698,8 @@ class Router:
                 if not tally.busy or tally.busy[0].priority == e.priority:
                     tally.busy.append(e)
                     tally.busy_in_flight.append(in_flight)
-            elif verdict == _FULL:
-                tally.full += 1
-            elif verdict == _NO_MEMORY:
-                tally.no_memory += 1
             else:
-                tally.no_version += 1
+                tally.reject(verdict)
         return None
 
     # -- choosing among fit candidates
