@@ -38,6 +38,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from gateway.upstream import Pool, PoolLimits
 from tests.gatewayproc import free_port
 
@@ -137,41 +139,25 @@ backend workers
 
 
 def gateway_yaml(port: int, upstream: int, admission: bool) -> str:
-    base = f"""
-listen: {{host: 127.0.0.1, port: {port}}}
-log_level: warning
-workers:
-  - url: http://127.0.0.1:{upstream}
-    metrics_url: http://127.0.0.1:{upstream}/metrics
-    slots: 1024
-models:
-  simple: {{}}
-"""
-    if not admission:
-        return base + """
-admission:
-  breaker: {enabled: false}
-  retry: {max_attempts: 1}
-"""
-    return f"""
-listen: {{host: 127.0.0.1, port: {port}}}
-log_level: warning
-workers:
-  - url: http://127.0.0.1:{upstream}
-    metrics_url: http://127.0.0.1:{upstream}/metrics
-    slots: 1024
-models:
-  simple:
-    rate_limit: {{rate_per_s: 1000000, burst: 1000000}}
-admission:
-  tenants:
-    bench: {{keys: ["bench-key"], priority: standard,
-            rate_limit: {{rate_per_s: 1000000, burst: 1000000}}}}
-  global_limit: {{rate_per_s: 1000000, burst: 1000000}}
-  breaker: {{enabled: true}}
-  retry: {{max_attempts: 2}}
-  queue: {{max_length: 4096}}
-"""
+    """The gateway in front of ``upstream``: admission features off, or every one of them
+    on (limits set high enough never to refuse, so only their cost shows)."""
+    unlimited = {"rate_per_s": 1_000_000, "burst": 1_000_000}
+    cfg: dict[str, object] = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "log_level": "warning",
+        "workers": [{"url": f"http://127.0.0.1:{upstream}",
+                     "metrics_url": f"http://127.0.0.1:{upstream}/metrics", "slots": 1024}],
+        "models": {"simple": {"rate_limit": unlimited} if admission else {}},
+        "admission": {
+            "tenants": {"bench": {"keys": ["bench-key"], "priority": "standard",
+                                  "rate_limit": unlimited}},
+            "global_limit": unlimited,
+            "breaker": {"enabled": True},
+            "retry": {"max_attempts": 2},
+            "queue": {"max_length": 4096},
+        } if admission else {"breaker": {"enabled": False}, "retry": {"max_attempts": 1}},
+    }
+    return yaml.safe_dump(cfg)
 
 
 def start_gateway(tmp: Path, port: int, upstream: int, admission: bool,
