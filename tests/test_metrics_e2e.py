@@ -11,6 +11,7 @@ ask for ceil(2 × 1.0 / 0.7) + 1 = 4 replicas.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -160,10 +161,11 @@ def sim() -> Iterator[SimFleetThread]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def gateway(sim: SimFleetThread, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(gateway_config(sim), Path(tmp_path_factory.mktemp("metrics")))
+@contextlib.contextmanager
+def running_gateway(sim: SimFleetThread, workdir: Path) -> Iterator[GatewayProcess]:
+    """The gateway in front of ``sim``, once every worker is ready (shared with the
+    Prometheus test)."""
+    gw = GatewayProcess(gateway_config(sim), workdir)
     gw.start()
     try:
         gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == WORKERS,
@@ -171,6 +173,13 @@ def gateway(sim: SimFleetThread, tmp_path_factory: pytest.TempPathFactory
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(sim: SimFleetThread, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[GatewayProcess]:
+    with running_gateway(sim, Path(tmp_path_factory.mktemp("metrics"))) as gw:
+        yield gw
 
 
 # --- tests --------------------------------------------------------------------------------

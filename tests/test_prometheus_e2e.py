@@ -23,7 +23,14 @@ import yaml
 
 from gateway.sim import SimFleetThread
 from tests.gatewayproc import GatewayProcess, free_port, http_get
-from tests.test_metrics_e2e import SLOTS, WORKERS, Load, gateway_config, infer, sim_fleet
+from tests.test_metrics_e2e import (
+    SLOTS,
+    WORKERS,
+    Load,
+    infer,
+    running_gateway,
+    sim_fleet,
+)
 
 ROOT = Path(__file__).parent.parent
 RULES = ROOT / "config" / "prometheus" / "rules.yml"
@@ -145,14 +152,8 @@ def sim() -> Iterator[SimFleetThread]:
 @pytest.fixture(scope="module")
 def gateway(sim: SimFleetThread, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(gateway_config(sim), tmp_path_factory.mktemp("prom-gw"))
-    gw.start()
-    try:
-        gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == WORKERS,
-                    what="both workers ready")
+    with running_gateway(sim, tmp_path_factory.mktemp("prom-gw")) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
