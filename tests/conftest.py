@@ -9,8 +9,21 @@ import pytest
 
 from gateway.local import TritonFleet
 from tests.gatewayproc import GatewayProcess
+from tests.tools import require_tool
 
 MODELS = ("add_sub", "strings", "identity", "overhead")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "tool(*names): needs one of these programs; fails (never skips) without it")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a test marked ``tool`` before its fixtures start fleets it could not use."""
+    for mark in item.iter_markers("tool"):
+        require_tool(*mark.args)
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,8 @@ import time
 from types import TracebackType
 
 from tests.gatewayproc import free_port
+from tests.tools import require_tool
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_TIMEOUT_S = 10.0
 
 
@@ -79,10 +79,11 @@ class RedisServer:
         return self._proc.pid if self._proc else None
 
     def start(self) -> RedisServer:
+        redis_server = require_tool("redis-server")
         self._dir = tempfile.mkdtemp(prefix="redis-test-")
         for _attempt in range(3):          # the free port may be taken before redis binds it
             self.port = free_port()
-            args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+            args = [redis_server, "--port", str(self.port), "--bind", "127.0.0.1",
                     "--save", "", "--appendonly", "no", "--dir", self._dir,
                     "--daemonize", "no", "--loglevel", "warning"]
             if self.password:

@@ -10,7 +10,6 @@ gateway series and for recording rules' outputs, the autoscalers' signal
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -31,15 +30,13 @@ from tests.test_metrics_e2e import (
     running_gateway,
     sim_fleet,
 )
+from tests.tools import require_tool
 
 ROOT = Path(__file__).parent.parent
 RULES = ROOT / "config" / "prometheus" / "rules.yml"
-PROMETHEUS = shutil.which("prometheus")
 START_TIMEOUT_S = 30.0
 
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None, reason="the prometheus server binary is not installed "
-    "(Debian package 'prometheus')")
+pytestmark = pytest.mark.tool("prometheus")
 
 
 class PrometheusServer:
@@ -69,10 +66,10 @@ class PrometheusServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> PrometheusServer:
-        assert PROMETHEUS is not None
+        prometheus = require_tool("prometheus")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={self.config_path}",
+                [prometheus, f"--config.file={self.config_path}",
                  f"--storage.tsdb.path={self.workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}",
                  "--storage.tsdb.retention.time=1h", "--log.level=warn"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ import pytest
 import yaml
 
 from gateway.config import parse_config
+from tests.tools import require_tool
 
 ROOT = Path(__file__).parent.parent
 CONFIG = ROOT / "config"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
+needs_promtool = pytest.mark.tool("promtool")
 
 GATEWAY_METRICS = {
     "gateway_requests_total", "gateway_rejections_total", "gateway_queue_length",
@@ -62,21 +61,23 @@ def check_names(expr: str, extra: frozenset[str] | set[str] = frozenset()) -> No
 
 @needs_promtool
 def test_promtool_check_rules() -> None:
-    proc = subprocess.run([str(PROMTOOL), "check", "rules", "config/prometheus/rules.yml"],
+    proc = subprocess.run([require_tool("promtool"), "check", "rules",
+                           "config/prometheus/rules.yml"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @needs_promtool
 def test_promtool_check_config() -> None:
-    proc = subprocess.run([str(PROMTOOL), "check", "config", "config/prometheus/prometheus.yml"],
+    proc = subprocess.run([require_tool("promtool"), "check", "config",
+                           "config/prometheus/prometheus.yml"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @needs_promtool
 def test_promtool_rule_unit_tests() -> None:
-    proc = subprocess.run([str(PROMTOOL), "test", "rules", "tests/data/rules_test.yml"],
+    proc = subprocess.run([require_tool("promtool"), "test", "rules", "tests/data/rules_test.yml"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -24,7 +24,7 @@ from tests.conftest import fleet_config
 from tests.gatewayproc import GatewayProcess
 from tests.test_status_page import CHROMIUM, chromium, parse
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+pytestmark = pytest.mark.tool(*CHROMIUM)
 
 TENANT_KEY = "e2e-acme-key"
 ADD_SUB = {"inputs": [{"name": n, "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}

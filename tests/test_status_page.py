@@ -20,12 +20,14 @@ from typing import Any
 
 import pytest
 
+from tests.tools import require_tool
+
 PAGE = Path(__file__).resolve().parent.parent / "gateway" / "status.html"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = ("chromium", "chromium-browser")    # either name
 GIB = 1024**3
 MIB = 1024**2
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+pytestmark = pytest.mark.tool(*CHROMIUM)
 
 NOW = time.time()
 
@@ -109,10 +111,10 @@ def serve(status_code: int, body: bytes,
 
 
 def chromium(url: str, *extra: str) -> str:
-    assert CHROMIUM is not None
+    browser = require_tool(*CHROMIUM)
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         done = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
              "--virtual-time-budget=5000", *extra, url],
