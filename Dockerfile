@@ -1,6 +1,9 @@
 # The gateway image: `docker build -t triton-gateway .`
 # Run: docker run -p 8000:8000 -v $PWD/config/gateway.compose.yaml:/etc/gateway/gateway.yaml:ro triton-gateway
-FROM python:3.11-slim
+# Secrets as files: ${NAME} in the config reads the file named by NAME_FILE, e.g.
+# -v $PWD/config/secrets:/run/secrets:ro -e ACME_API_KEY_FILE=/run/secrets/acme_api_key
+# The base is pinned to an exact release (a floating tag rebuilds differently over time).
+FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

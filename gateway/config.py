@@ -1,9 +1,16 @@
 """The gateway's configuration: one YAML file loaded once into frozen, typed objects.
 
-``load_config(path)`` reads, expands ``${ENV}`` references, validates (unknown keys are
-errors, every error names its dotted path) and returns a :class:`GatewayConfig`.
-Defaults are the ``DEFAULT_*`` constants and the dataclasses' own defaults; the README's
-configuration reference is generated from these classes (``gateway config-reference``).
+``load_config(path)`` reads, expands ``${ENV}`` references, validates (unknown keys and
+repeated keys are errors; every error names its dotted path and all of a file's errors are
+reported together) and returns a :class:`GatewayConfig`. Defaults are the ``DEFAULT_*``
+constants and the dataclasses' own defaults; the README's configuration reference is
+generated from these classes (``gateway config-reference``).
+
+Cross-field rules live in the ``__post_init__`` of the smallest dataclass that holds both
+fields (``min_replicas <= max_replicas`` in :class:`CapacityConfig`, one key per tenant in
+:class:`AdmissionConfig`). Credentials in URLs never show: secrets are :class:`Secret`, and
+URL-shaped strings are masked by :func:`~gateway.schema.mask_url` in reprs, error messages
+and :func:`describe_config`.
 """
 
 from __future__ import annotations
@@ -16,11 +23,23 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.schema import ConfigError, Secret, build, check, fraction, non_negative, positive
+from gateway.schema import (
+    ConfigError,
+    ConfigIssue,
+    Secret,
+    build,
+    check,
+    fraction,
+    mask_url,
+    non_negative,
+    positive,
+    raise_issues,
+)
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # Triton's own --http-max-input-size
 DEFAULT_TRITON_METRICS_PORT = 8002
+DEFAULT_TRITON_GRPC_PORT = 8001
 AUTO_SLOTS_FALLBACK = 64  # upstream.default_slots: auto, before the model configs are read
 
 
@@ -36,16 +55,67 @@ def sub(factory: Any, doc: str) -> Any:
     return field(default_factory=factory, metadata=_doc(doc))
 
 
-def _is_http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme == "http" and bool(parts.hostname) and parts.port is not None
+def _is_url(value: str, schemes: tuple[str, ...], *, port_required: bool) -> bool:
+    """Scheme among ``schemes``, a host, and a port in 1–65535 (required or optional)."""
+    parts = urlsplit(value)  # raises ValueError on a bad IPv6 literal: a failed check
+    port = parts.port  # raises ValueError when out of range
+    if parts.scheme not in schemes or not parts.hostname:
+        return False
+    if port is None:
+        return not port_required and not parts.netloc.endswith(":")
+    return 1 <= port <= 65535
+
+
+def url_check(*schemes: str, port_required: bool = True) -> dict[str, Any]:
+    shown = "|".join(schemes)
+    port = "host:port (port 1–65535)" if port_required else "host[:port] (port 1–65535)"
+    return check(lambda v: _is_url(v, schemes, port_required=port_required),
+                 f"a URL {shown}://{port}")
+
+
+def _is_redis_url(secret: Secret) -> bool:
+    value = secret.reveal()
+    if urlsplit(value).scheme == "unix":
+        return bool(urlsplit(value).path)
+    return _is_url(value, ("redis", "rediss"), port_required=False)
+
+
+def _is_host_port(value: str) -> bool:
+    """``host:port`` with no scheme (gRPC's target form), port 1–65535."""
+    if "/" in value or "@" in value:
+        return False
+    try:
+        parts = urlsplit(f"//{value}")
+        port = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port is not None and 1 <= port <= 65535
+
+
+def port_number() -> dict[str, Any]:
+    return check(lambda v: 1 <= v <= 65535, "a port number 1–65535")
+
+
+def _masked_repr(obj: Any) -> str:
+    """Dataclass repr with credentials in URL-shaped strings masked."""
+    def shown(value: object) -> str:
+        return repr(mask_url(value)) if isinstance(value, str) else repr(value)
+
+    fields = ", ".join(f"{f.name}={shown(getattr(obj, f.name))}"
+                       for f in dataclasses.fields(obj) if f.repr)
+    return f"{type(obj).__name__}({fields})"
 
 
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     host: str = opt("127.0.0.1", "Address the gateway binds.")
     port: int = opt(DEFAULT_PORT, "Port the gateway binds (0 picks a free one).",
-                    check(lambda v: 0 <= v < 65536, "a port number"))
+                    check(lambda v: 0 <= v <= 65535,
+                          "a port number 1–65535, or 0 for any free port"))
+    grpc_port: int | None = opt(None, "Port of the KServe v2 gRPC listener (Triton's "
+                                "inference.GRPCInferenceService; 0 picks a free one); off "
+                                "unless set.", check(lambda v: 0 <= v <= 65535,
+                                                     "a port number 1–65535, or 0"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +126,27 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    url: str = field(metadata=_doc("Triton HTTP endpoint, http://host:port.",
-                                   check=(_is_http_url, "an http://host:port URL")))
-    metrics_url: str | None = opt(None, "Triton metrics endpoint; default same host, port 8002, "
-                                  "path /metrics.")
+    url: str = field(metadata=_doc("Triton HTTP endpoint, http://host:port (port 1–65535).",
+                                   **url_check("http")))
+    metrics_url: str | None = opt(None, "Triton metrics endpoint, http://host[:port]/path; "
+                                  "default same host, port 8002, path /metrics.",
+                                  url_check("http", port_required=False))
     pool: str = opt("default", "Name of the pool this worker belongs to.")
     slots: int | None = opt(None, "Maximum in-flight requests the gateway sends to this worker; "
                             "default upstream.default_slots.", positive())
     name: str | None = opt(None, "Display name; default host:port.")
+    grpc_url: str | None = opt(None, "Triton gRPC endpoint, host:port (no scheme); default "
+                               "the worker's host, port 8001.",
+                               check(_is_host_port, "a host:port address (port 1–65535)"))
+
+    __repr__ = _masked_repr
+
+    def resolved_grpc_url(self) -> str:
+        if self.grpc_url:
+            return self.grpc_url
+        host = urlsplit(self.url).hostname or "127.0.0.1"
+        return f"[{host}]:{DEFAULT_TRITON_GRPC_PORT}" if ":" in host else \
+            f"{host}:{DEFAULT_TRITON_GRPC_PORT}"
 
     def resolved_metrics_url(self) -> str:
         if self.metrics_url:
@@ -76,8 +159,9 @@ class WorkerConfig:
 class DiscoveryConfig:
     dns_name: str = field(metadata=_doc("DNS name resolving to every worker (a Kubernetes "
                                         "headless service)."))
-    port: int = opt(8000, "Triton HTTP port on each resolved address.")
-    metrics_port: int = opt(DEFAULT_TRITON_METRICS_PORT, "Triton metrics port on each address.")
+    port: int = opt(8000, "Triton HTTP port on each resolved address.", port_number())
+    metrics_port: int = opt(DEFAULT_TRITON_METRICS_PORT, "Triton metrics port on each address.",
+                            port_number())
     interval_s: float = opt(10.0, "How often the name is re-resolved.", positive())
     pool: str = opt("default", "Pool the discovered workers join.")
     max_workers: int = opt(1024, "Bound on the number of discovered addresses kept.", positive())
@@ -187,10 +271,23 @@ class ModelConfig:
 @dataclass(frozen=True, slots=True)
 class TenantConfig:
     keys: tuple[Secret, ...] = field(default_factory=tuple, metadata=_doc(
-        "API keys (Authorization: Bearer … or X-Api-Key) of this tenant."))
+        "API keys (Authorization: Bearer … or X-Api-Key) of this tenant; never empty or "
+        "blank, no surrounding whitespace, and a key belongs to one tenant only."))
     priority: Literal["critical", "standard", "sheddable"] = opt(
         "standard", "Default priority class of the tenant's requests.")
     rate_limit: BucketConfig | None = opt(None, "Token bucket for this tenant.")
+
+    def __post_init__(self) -> None:
+        issues = []
+        for i, key in enumerate(self.keys):
+            value = key.reveal()
+            if not value.strip():
+                issues.append(ConfigIssue(f"keys[{i}]", "expected a non-empty API key, got an "
+                                          "empty or blank string (is its ${VARIABLE} set?)"))
+            elif value != value.strip():
+                issues.append(ConfigIssue(f"keys[{i}]", "expected an API key without leading "
+                                          "or trailing whitespace (a header never matches it)"))
+        raise_issues(issues)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +299,14 @@ class QueueConfig:
                                     positive())
     shed_sheddable_at: float = opt(0.5, "Queue fill at which sheddable requests are refused.",
                                    fraction())
-    shed_standard_at: float = opt(0.9, "Queue fill at which standard requests are refused.",
-                                  fraction())
+    shed_standard_at: float = opt(0.9, "Queue fill at which standard requests are refused; "
+                                  "at least shed_sheddable_at.", fraction())
+
+    def __post_init__(self) -> None:
+        if self.shed_sheddable_at > self.shed_standard_at:
+            raise ConfigError("shed_sheddable_at", f"expected at most shed_standard_at "
+                              f"({self.shed_standard_at}): sheddable requests are shed first, "
+                              f"got {self.shed_sheddable_at}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +328,7 @@ class BreakerConfig:
                             positive())
     open_s: float = opt(5.0, "First open interval; doubles each consecutive opening.",
                         positive())
-    max_open_s: float = opt(300.0, "Cap of the open interval.", positive())
+    max_open_s: float = opt(300.0, "Cap of the open interval; at least open_s.", positive())
     jitter: float = opt(0.2, "± fraction of jitter on the open interval.", fraction())
     half_open_probes: int = opt(3, "Requests let through while half-open; all must succeed.",
                                 positive())
@@ -235,6 +338,11 @@ class BreakerConfig:
                               "this window.", non_negative())
     latency_outlier_factor: float | None = opt(None, "Eject a worker whose latency EWMA exceeds "
                                                "this × the fleet median (null: off).", positive())
+
+    def __post_init__(self) -> None:
+        if self.open_s > self.max_open_s:
+            raise ConfigError("max_open_s", f"expected at least open_s ({self.open_s}), "
+                              f"got {self.max_open_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +356,10 @@ class RetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: Secret = opt(Secret("redis://127.0.0.1:6379/0"), "Redis for global limits; "
-                      "use ${ENV_VAR} for passwords.")
+    url: Secret = opt(Secret("redis://127.0.0.1:6379/0"), "Redis for global limits "
+                      "(redis://, rediss:// or unix://); use ${ENV_VAR} for passwords.",
+                      check(_is_redis_url, "a redis://host[:port][/db], rediss://… or "
+                            "unix:///path URL"))
     timeout_s: float = opt(0.02, "Per-call timeout before the limit's on_redis_error applies.",
                            positive())
     key_prefix: str = opt("gateway:", "Prefix of every Redis key.")
@@ -269,6 +379,18 @@ class AdmissionConfig:
     retry: RetryConfig = sub(RetryConfig, "Retries to another worker.")
     redis: RedisConfig = sub(RedisConfig, "Redis for global limits.")
 
+    def __post_init__(self) -> None:
+        owner: dict[str, str] = {}
+        issues = []
+        for name, tenant in self.tenants.items():
+            for i, key in enumerate(tenant.keys):
+                value = key.reveal()
+                other = owner.setdefault(value, name)
+                if other != name:
+                    issues.append(ConfigIssue(f"tenants.{name}.keys[{i}]", "expected a key of "
+                                              f"this tenant only; tenant {other!r} has it too"))
+        raise_issues(issues)
+
 
 @dataclass(frozen=True, slots=True)
 class CapacityConfig:
@@ -279,8 +401,14 @@ class CapacityConfig:
     history_step_s: float = opt(60.0, "Resolution of the arrival-rate history kept.", positive())
     history_max_points: int = opt(20160, "Bound on history points (default 14 days of minutes).",
                                   positive())
-    min_replicas: int = opt(1, "Floor of desired replicas.", non_negative())
+    min_replicas: int = opt(1, "Floor of desired replicas; at most max_replicas.",
+                            non_negative())
     max_replicas: int = opt(1000, "Ceiling of desired replicas.", positive())
+
+    def __post_init__(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError("min_replicas", f"expected at most max_replicas "
+                              f"({self.max_replicas}), got {self.min_replicas}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,21 +429,25 @@ class GatewayConfig:
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", "Log level.")
 
     def __post_init__(self) -> None:
+        issues = []
         if not self.workers and self.discovery is None:
-            raise ConfigError("workers", "expected at least one worker, or a discovery section")
+            issues.append(ConfigIssue("workers", "expected at least one worker, or a "
+                                      "discovery section"))
         seen: set[str] = set()
         for i, w in enumerate(self.workers):
             if w.url in seen:
-                raise ConfigError(f"workers[{i}].url", f"duplicate worker {w.url}")
+                issues.append(ConfigIssue(f"workers[{i}].url",
+                                          f"duplicate worker {mask_url(w.url)}"))
             seen.add(w.url)
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
-            raise ConfigError("pools", "pool names must be unique")
+            issues.append(ConfigIssue("pools", "pool names must be unique"))
         known = set(names) | {"default"}
         for i, w in enumerate(self.workers):
             if self.pools and w.pool not in known:
-                raise ConfigError(f"workers[{i}].pool", f"unknown pool {w.pool!r}; "
-                                  f"declared: {', '.join(sorted(known))}")
+                issues.append(ConfigIssue(f"workers[{i}].pool", f"unknown pool {w.pool!r}; "
+                                          f"declared: {', '.join(sorted(known))}"))
+        raise_issues(issues)
 
     def pool_priority(self, pool: str) -> int:
         for p in self.pools:
@@ -334,19 +466,80 @@ def parse_config(data: object, env: dict[str, str] | None = None) -> GatewayConf
     return build(GatewayConfig, data, "", env)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: plain
+    PyYAML keeps the last value silently, so the setting an operator reads first in the file
+    would not be the one in force."""
+
+    refuse_duplicates = True
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if self.refuse_duplicates:
+            for issue in duplicate_keys(node, recurse=False):
+                raise yaml.constructor.ConstructorError(None, None, issue.problem,
+                                                        node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def duplicate_keys(node: yaml.Node, path: str = "", *, recurse: bool = True,
+                   _open: frozenset[int] = frozenset()) -> list[ConfigIssue]:
+    """Every key repeated within one mapping under ``node``, with its dotted path and lines."""
+    if id(node) in _open:  # a recursive alias
+        return []
+    inside = _open | {id(node)}
+    issues: list[ConfigIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            where = (f"{path}.{key}" if path else str(key)) if key is not None else path
+            if key is not None and key_node.tag != _MERGE_TAG:
+                line = key_node.start_mark.line + 1
+                seen = first_line.get((key_node.tag, key))
+                if seen is None:
+                    first_line[(key_node.tag, key)] = line
+                else:
+                    issues.append(ConfigIssue(where, f"duplicate key {key!r} at line {line} "
+                                              f"(first at line {seen}); a key may appear "
+                                              "once per mapping"))
+            if recurse:
+                issues += duplicate_keys(value_node, where, _open=inside)
+    elif isinstance(node, yaml.SequenceNode) and recurse:
+        for i, item in enumerate(node.value):
+            issues += duplicate_keys(item, f"{path}[{i}]", _open=inside)
+    return issues
+
+
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
-    """Read and validate a YAML file; raises ConfigError with the dotted path of the bad key."""
+    """Read and validate a YAML file; raises ConfigError listing every problem of the file,
+    each with the dotted path of the bad key."""
     try:
         text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError("", f"cannot read {path}: {reason}") from None
+    loader = UniqueKeyLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        repeated = duplicate_keys(node) if node is not None else []
+        # Found above with their paths; reported with the schema's problems, not one by one.
+        loader.refuse_duplicates = False
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError("", f"invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, env)
+    finally:
+        loader.dispose()
+    try:
+        cfg = parse_config(data, env)
+    except ConfigError as exc:
+        raise ConfigError.of([*repeated, *exc.errors]) from None
+    raise_issues(repeated)
+    return cfg
 
 
 def describe_config(cfg: GatewayConfig) -> dict[str, Any]:
@@ -361,6 +554,8 @@ def describe_config(cfg: GatewayConfig) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, Secret):
             return "***" if value else ""
+        if isinstance(value, str):
+            return mask_url(value)
         return value
 
     result: dict[str, Any] = plain(cfg)

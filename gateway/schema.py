@@ -9,11 +9,18 @@ Rules, applied recursively from the top-level dataclass:
 * ``list[X]`` / ``tuple[X, ...]`` become tuples, ``dict[str, X]`` becomes a dict;
 * ``Secret`` accepts a string, usually ``${ENV_VAR}``, and masks itself in reprs;
 * strings may reference the environment: ``${NAME}`` or ``${NAME:-default}``; a missing
-  variable without default is an error naming the variable;
-* a field's ``metadata["check"]`` (a predicate and a description) validates the value.
+  variable without default is an error naming the variable. Where ``NAME`` is not set but
+  ``NAME_FILE`` is, the reference reads that file (Docker/Kubernetes secrets mounted as files;
+  one trailing newline dropped);
+* a field's ``metadata["check"]`` (a predicate and a description) validates the value; a
+  predicate that raises counts as a failed check;
+* a dataclass's ``__post_init__`` holds its cross-field rules and raises :class:`ConfigError`
+  with paths relative to itself (they are prefixed with the dataclass's own path).
 
-Every error is a :class:`ConfigError` carrying the dotted path of the bad key
-(``models.add_sub.batching.max_delay_ms``), what was expected and what was found.
+Validation does not stop at the first problem: every bad key of a file is collected and one
+:class:`ConfigError` carries them all (``errors``), each a :class:`ConfigIssue` with the
+dotted path of the bad key (``models.add_sub.batching.max_delay_ms``), what was expected and
+what was found. Values shown in messages have URL credentials masked (:func:`mask_url`).
 """
 
 from __future__ import annotations
@@ -24,19 +31,94 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|pwd|token|secret|key|auth)[^=&]*=)[^&]*")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem of a configuration: the dotted path of the bad key and what is wrong."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '<root>'}: {self.problem}"
 
 
 class ConfigError(ValueError):
+    """Every problem found in a configuration (``errors``, in document order).
+
+    ``ConfigError(path, problem)`` is one problem; :meth:`of` gathers several. ``path`` and
+    ``problem`` are the first one's, for callers that show a single line.
+    """
+
     def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path or '<root>'}: {problem}")
+        self.errors: tuple[ConfigIssue, ...] = (ConfigIssue(path, problem),)
         self.path = path
         self.problem = problem
+        super().__init__(str(self.errors[0]))
+
+    @classmethod
+    def of(cls, issues: Iterable[ConfigIssue]) -> ConfigError:
+        found = tuple(dict.fromkeys(issues))  # the same issue reached twice counts once
+        if not found:
+            raise ValueError("ConfigError.of needs at least one issue")
+        error = cls(found[0].path, found[0].problem)
+        error.errors = found
+        if len(found) > 1:
+            error.args = (f"{len(found)} problems:\n" +
+                          "\n".join(f"  {issue}" for issue in found),)
+        return error
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same problems with paths relative to ``prefix`` made absolute."""
+        if not prefix:
+            return self
+        return ConfigError.of(ConfigIssue(_join(prefix, i.path), i.problem) for i in self.errors)
+
+
+def _join(prefix: str, path: str) -> str:
+    if not path:
+        return prefix
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
+
+
+def raise_issues(issues: list[ConfigIssue]) -> None:
+    """Raise every issue found at once (cross-field rules in ``__post_init__``)."""
+    if issues:
+        raise ConfigError.of(issues)
+
+
+def mask_url(value: str) -> str:
+    """Credentials in a URL replaced by ``***``: ``http://user:pass@host`` →
+    ``http://user:***@host``, ``http://token@host`` → ``http://***@host``; query parameters
+    named like a secret (``?password=…``, ``?token=…``) too. Any other string is returned as
+    is; never raises, whatever the string."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or not scheme or any(c in scheme for c in "/?#@ "):
+        return value
+    end = len(rest)
+    for stop in "/?#":
+        found = rest.find(stop)
+        if found != -1:
+            end = min(end, found)
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        query = _SECRET_QUERY.sub(r"\1***", query) + hash_ + fragment
+    return f"{scheme}://{netloc}{path}{qmark}{query}"
 
 
 class Secret:
@@ -87,9 +169,18 @@ def expand_env(value: str, path: str, env: Mapping[str, str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in env:
             return env[name]
+        file = env.get(f"{name}_FILE")
+        if file:
+            try:
+                text = Path(file).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
+                raise ConfigError(path, f"cannot read {name}_FILE={file}: {reason}") from None
+            return text[:-1] if text.endswith("\n") else text
         if default is not None:
             return default
-        raise ConfigError(path, f"environment variable {name} is not set")
+        raise ConfigError(path, f"environment variable {name} is not set "
+                          f"(nor {name}_FILE)")
 
     return _ENV_REF.sub(sub, value)
 
@@ -101,8 +192,13 @@ def _kind(value: object) -> str:
         return f"boolean {value!r}"
     if isinstance(value, dict):
         return "a mapping"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "a list"
+    if isinstance(value, Secret):
+        scheme, sep, _ = value.reveal().partition("://")
+        return f"a secret URL with scheme {scheme!r}" if sep else "a secret string"
+    if isinstance(value, str):
+        return f"str {mask_url(value)!r}"
     return f"{type(value).__name__} {value!r}"
 
 
@@ -169,16 +265,23 @@ def _convert(tp: Any, value: object, path: str, env: Mapping[str, str]) -> Any:
         if not isinstance(value, list):
             raise ConfigError(path, f"expected {describe(tp)}, got {_kind(value)}")
         (item,) = get_args(tp)[:1]
-        return tuple(_convert(item, v, f"{path}[{i}]", env) for i, v in enumerate(value))
+        issues = _Issues()
+        items = tuple(issues.attempt(_convert, item, v, f"{path}[{i}]", env)
+                      for i, v in enumerate(value))
+        issues.raise_any()
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected {describe(tp)}, got {_kind(value)}")
         _, item = get_args(tp)
+        issues = _Issues()
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise ConfigError(path, f"keys must be strings, got {_kind(k)}")
-            out[k] = _convert(item, v, f"{path}.{k}" if path else k, env)
+                issues.add(ConfigIssue(path, f"keys must be strings, got {_kind(k)}"))
+                continue
+            out[k] = issues.attempt(_convert, item, v, f"{path}.{k}" if path else k, env)
+        issues.raise_any()
         return out
     if tp is bool:
         if isinstance(value, bool):
@@ -200,6 +303,35 @@ def _convert(tp: Any, value: object, path: str, env: Mapping[str, str]) -> Any:
     raise ConfigError(path, f"expected {describe(tp)}, got {_kind(value)}")
 
 
+class _Issues:
+    """Problems gathered while converting the children of one mapping or list."""
+
+    __slots__ = ("found",)
+
+    def __init__(self) -> None:
+        self.found: list[ConfigIssue] = []
+
+    def add(self, issue: ConfigIssue) -> None:
+        self.found.append(issue)
+
+    def attempt(self, convert: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return convert(*args)
+        except ConfigError as exc:
+            self.found.extend(exc.errors)
+            return None
+
+    def raise_any(self) -> None:
+        raise_issues(self.found)
+
+
+def _passes(predicate: Callable[[Any], bool], value: object) -> bool:
+    try:
+        return bool(predicate(value))
+    except (ValueError, TypeError, ArithmeticError):
+        return False
+
+
 def _convert_dataclass(cls: type[Any], value: object, path: str, env: Mapping[str, str]) -> Any:
     if value is None:
         value = {}
@@ -207,32 +339,39 @@ def _convert_dataclass(cls: type[Any], value: object, path: str, env: Mapping[st
         raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    issues = _Issues()
     for key in value:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(where, f"unknown key{extra}; allowed: {', '.join(sorted(fields))}")
+            issues.add(ConfigIssue(where, f"unknown key{extra}; "
+                                   f"allowed: {', '.join(sorted(fields))}"))
     kwargs = {}
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
         if name not in value:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(where, f"required key missing; expected {describe(hints[name])}")
+                issues.add(ConfigIssue(where, f"required key missing; "
+                                       f"expected {describe(hints[name])}"))
             continue
-        converted = _convert(hints[name], value[name], where, env)
+        before = len(issues.found)
+        converted = issues.attempt(_convert, hints[name], value[name], where, env)
+        if len(issues.found) > before:
+            continue
         rule = f.metadata.get("check")
         if rule is not None and converted is not None:
             predicate, expected = rule
-            if not predicate(converted):
-                raise ConfigError(where, f"expected {expected}, got {_kind(converted)}")
+            if not _passes(predicate, converted):
+                issues.add(ConfigIssue(where, f"expected {expected}, got {_kind(converted)}"))
+                continue
         kwargs[name] = converted
+    # Cross-field rules (__post_init__) see only a fully converted dataclass.
+    issues.raise_any()
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if path and not exc.path.startswith(path):
-            raise ConfigError(f"{path}.{exc.path}", exc.problem) from None
-        raise
+        raise exc.under(path) from None
     except ValueError as exc:
         raise ConfigError(path, str(exc)) from None
 

@@ -1,6 +1,8 @@
 """The docker-compose stack, its GPU override, the gateway image and the Triton model
-repository: parsed and cross-checked against each other and against the files they name.
-``docker compose config`` runs too where the compose plugin is installed."""
+repository: parsed and cross-checked against each other and against the files they name, and
+safe to publish (pinned images, no default passwords or keys, secrets from files, no
+Prometheus lifecycle API, Grafana without anonymous access). ``docker compose config`` runs
+too where the compose plugin is installed."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 GATEWAY_CONFIG = ROOT / "config" / "gateway.compose.yaml"
 MODELS = ROOT / "config" / "triton" / "model_repository"
 OUTPUT_DIRS = {"./results"}  # written by the stack (git-ignored); docker creates it
+SECRETS_DIR = "./config/secrets/"  # created by the operator, git-ignored
+GATEWAY_SECRETS = {"GATEWAY_ADMIN_TOKEN": "gateway_admin_token", "ACME_API_KEY": "acme_api_key",
+                   "GLOBEX_API_KEY": "globex_api_key", "BATCH_API_KEY": "batch_api_key"}
 
 SERVICES = {"triton-0", "triton-1", "redis", "gateway", "prometheus", "grafana", "locust"}
 
@@ -79,6 +84,9 @@ def test_gateway_service(services: dict[str, Any]) -> None:
     assert gateway["command"] == ["gateway", "serve", "--config", "/etc/gateway/gateway.yaml"]
     assert volumes(gateway) == {"/etc/gateway/gateway.yaml": "./config/gateway.compose.yaml"}
     assert gateway["ports"] == ["8000:8000"]
+    assert gateway["environment"] == {f"{name}_FILE": f"/run/secrets/{secret}"
+                                      for name, secret in GATEWAY_SECRETS.items()}
+    assert sorted(gateway["secrets"]) == sorted(GATEWAY_SECRETS.values())
     assert gateway["depends_on"] == {
         "triton-0": {"condition": "service_healthy"},
         "triton-1": {"condition": "service_healthy"},
@@ -89,6 +97,7 @@ def test_gateway_service(services: dict[str, Any]) -> None:
 
 def test_redis_prometheus_grafana(services: dict[str, Any]) -> None:
     assert services["redis"]["image"].startswith("redis:7")
+    assert "ports" not in services["redis"]  # the compose network only
     assert "redis-cli" in services["redis"]["healthcheck"]["test"]
     prometheus = services["prometheus"]
     assert prometheus["image"].startswith("prom/prometheus")
@@ -97,14 +106,105 @@ def test_redis_prometheus_grafana(services: dict[str, Any]) -> None:
         "/etc/prometheus/rules.yml": "./config/prometheus/rules.yml",
     }
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
-    assert "9090:9090" in prometheus["ports"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]  # no login: this machine only
     grafana = services["grafana"]
     assert grafana["image"].startswith("grafana/grafana")
     assert volumes(grafana) == {
         "/etc/grafana/provisioning": "./config/grafana/provisioning",
         "/var/lib/grafana/dashboards": "./config/grafana/dashboards",
     }
-    assert "3000:3000" in grafana["ports"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+
+
+# ------------------------------------------------------------------------- safe to publish
+
+_EXACT_TAG = re.compile(r"v?\d+\.\d+\.\d+(?:[-.][A-Za-z0-9.-]+)?")  # 7.4.6-alpine, v2.54.1
+_TRITON_TAG = re.compile(r"\d{2}\.\d{2}-py3")  # NGC releases are YY.MM
+
+
+def is_pinned(image: str) -> bool:
+    """An exact release (or a digest), never ``latest``, a bare name or ``7-alpine``."""
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:
+        return False
+    if name.endswith("tritonserver"):
+        return bool(_TRITON_TAG.fullmatch(tag))
+    return bool(_EXACT_TAG.fullmatch(tag))
+
+
+@pytest.mark.parametrize(("image", "pinned"), [
+    ("redis:7.4.6-alpine", True), ("prom/prometheus:v2.54.1", True),
+    ("nvcr.io/nvidia/tritonserver:24.08-py3", True), ("python:3.11.14-slim-bookworm", True),
+    ("redis@sha256:" + "0" * 64, True), ("redis:7-alpine", False), ("redis:latest", False),
+    ("redis", False), ("python:3.11-slim", False), ("grafana/grafana", False),
+    ("localhost:5000/redis", False), ("nvcr.io/nvidia/tritonserver:latest-py3", False),
+])
+def test_pin_rule(image: str, pinned: bool) -> None:
+    assert is_pinned(image) is pinned
+
+
+def pulled_images(compose: dict[str, Any]) -> dict[str, str]:
+    """Images the stack pulls (services that build their own name a local tag)."""
+    out = {name: s["image"] for name, s in compose["services"].items() if "build" not in s}
+    for name, s in compose["services"].items():
+        inline = s.get("build", {}).get("dockerfile_inline", "")
+        for line in inline.splitlines():
+            if line.strip().startswith("FROM "):
+                out[f"{name} (build)"] = line.split()[1]
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    out["Dockerfile"] = next(ln.split()[1] for ln in dockerfile if ln.startswith("FROM "))
+    return out
+
+
+def test_every_image_is_pinned(compose: dict[str, Any]) -> None:
+    images = pulled_images(compose)
+    assert {"triton-0", "triton-1", "redis", "prometheus", "grafana", "locust (build)",
+            "Dockerfile"} <= set(images)
+    floating = {name: image for name, image in images.items() if not is_pinned(image)}
+    assert not floating, f"floating image tags: {floating}"
+
+
+def test_prometheus_lifecycle_api_is_off(services: dict[str, Any]) -> None:
+    """--web.enable-lifecycle lets anyone who reaches the port quit or reload Prometheus."""
+    assert not any("lifecycle" in arg for arg in services["prometheus"]["command"])
+
+
+def test_grafana_has_no_default_password_and_no_anonymous_access(
+        services: dict[str, Any]) -> None:
+    env = services["grafana"]["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env  # a value or a ${…:-admin} default
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert services["grafana"]["secrets"] == ["grafana_admin_password"]
+    assert str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in env
+    assert str(env["GF_USERS_ALLOW_SIGN_UP"]).lower() == "false"
+
+
+def test_secrets_come_from_files_that_are_never_committed(compose: dict[str, Any]) -> None:
+    secrets = compose["secrets"]
+    used = {name for s in compose["services"].values() for name in s.get("secrets", [])}
+    assert used == set(secrets)
+    for name, spec in secrets.items():
+        assert spec == {"file": f"{SECRETS_DIR}{name}"}, name
+        done = subprocess.run(["git", "check-ignore", "-q", spec["file"]], cwd=ROOT,
+                              timeout=20)
+        assert done.returncode == 0, f"{spec['file']} is not git-ignored"
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", spec["file"]],
+                                 cwd=ROOT, capture_output=True, timeout=20)
+        assert tracked.returncode != 0, f"{spec['file']} is committed"
+    assert "config" in (ROOT / ".dockerignore").read_text().split()  # nor in an image
+
+
+def test_no_secret_has_a_value_in_the_compose_files(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if re.search(r"KEY|TOKEN|PASSWORD|SECRET", key) and not key.endswith("_FILE") \
+                    and not key.endswith("__FILE"):
+                pytest.fail(f"{name}: {key}={value!r} puts a secret in the environment")
+    text = COMPOSE.read_text() + COMPOSE_GPU.read_text()
+    assert not re.search(r"\$\{[A-Z_]*(PASSWORD|TOKEN|KEY)[A-Z_]*:-[^}]", text)
 
 
 def test_locust_only_on_demand(services: dict[str, Any]) -> None:
@@ -123,6 +223,7 @@ def test_every_referenced_host_path_exists(services: dict[str, Any]) -> None:
         for host in volumes(service).values():
             if host in OUTPUT_DIRS:
                 continue
+            assert not host.startswith(SECRETS_DIR), f"{name}: secrets go through `secrets:`"
             assert host.startswith("./"), (name, host)
             assert (ROOT / host).exists(), f"{name}: {host} does not exist"
         build = service.get("build")
@@ -151,8 +252,17 @@ def test_prometheus_and_grafana_files_fit_the_mounts(services: dict[str, Any]) -
 
 
 @pytest.fixture(scope="module")
-def gateway_config() -> GatewayConfig:
-    return load_config(GATEWAY_CONFIG, env={})
+def gateway_config(tmp_path_factory: pytest.TempPathFactory,
+                   services: dict[str, Any]) -> GatewayConfig:
+    """The compose config as the gateway container loads it: each ${NAME} from the secret
+    file that the service's NAME_FILE names (here a temporary copy of /run/secrets)."""
+    run_secrets = tmp_path_factory.mktemp("run-secrets")
+    env = {}
+    for key, target in services["gateway"]["environment"].items():
+        secret = Path(target).name
+        (run_secrets / secret).write_text(f"{secret}-value\n")
+        env[key] = str(run_secrets / secret)
+    return load_config(GATEWAY_CONFIG, env=env)
 
 
 def test_gateway_config_is_valid_and_points_at_the_stack(
@@ -174,9 +284,15 @@ def test_gateway_config_is_valid_and_points_at_the_stack(
 
 def test_gateway_config_tenants_match_the_locust_profile(gateway_config: GatewayConfig) -> None:
     profile = load_yaml(ROOT / "loadtest/profile.yaml")
-    profile_keys = {t["key"] for t in profile["tenants"]}
-    config_keys = {k.reveal() for t in gateway_config.admission.tenants.values() for k in t.keys}
-    assert profile_keys == config_keys
+    assert {t["name"] for t in profile["tenants"]} == set(gateway_config.admission.tenants)
+
+
+def test_gateway_config_reads_every_secret_from_its_file(gateway_config: GatewayConfig) -> None:
+    assert gateway_config.admin.token.reveal() == "gateway_admin_token-value"
+    keys = {name: [k.reveal() for k in t.keys]
+            for name, t in gateway_config.admission.tenants.items()}
+    assert keys == {"acme": ["acme_api_key-value"], "globex": ["globex_api_key-value"],
+                    "batch-jobs": ["batch_api_key-value"]}
 
 
 def test_gpu_override_reserves_gpus_for_the_workers_only() -> None:
@@ -191,7 +307,8 @@ def test_gpu_override_reserves_gpus_for_the_workers_only() -> None:
 def test_dockerfile() -> None:
     lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
     instructions = [ln for ln in lines if ln and not ln.startswith("#")]
-    assert instructions[0] == "FROM python:3.11-slim"
+    assert instructions[0].startswith("FROM python:3.11.")
+    assert is_pinned(instructions[0].split()[1])
     users = [ln.split()[1] for ln in instructions if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert "EXPOSE 8000" in instructions

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from gateway.config import parse_config
+from gateway.schema import ConfigError
 from tests.tools import require_tool
 
 ROOT = Path(__file__).parent.parent
@@ -233,3 +234,61 @@ def test_keda_scaled_object_structure() -> None:
     assert all(isinstance(v, str) for v in meta.values())  # KEDA metadata is string-typed
     behaviour = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behaviour["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+
+# --- safe to publish --------------------------------------------------------------------------
+
+
+def containers() -> dict[str, dict[str, Any]]:
+    out = {}
+    for key, doc in manifests().items():
+        if doc["kind"] == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                out[f"{key}/{c['name']}"] = c
+    return out
+
+
+def test_images_are_pinned_to_a_release() -> None:
+    pinned = re.compile(r"[^:@]+(@sha256:[0-9a-f]{64}|:(v?\d+\.\d+\.\d+\S*|\d{2}\.\d{2}-py3))")
+    images = {key: c["image"] for key, c in containers().items()}
+    assert images
+    for key, image in images.items():
+        assert pinned.fullmatch(image), f"{key}: {image} is not pinned to a release"
+        assert not image.endswith(":latest")
+
+
+def test_gateway_secrets_come_from_a_secret() -> None:
+    """No secret is written in a manifest: the Deployment references the Secret
+    gateway-secrets (created by the operator), and no Secret with values ships here."""
+    assert not [k for k in manifests() if k.startswith("Secret/")]
+    gateway = containers()["Deployment/gateway/gateway"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in gateway["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"GATEWAY_ADMIN_TOKEN", "REDIS_URL"} <= set(refs)
+    assert {r["name"] for r in refs.values()} == {"gateway-secrets"}
+    for key, container in containers().items():
+        for env in container.get("env", []):
+            if re.search(r"KEY|TOKEN|PASSWORD|SECRET", env["name"]):
+                assert "value" not in env, f"{key}: {env['name']} has a literal value"
+    text = manifests()["ConfigMap/gateway-config"]["data"]["gateway.yaml"]
+    for name, default in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", text):
+        if re.search(r"KEY|TOKEN|PASSWORD|SECRET", name):
+            assert default == "", f"${{{name}}} falls back to {default!r}"
+
+
+def test_pods_are_locked_down() -> None:
+    docs = manifests()
+    for name in ("Deployment/gateway", "Deployment/triton"):
+        assert docs[name]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    context = containers()["Deployment/gateway/gateway"]["securityContext"]
+    assert context["runAsNonRoot"] and not context["allowPrivilegeEscalation"]
+    assert context["readOnlyRootFilesystem"]
+
+
+def test_configmap_config_rejects_a_redis_url_with_a_bad_scheme() -> None:
+    text = manifests()["ConfigMap/gateway-config"]["data"]["gateway.yaml"]
+    cfg = parse_config(yaml.safe_load(text), env={"REDIS_URL": "redis://:pw@r:6379/0"})
+    assert cfg.admission.redis.url.reveal() == "redis://:pw@r:6379/0"
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_load(text), env={"REDIS_URL": "http://r:6379"})
+    assert info.value.path == "admission.redis.url"
