@@ -1,7 +1,8 @@
 """Command line: ``python -m gateway SUBCOMMAND …`` (also installed as ``gateway``).
 
 Each subcommand lives in its own module exposing ``main(argv) -> int``, imported only when
-used so that ``gateway plan`` does not pay for the proxy's imports.
+used: ``gateway plan`` does not pay for the proxy's imports, and ``gateway serve`` imports
+none of the tools (:mod:`gateway.sim`, :mod:`gateway.tools`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.server", "run the gateway from a YAML config file"),
     "check-config": ("gateway.server", "validate a config file and print the effective config"),
-    "local": ("gateway.local", "embedded cluster: real Triton servers (pytriton) + the gateway"),
-    "sim": ("gateway.sim", "Triton simulator: many simulated workers in one process"),
+    "local": ("gateway.tools.local",
+              "embedded cluster: real Triton servers (pytriton) + the gateway"),
+    "sim": ("gateway.sim.cli", "Triton simulator: many simulated workers in one process"),
     "plan": ("gateway.plan", "capacity plan from peak RPS or a load-test result"),
-    "demo": ("gateway.demo", "the whole system: local cluster, traffic, live capacity view"),
-    "loadtest": ("gateway.demo", "bounded headless Locust run against the local cluster"),
+    "demo": ("gateway.tools.demo", "the whole system: local cluster, traffic, live capacity view"),
+    "loadtest": ("gateway.tools.demo", "bounded headless Locust run against the local cluster"),
     "config-reference": ("gateway.server", "print the configuration reference (Markdown)"),
 }
 

@@ -7,14 +7,15 @@ Three targets with the same cost per execution (5 ms + 0.05 ms per item, max_bat
 each behind two gateways (batching off / ``batching: {enabled: true, max_delay_ms: 2}``),
 measured side by side in one run:
 
-* ``triton`` — real Triton, model ``overhead`` of :mod:`gateway.triton_worker`, one worker
-  from :class:`gateway.local.TritonFleet`. Its config turns on **Triton's own dynamic
+* ``triton`` — real Triton, model ``overhead`` of :mod:`gateway.tools.triton_worker`, one
+  worker from :class:`gateway.tools.local.TritonFleet`. Its config turns on **Triton's own dynamic
   batcher** (500 µs queue delay), so Triton already merges batch-1 requests that queue while
   an execution runs: the ``wk batch`` column (mean requests per execution, from Triton's
   statistics) shows how much. The gateway can only add what Triton does not do already.
 * ``triton-solo`` — the same real Triton model **without** a dynamic batcher (a model whose
   config has no ``dynamic_batching``; each request executes alone): this process re-runs
-  itself as ``solo-worker``, i.e. :mod:`gateway.triton_worker` with only that model bound.
+  itself as ``solo-worker``, i.e. :mod:`gateway.tools.triton_worker` with only that model
+  bound.
   This is the issue's case (a): the gateway is the only place where batches can form.
 * ``sim`` — the simulator (``python -m gateway sim``), one worker, one execution slot; it
   also executes every request on its own.
@@ -38,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -58,9 +57,11 @@ from typing import Any
 import numpy as np
 
 from gateway.tensors import InferRequest, Tensor, encode_infer_request
+from gateway.tools import procs
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.procs import free_port, free_ports
 from gateway.upstream import Pool, PoolLimits
 from loadtest.overhead import start_nginx, wait_http
-from tests.gatewayproc import GatewayProcess, free_port
 
 RESULTS = Path("results/batching.json")
 DEFAULT_CONCURRENCY = (64, 256)
@@ -226,17 +227,17 @@ def ratio(after: tuple[float, float], before: tuple[float, float]) -> float | No
 
 @contextmanager
 def triton_worker() -> Iterator[tuple[str, str]]:
-    from gateway.local import TritonFleet
+    from gateway.tools.local import TritonFleet
 
     with TritonFleet(1, service_times_ms=[0.0], models=("overhead",)) as fleet:
         yield fleet.worker(0).http_url, fleet.worker(0).metrics_url
 
 
 def solo_worker_main(argv: list[str]) -> int:
-    """Child process: :mod:`gateway.triton_worker` serving one model, ``overhead`` with the
+    """Child process: :mod:`gateway.tools.triton_worker` serving one model, ``overhead`` with the
     same cost and shapes but **without** Triton's dynamic batcher (each request executes
     alone, as a model whose config has no ``dynamic_batching`` does)."""
-    from gateway import triton_worker
+    from gateway.tools import triton_worker
 
     def bind(triton: Any, service_time_ms: float, per_item_ms: float) -> None:
         from pytriton.model_config import ModelConfig
@@ -261,8 +262,7 @@ def solo_worker_main(argv: list[str]) -> int:
 
 @contextmanager
 def solo_triton_worker(tmp: Path) -> Iterator[tuple[str, str]]:
-    from gateway.local import free_ports
-    from gateway.triton_worker import env_with_libpython_first
+    from gateway.tools.triton_worker import env_with_libpython_first
 
     http, grpc, metrics = free_ports(3)
     workdir = tmp / "solo"
@@ -286,15 +286,7 @@ def solo_triton_worker(tmp: Path) -> Iterator[tuple[str, str]]:
             time.sleep(0.2)
         yield url, f"http://127.0.0.1:{metrics}/metrics"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left of the group
-        proc.wait()
+        procs.stop(proc, 20, group=True)
 
 
 def _answers(url: str) -> bool:
@@ -316,12 +308,7 @@ def sim_worker(lifetime_s: float) -> Iterator[str]:
         wait_http(port, "/v2/health/ready")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        procs.stop(proc, 10)
 
 
 def gateway_for(stack: ExitStack, worker_url: str, metrics_url: str, model: str,

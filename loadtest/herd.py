@@ -47,7 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.gatewayproc import GatewayProcess
+from gateway.tools import procs
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "herd.json"
@@ -72,7 +74,7 @@ class SimProcess:
                  extra: list[str] | None = None) -> None:
         self.args = ["--workers", str(workers), "--base-port", "0", "--slots", str(slots),
                      "--base-ms", str(base_ms), "--per-item-ms", "0", *(extra or [])]
-        self.control_port = _free_port()
+        self.control_port = free_port()
         self.ports: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -114,13 +116,7 @@ class SimProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        procs.stop(proc, 10)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -129,12 +125,6 @@ class SimProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def gateway_config(sim: SimProcess, *, slots: int = SLOTS_PER_WORKER,

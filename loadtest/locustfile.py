@@ -43,9 +43,9 @@ from locust import FastHttpUser, LoadTestShape, User, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 
-try:
+if __package__:  # imported as loadtest.locustfile
     from loadtest import shapes
-except ImportError:  # run from inside the loadtest folder (the Locust container)
+else:  # run as a file (`locust -f`, the Locust container): its folder is on sys.path
     import shapes  # type: ignore[no-redef,import-not-found]
 
 DEFAULT_PROFILE = Path(__file__).with_name("profile.yaml")

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.tools.procs import free_port, stop, stop_all
 from gateway.upstream import Pool, PoolLimits
-from tests.gatewayproc import free_port
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                "data": list(range(16))}]})
@@ -132,8 +132,7 @@ backend workers
     try:
         wait_http(port, "/v2/health/ready")
     except RuntimeError:
-        proc.kill()
-        proc.wait()
+        stop(proc, signum=signal.SIGKILL)
         raise
     return proc
 
@@ -271,12 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         procs: list[subprocess.Popen[bytes]] = []
-        def terminate_all() -> None:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-
-        stack.callback(terminate_all)
+        stack.callback(stop_all, procs, 15.0)  # also when a measurement fails
         up = free_port()
         procs.append(start_nginx(tmp, up))
         gw, gw_adm, hp = free_port(), free_port(), free_port()
@@ -300,13 +294,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  measured {name}", file=sys.stderr)
         extra["gateway_rss_mb"] = rss_mb(gw_proc.pid)
         extra["gateway_admission_rss_mb"] = rss_mb(gw_adm_proc.pid)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
     by = {r.path: r for r in rows}
     direct, gate = by["direct (nginx)"], by["gateway"]
     adm = by["gateway + admission"]

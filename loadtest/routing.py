@@ -75,10 +75,12 @@ from typing import Any
 from gateway.config import RoutingConfig
 from gateway.errors import UpstreamError
 from gateway.routing import RoutingTable
+from gateway.tools import procs
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.procs import free_port, http_get
 from gateway.upstream import Pool, PoolLimits
 from loadtest import decision_cost
 from loadtest.overhead import start_haproxy
-from tests.gatewayproc import GatewayProcess, free_port, http_get
 
 GIB = 2**30
 MODEL = "simple"
@@ -139,13 +141,7 @@ class SimProcess:
         return workers
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, 20)
 
 
 def gateway_config(worker_ports: list[int], routing: dict[str, Any],

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.local import TritonFleet
-from tests.gatewayproc import GatewayProcess
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.local import TritonFleet
 from tests.tools import require_tool
 
 MODELS = ("add_sub", "strings", "identity", "overhead")

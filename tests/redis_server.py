@@ -25,7 +25,8 @@ import tempfile
 import time
 from types import TracebackType
 
-from tests.gatewayproc import free_port
+from gateway.tools import procs
+from gateway.tools.procs import free_port
 from tests.tools import require_tool
 
 START_TIMEOUT_S = 10.0
@@ -116,13 +117,8 @@ class RedisServer:
         if proc is None or proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+            proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+        procs.stop(proc, 5)
 
     def stop(self) -> None:
         """Take it down (also when paused). Idempotent."""

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.tools.gatewayproc import GatewayProcess
 from loadtest.herd import (
     DEADLINE_MS,
     INFER_BODY,
@@ -40,7 +41,6 @@ from loadtest.herd import (
     run_herd,
     table,
 )
-from tests.gatewayproc import GatewayProcess
 from tests.redis_server import RedisServer
 
 INFER = "/v2/models/simple/infer"

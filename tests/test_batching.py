@@ -645,7 +645,7 @@ def triton_url() -> Iterator[str]:
     """One real Triton: gateway.local's fleet of one gateway.triton_worker (PyTriton's
     tritonserver with the demo models), stopped without leftovers."""
     pytest.importorskip("pytriton")
-    from gateway.local import TritonFleet
+    from gateway.tools.local import TritonFleet
 
     with TritonFleet(1, service_times_ms=[0.0], startup_timeout_s=150.0) as fleet:
         yield fleet.worker(0).http_url

@@ -38,9 +38,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.local import TritonFleet
-from gateway.sim import SimFleetThread
-from gateway.simcore import WorkerSpec
+from gateway.sim.core import WorkerSpec
+from gateway.sim.server import SimFleetThread
 from gateway.tensors import (
     InferRequest,
     InferResponse,
@@ -51,8 +50,10 @@ from gateway.tensors import (
     join_bytes_elements,
     parse_infer_response,
 )
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.local import TritonFleet
+from gateway.tools.procs import free_port
 from tests.conftest import fleet_config
-from tests.gatewayproc import GatewayProcess, free_port
 
 pytestmark = pytest.mark.triton
 

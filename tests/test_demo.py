@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from gateway.demo import (
+from gateway.tools import procs
+from gateway.tools.demo_view import (
     Frame,
     LiveView,
     histogram_quantile,
@@ -80,17 +81,12 @@ def kill_tagged(tag: str) -> None:
 
 
 def start_command(args: list[str], out: Path, tag: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, TAG_VAR: tag, "TERM": "dumb"}
-    with out.open("wb") as sink:
-        return subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=ROOT,
-                                stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    return procs.start([sys.executable, "-m", "gateway", *args], log_path=out, cwd=ROOT,
+                       env={TAG_VAR: tag, "TERM": "dumb"}, new_session=True)
 
 
 def finish(proc: subprocess.Popen[bytes], tag: str) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    procs.stop(proc, signum=signal.SIGKILL, group=True)
     kill_tagged(tag)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from gateway.sim import SimFleetThread
-from tests.gatewayproc import GatewayProcess
+from gateway.sim.server import SimFleetThread
+from gateway.tools.gatewayproc import GatewayProcess
 
 
 def test_localhost_discovery_routes_to_the_resolved_workers(tmp_path: Path) -> None:

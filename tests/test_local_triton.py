@@ -27,15 +27,15 @@ httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from gateway.config import parse_config  # noqa: E402
-from gateway.local import (  # noqa: E402
+from gateway.tools import procs  # noqa: E402
+from gateway.tools.local import (  # noqa: E402
     FleetError,
     TritonFleet,
     WorkerInfo,
     build_config_data,
-    free_ports,
     group_members,
 )
-from gateway.triton_worker import (  # noqa: E402
+from gateway.tools.triton_worker import (  # noqa: E402
     ADD_SUB_MAX_BATCH,
     IDENTITY_MAX_BATCH,
     OVERHEAD_MAX_BATCH,
@@ -344,13 +344,11 @@ def _wait_for_line(path: Path, prefix: str, proc: subprocess.Popen[bytes],
 
 
 def test_gateway_local_command_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port = free_ports(1)[0]
+    port = procs.free_port()
     out = tmp_path / "out.txt"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "local", "--workers", "1",
-             "--service-times", "1", "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = procs.start([sys.executable, "-m", "gateway", "local", "--workers", "1",
+                        "--service-times", "1", "--port", str(port)],
+                       log_path=out, new_session=True)
     try:
         logs_line = _wait_for_line(out, "worker logs", proc, 90)
         scratch = str(Path(logs_line.split()[-1]).parent)
@@ -377,6 +375,4 @@ def test_gateway_local_command_serves_and_ctrl_c_stops_everything(tmp_path: Path
         assert _triton_processes(set(), scratch) == []
         assert not Path(scratch).exists()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        procs.stop(proc, signum=signal.SIGKILL, group=True)

@@ -12,13 +12,10 @@ import csv
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,68 +23,42 @@ from typing import Any
 
 import pytest
 
+from gateway.tools import procs
+from gateway.tools.procs import free_port
+from loadtest.run import outputs_for, run_locust, summarise
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # loadtest/ is not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from loadtest.run import outputs_for, run_locust, summarise  # noqa: E402
-from tests.gatewayproc import free_port  # noqa: E402
-
 READY_TIMEOUT_S = 90.0
-
-
-
-
-def wait_ready(url: str, deadline_s: float, process: subprocess.Popen[bytes]) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before ready")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {deadline_s} s")
 
 
 @contextlib.contextmanager
 def server_process(command: list[str], ready_url: str) -> Iterator[None]:
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = procs.start(command, cwd=ROOT, new_session=True)
     try:
-        wait_ready(ready_url, READY_TIMEOUT_S, process)
+        procs.wait_http_ready(ready_url, READY_TIMEOUT_S, proc=process, poll_s=0.2)
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        procs.stop(process, 20, group=True)
 
 
 @pytest.fixture(scope="module")
 def kserve_server() -> Iterator[tuple[str, str]]:
     """A real KServe v2 server: the project's Triton simulator when present, else a real
-    Triton (``gateway.triton_worker``, PyTriton). Yields (URL, model mix for ``--models``)."""
+    Triton (``gateway.tools.triton_worker``, PyTriton). Yields (URL, model mix for ``--models``)."""
     http_port = free_port()
     url = f"http://127.0.0.1:{http_port}"
-    if importlib.util.find_spec("gateway.sim") is not None:
+    if importlib.util.find_spec("gateway.sim.cli") is not None:
         command = [sys.executable, "-m", "gateway", "sim", "--workers", "1",
                    "--base-port", str(http_port)]
         model_mix, ready_model = "simple=1", "simple"
-    elif importlib.util.find_spec("gateway.triton_worker") is not None:
-        command = [sys.executable, "-m", "gateway.triton_worker", "--http-port", str(http_port),
+    elif importlib.util.find_spec("gateway.tools.triton_worker") is not None:
+        command = [sys.executable, "-m", "gateway.tools.triton_worker",
+                   "--http-port", str(http_port),
                    "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
                    "--service-time-ms", "1", "--parent-pid", str(os.getpid())]
         model_mix, ready_model = "add_sub=3,strings=1", "strings"
     else:
-        pytest.skip("neither gateway.sim nor gateway.triton_worker is available")
+        pytest.skip("neither gateway.sim nor gateway.tools.triton_worker is available")
     with server_process(command, f"{url}/v2/models/{ready_model}/ready"):
         yield url, model_mix
 

@@ -30,9 +30,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gateway.sim import SimFleetThread
-from gateway.simcore import GIB, SimModel, WorkerSpec
-from tests.gatewayproc import GatewayProcess, http_get
+from gateway.sim.core import GIB, SimModel, WorkerSpec
+from gateway.sim.server import SimFleetThread
+from gateway.tools.gatewayproc import GatewayProcess, http_get
 from tests.test_scaling_config import GATEWAY_HISTOGRAMS, GATEWAY_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent

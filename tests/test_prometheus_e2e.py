@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.sim import SimFleetThread
-from tests.gatewayproc import GatewayProcess, free_port, http_get
+from gateway.sim.server import SimFleetThread
+from gateway.tools import procs
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.procs import free_port, http_get
 from tests.test_metrics_e2e import (
     SLOTS,
     WORKERS,
@@ -89,13 +91,7 @@ class PrometheusServer:
         raise RuntimeError(f"prometheus not ready in {START_TIMEOUT_S} s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, 10)
 
     def log(self) -> str:
         try:

@@ -18,9 +18,9 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from gateway.local import TritonFleet
+from gateway.tools.gatewayproc import GatewayProcess, http_get
+from gateway.tools.local import TritonFleet
 from tests.conftest import fleet_config
-from tests.gatewayproc import GatewayProcess, http_get
 from tests.upstreams import SlowTriton
 
 ADD_SUB = json.dumps({"inputs": [

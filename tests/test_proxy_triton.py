@@ -12,7 +12,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tests.gatewayproc import GatewayProcess, http_get
+from gateway.tools.gatewayproc import GatewayProcess, http_get
 
 pytestmark = pytest.mark.triton
 

@@ -21,11 +21,11 @@ import pytest
 from gateway import routing
 from gateway.config import ModelConfig, RoutingConfig
 from gateway.routing import drop_reason
-from gateway.sim import SimFleetThread
-from gateway.simcore import GIB, WorkerSpec
+from gateway.sim.core import GIB, WorkerSpec
+from gateway.sim.server import SimFleetThread
+from gateway.tools.gatewayproc import GatewayProcess
 from gateway.types import GpuSignal, ModelKey, ModelSignal, Route, WorkerSignals, WorkerSnapshot
 from gateway.upstream import Pool, PoolLimits
-from tests.gatewayproc import GatewayProcess
 
 pytestmark = pytest.mark.timeout(60)
 

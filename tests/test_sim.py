@@ -24,14 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
+from gateway.errors import BadRequest
 from gateway.signals import derive_signals, parse_metrics
-from gateway.sim import SimFleet, SimFleetThread, main
-from gateway.simcore import (
+from gateway.sim.cli import _parser, main, specs_from_args
+from gateway.sim.core import (
     GIB,
     MIB,
     Fail,
     Faults,
-    InferRequest,
     Queued,
     SimError,
     SimModel,
@@ -39,11 +39,11 @@ from gateway.simcore import (
     TensorSpec,
     WorkerCore,
     WorkerSpec,
-    compute,
-    decode_infer_request,
-    encode_infer_response,
-    validate,
 )
+from gateway.sim.infer import answer, validate
+from gateway.sim.server import SimFleet, SimFleetThread
+from gateway.tensors import parse_infer_request
+from gateway.tools import procs
 
 # ------------------------------------------------------------------ pure core, fake clock
 
@@ -206,7 +206,7 @@ def test_core_invariants(slots: int, max_queue: int, ops: list[tuple[bool, int]]
     assert raw.pending == 0
 
 
-# ------------------------------------------------------------------ codec
+# ------------------------------------------------------------------ the model, on the shared codec
 
 MODEL = SimModel()
 
@@ -219,9 +219,11 @@ def _json_request(shape: list[int], data: list[float], **extra: object) -> bytes
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
-        (b"{bad", 500, "failed to parse the request JSON buffer"),
-        (b"[]", 400, "'inputs'"),
-        (_json_request([1, 16], [0.0] * 15), 500, "Shape does not match"),
+        # malformed bodies: the gateway's codec (gateway.tensors) judges them
+        (b"{bad", 400, "malformed request JSON"),
+        (b"[]", 400, "request JSON must be an object"),
+        (_json_request([1, 16], [0.0] * 15), 400, "15 values in data"),
+        # well-formed, but not what the model takes: Triton's messages
         (_json_request([65, 16], [0.0] * 65 * 16), 400, "batch-size must be <= 64"),
         (_json_request([1, 8], [0.0] * 8), 400, "unexpected shape"),
         (json.dumps({"inputs": [{"name": "X", "shape": [1, 16], "datatype": "FP32",
@@ -233,17 +235,18 @@ def _json_request(shape: list[int], data: list[float], **extra: object) -> bytes
     ],
 )
 def test_invalid_requests(body: bytes, status: int, fragment: str) -> None:
-    with pytest.raises(SimError) as info:
-        validate(MODEL, decode_infer_request(body, None))
+    with pytest.raises((BadRequest, SimError)) as info:
+        validate(MODEL, parse_infer_request(body, None))
+    assert isinstance(info.value, BadRequest | SimError)
     assert info.value.status == status
     assert fragment in info.value.message
 
 
-def _roundtrip(body: bytes, header_length: int | None) -> tuple[InferRequest, bytes, int | None]:
-    req = decode_infer_request(body, header_length)
+def _roundtrip(body: bytes, header_length: int | None) -> tuple[bytes, int | None]:
+    req = parse_infer_request(body, header_length)
     validate(MODEL, req)
-    answer, answer_length = encode_infer_response(MODEL, req, compute(MODEL, req))
-    return req, answer, answer_length
+    encoded = answer(MODEL, req)
+    return encoded.body, encoded.header_length
 
 
 def test_binary_request_and_answer() -> None:
@@ -253,10 +256,10 @@ def test_binary_request_and_answer() -> None:
     out = triton.InferRequestedOutput("OUTPUT0", binary_data=True)
     body, header_length = triton.InferenceServerClient.generate_request_body(
         [inp], outputs=[out], request_id="r1")
-    _, answer, answer_length = _roundtrip(body, header_length)
-    assert answer_length is not None
+    reply, reply_length = _roundtrip(body, header_length)
+    assert reply_length is not None
     result = triton.InferenceServerClient.parse_response_body(
-        answer, header_length=answer_length)
+        reply, header_length=reply_length)
     assert result.get_response()["id"] == "r1"
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * 2)
 
@@ -269,10 +272,11 @@ def test_bytes_identity_model() -> None:
     inp.set_data_from_numpy(data)
     body, header_length = triton.InferenceServerClient.generate_request_body(
         [inp], outputs=[triton.InferRequestedOutput("OUTPUT0", binary_data=True)])
-    req = decode_infer_request(body, header_length)
+    req = parse_infer_request(body, header_length)
     assert validate(model, req) == 2
-    answer, answer_length = encode_infer_response(model, req, compute(model, req))
-    result = triton.InferenceServerClient.parse_response_body(answer, header_length=answer_length)
+    encoded = answer(model, req)
+    result = triton.InferenceServerClient.parse_response_body(
+        encoded.body, header_length=encoded.header_length)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
 
 
@@ -370,7 +374,7 @@ def test_health_metadata_config_index_stats(fleet: SimFleetThread) -> None:
         ("GET", "/v2/models/nope/ready", 400, {"error": "Model version not ready"}),
         ("GET", "/v2/models/simple/versions/7",
          404, {"error": "Request for unknown model: 'simple' version 7 is not found"}),
-        ("POST", "/v2/models/simple/infer", 500, None),  # empty body: JSON parse error
+        ("POST", "/v2/models/simple/infer", 400, None),  # empty body: JSON parse error
     ],
 )
 def test_error_shapes(fleet: SimFleetThread, method: str, path: str, status: int,
@@ -599,8 +603,7 @@ def test_cli_serves_consecutive_ports() -> None:
             assert _get(port, "/v2/health/ready")[0] == 200
         assert parse_metrics(_scrape(ports[2])).gpus == ()
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0
+        assert procs.stop(proc, 15) == 0
 
 
 def test_cli_rejects_bad_arguments() -> None:
@@ -608,8 +611,6 @@ def test_cli_rejects_bad_arguments() -> None:
 
 
 def test_cli_specs() -> None:
-    from gateway.sim import _parser, specs_from_args
-
     args = _parser().parse_args([
         "--workers", "3", "--speeds", "1,2", "--slots", "4,8,16", "--memory-gib", "80",
         "--error-rate", "0.5", "--faulty", "1", "--model", "big:FP16:3x8:identity:8",
@@ -677,19 +678,22 @@ async def test_control_port_restart_after_and_runtime_capacity() -> None:
         await fleet.stop()
 
 
-@pytest.mark.parametrize("module", ["gateway/simcore.py", "gateway/signals.py"])
+@pytest.mark.parametrize(
+    "module", ["gateway/sim/core.py", "gateway/sim/infer.py", "gateway/signals.py"])
 def test_pure_modules_do_no_io(module: str) -> None:
     import ast
     from pathlib import Path
 
     tree = ast.parse((Path(__file__).parent.parent / module).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+    imported = {alias.name for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+    imported |= {node.module or "" for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom)}
-    assert not imported & {"asyncio", "socket", "time", "httptools", "threading", "gateway.sim"}
-    assert "sim" not in {n.module for n in ast.walk(tree)
-                         if isinstance(n, ast.ImportFrom) and n.module == "gateway.sim"}
+    roots = {name.split(".")[0] for name in imported}
+    assert not roots & {"asyncio", "socket", "time", "httptools", "threading"}
+    shell = {name for name in imported if name.startswith("gateway.sim")} \
+        - {"gateway.sim.core", "gateway.sim.infer"}
+    assert not shell
 
 
 async def test_aio_client_concurrent_infer_with_compressed_answers() -> None:

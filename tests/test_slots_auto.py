@@ -9,8 +9,8 @@ import pytest
 from gateway.config import parse_config
 from gateway.fleet import instance_count
 from gateway.schema import ConfigError
-from gateway.sim import SimFleetThread
-from tests.gatewayproc import GatewayProcess
+from gateway.sim.server import SimFleetThread
+from gateway.tools.gatewayproc import GatewayProcess
 
 
 @pytest.mark.parametrize(("config", "instances"), [

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from gateway.local import TritonFleet
-from gateway.sim import SimFleetThread
-from gateway.simcore import Faults, WorkerSpec
+from gateway.sim.core import Faults, WorkerSpec
+from gateway.sim.server import SimFleetThread
+from gateway.tools.gatewayproc import GatewayProcess
+from gateway.tools.local import TritonFleet
 from tests.conftest import fleet_config
-from tests.gatewayproc import GatewayProcess
 from tests.test_status_page import CHROMIUM, chromium, parse
 
 pytestmark = pytest.mark.tool(*CHROMIUM)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.gatewayproc import free_port
+from gateway.tools.procs import free_port
 
 
 class SlowTriton:

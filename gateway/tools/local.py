@@ -1,4 +1,4 @@
-"""Embedded cluster: a fleet of real Triton servers, one ``gateway.triton_worker`` each.
+"""Embedded cluster: a fleet of real Triton servers, one ``gateway.tools.triton_worker`` each.
 
 :class:`TritonFleet` starts ``n`` worker processes concurrently, each in its own session
 (so a terminal's Ctrl-C reaches only us, and one ``killpg`` reaches a worker's whole tree:
@@ -34,29 +34,29 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from gateway.triton_worker import DEFAULT_PER_ITEM_MS, MODEL_NAMES, env_with_libpython_first
+from gateway.tools.procs import HOST, free_ports, is_http_ok
+from gateway.tools.triton_worker import (
+    DEFAULT_PER_ITEM_MS,
+    MODEL_NAMES,
+    env_with_libpython_first,
+)
 
 DEFAULT_SERVICE_TIME_MS = 5.0
 DEFAULT_STARTUP_TIMEOUT_S = 60.0
 DEFAULT_STOP_TIMEOUT_S = 15.0
 DEFAULT_CLI_SERVICE_TIMES_MS = (5.0, 10.0, 20.0)
-HOST = "127.0.0.1"
 PORTS_PER_WORKER = 3  # http, grpc, metrics
-PROBE_TIMEOUT_S = 1.0
 POLL_INTERVAL_S = 0.2
 START_ATTEMPTS = 3  # with free ports only: another process may take a port first
 LOG_TAIL_BYTES = 4000
@@ -113,16 +113,7 @@ class _Worker:
     ready_after_s: float | None = None
 
 
-# ------------------------------------------------------------------ process helpers
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (bound together, then closed)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
+# ------------------------------------------------------------------ process groups
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -220,14 +211,6 @@ def _wait_group_gone(pgid: int, pids: Sequence[int], timeout_s: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
@@ -457,10 +440,10 @@ class TritonFleet:
             env = env_with_libpython_first(os.environ)
             env["PYTHONUNBUFFERED"] = "1"
             env["PYTRITON_HOME"] = str(workdir / "home")
-            package_root = str(Path(__file__).resolve().parent.parent)
+            package_root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-            cmd = [sys.executable, "-m", "gateway.triton_worker",
+            cmd = [sys.executable, "-m", "gateway.tools.triton_worker",
                    "--http-port", str(info.ports.http), "--grpc-port", str(info.ports.grpc),
                    "--metrics-port", str(info.ports.metrics),
                    "--service-time-ms", str(info.service_time_ms),
@@ -478,8 +461,8 @@ class TritonFleet:
 
     def _is_ready(self, info: WorkerInfo) -> bool:
         base = info.http_url
-        return _http_ok(f"{base}/v2/health/ready") and all(
-            _http_ok(f"{base}/v2/models/{m}/ready") for m in self._models)
+        return is_http_ok(f"{base}/v2/health/ready") and all(
+            is_http_ok(f"{base}/v2/models/{m}/ready") for m in self._models)
 
     def _start_indices(self, indices: list[int], *, may_move: bool) -> None:
         """Spawn ``indices`` and wait for them; ``may_move``: on early exit, try new ports."""

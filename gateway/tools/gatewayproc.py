@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gateway.tools import procs
+from gateway.tools.procs import free_port, http_get
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
+__all__ = ["GatewayProcess", "free_port", "http_get"]
 
 
 class GatewayProcess:
@@ -61,25 +48,18 @@ class GatewayProcess:
 
     def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> GatewayProcess:
         self.write_config()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
-                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **self.env})
-        deadline = time.monotonic() + timeout_s
+        self.log_path.write_bytes(b"")
+        self.proc = procs.start(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            log_path=self.log_path, env=self.env)
         path = "/v2/health/ready" if wait_ready else "/v2/health/live"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                status, _ = http_get(self.url + path, timeout_s=1.0)
-                if status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"gateway not {'ready' if wait_ready else 'live'} in {timeout_s} s:"
-                           f"\n{self.log()}")
+        try:
+            procs.wait_http_ready(self.url + path, timeout_s, proc=self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"gateway not {'ready' if wait_ready else 'live'}: {exc}:"
+                               f"\n{self.log()}") from None
+        return self
 
     def log(self) -> str:
         try:
@@ -98,7 +78,8 @@ class GatewayProcess:
                 return dict(w)
         raise KeyError(worker_id)
 
-    def wait_for(self, predicate: Any, timeout_s: float = 15.0, what: str = "condition") -> None:
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 15.0,
+                 what: str = "condition") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if predicate():
@@ -111,16 +92,7 @@ class GatewayProcess:
         self.proc.send_signal(signum)
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return procs.stop(self.proc, timeout_s)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()

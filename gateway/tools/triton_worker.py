@@ -1,10 +1,10 @@
 """One real Triton server (``tritonserver`` 2.51 from ``nvidia-pytriton``) serving CPU models.
 
-``python -m gateway.triton_worker --http-port P --grpc-port G --metrics-port M
+``python -m gateway.tools.triton_worker --http-port P --grpc-port G --metrics-port M
 --service-time-ms S [--per-item-ms X] [--name NAME] [--workdir DIR] [--parent-pid PID]``
 starts the server in this process through PyTriton, blocks until SIGTERM or SIGINT and then
 shuts Triton down cleanly (exit status 0; 1 if Triton died, 3 if a port was taken).
-:mod:`gateway.local` runs a fleet of these.
+:mod:`gateway.tools.local` runs a fleet of these.
 
 Models (all numpy on the CPU, every one batched with Triton's dynamic batcher):
 
@@ -37,7 +37,7 @@ What PyTriton needs, found by reading its source and measuring here:
   backend also creates shared-memory regions (``/dev/shm/pytrtion<pid>-*``, PyTriton's
   ``psm_*``), a copy of each model in ``/tmp/folderXXXXXX`` and an empty
   ``/tmp/python_env_XXXXXX`` (both paths hard-coded in Triton, ``TMPDIR`` is ignored). A
-  clean exit removes them all; after a SIGKILL :mod:`gateway.local` removes the regions and
+  clean exit removes them all; after a SIGKILL :mod:`gateway.tools.local` removes the regions and
   model copies it can attribute to the dead worker; the empty ``python_env`` dir remains.
 * **Processes.** This Python process runs the model functions (one thread per model);
   ``tritonserver`` is its child (PyTriton sets PR_SET_PDEATHSIG=SIGTERM on it) and starts one
@@ -78,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-LOG = logging.getLogger("gateway.triton_worker")
+LOG = logging.getLogger("gateway.tools.triton_worker")
 
 DEFAULT_PER_ITEM_MS = 0.02
 ADD_SUB_MAX_BATCH = 64
@@ -318,7 +318,7 @@ def serve(opts: WorkerOptions, stop: threading.Event | None = None) -> int:
 
 
 def parse_args(argv: Sequence[str]) -> WorkerOptions:
-    p = argparse.ArgumentParser(prog="python -m gateway.triton_worker",
+    p = argparse.ArgumentParser(prog="python -m gateway.tools.triton_worker",
                                 description="One real Triton server with the test models.")
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--grpc-port", type=int, required=True)

@@ -1,7 +1,7 @@
-"""Pure model of one simulated Triton worker: admission, memory, service time, faults, codec.
+"""Pure model of one simulated Triton worker: admission, memory, service time, faults.
 
-The asyncio shell (:mod:`gateway.sim`) feeds events in and carries decisions out; nothing
-here touches a socket or reads a clock (``now`` is monotonic seconds, passed in), and the
+The asyncio shell (:mod:`gateway.sim.worker`) feeds events in and carries decisions out;
+nothing here touches a socket or reads a clock (``now`` is monotonic seconds, passed in), and the
 only randomness comes from an injected :class:`random.Random`.
 
 How a worker behaves:
@@ -20,31 +20,19 @@ How a worker behaves:
   ``--metrics-interval-ms``; the simulator has no such lag).
 * Counters are cumulative from the worker's (re)start, like a real process.
 
-The model computes its outputs for real: output *i* is input *i* times two (``op="double"``,
-the default ``simple`` model: FP32 INPUT0 [-1, 16] → OUTPUT0 = 2 × INPUT0) or unchanged
-(``op="identity"``; BYTES tensors are always passed through), so results can be checked.
+What a model computes, and how a request is checked against it, is in
+:mod:`gateway.sim.infer`.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-import numpy.typing as npt
-
 GIB = 1024**3
 MIB = 1024**2
-
-NUMPY_DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}
 
 MetricsFault = Literal["ok", "error", "hang"]
 ModelOp = Literal["double", "identity"]
@@ -379,253 +367,3 @@ class WorkerCore:
                     "cache_hit": {"count": 0, "ns": 0}, "cache_miss": {"count": 0, "ns": 0}},
                 "response_stats": {}, "batch_stats": [], "memory_usage": []})
         return {"model_stats": stats}
-
-
-# ------------------------------------------------------------------ model descriptions
-
-def model_metadata(model: SimModel) -> dict[str, Any]:
-    batch = [-1] if model.max_batch_size > 0 else []
-
-    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
-        return [{"name": t.name, "datatype": t.datatype, "shape": [*batch, *t.dims]}
-                for t in specs]
-
-    return {"name": model.name, "versions": [model.version], "platform": "python",
-            "inputs": tensors(model.inputs), "outputs": tensors(model.outputs)}
-
-
-def model_config(model: SimModel) -> dict[str, Any]:
-    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
-        return [{"name": t.name, "dims": list(t.dims),
-                 "data_type": "TYPE_STRING" if t.datatype == "BYTES" else f"TYPE_{t.datatype}"}
-                for t in specs]
-
-    config: dict[str, Any] = {
-        "name": model.name, "platform": "", "backend": "python",
-        "version_policy": {"latest": {"num_versions": 1}},
-        "max_batch_size": model.max_batch_size,
-        "input": tensors(model.inputs), "output": tensors(model.outputs),
-        "instance_group": [{"name": model.name, "kind": "KIND_GPU", "count": 1}],
-    }
-    if model.dynamic_batching:
-        config["dynamic_batching"] = {}
-    return config
-
-
-# ------------------------------------------------------------------ inference codec
-
-TensorData = npt.NDArray[Any] | list[bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: TensorData  # flat numpy array, or the elements of a BYTES tensor
-
-
-@dataclass(frozen=True, slots=True)
-class OutputRequest:
-    name: str
-    binary: bool | None  # None: not said per output
-
-
-@dataclass(frozen=True, slots=True)
-class InferRequest:
-    id: str
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[OutputRequest, ...] | None
-    binary_output: bool
-
-
-def _element_count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
-def _decode_bytes_elements(raw: bytes, name: str) -> list[bytes]:
-    elements: list[bytes] = []
-    pos = 0
-    while pos < len(raw):
-        if pos + 4 > len(raw):
-            raise SimError(400, f"unexpected end of BYTES data for input '{name}'")
-        (length,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        if pos + length > len(raw):
-            raise SimError(400, f"unexpected end of BYTES data for input '{name}'")
-        elements.append(raw[pos:pos + length])
-        pos += length
-    return elements
-
-
-def _decode_tensor(item: Any, raw: bytes | None) -> Tensor:
-    if not isinstance(item, dict):
-        raise SimError(400, "input must be a JSON object")
-    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) \
-            or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise SimError(400, "input must have 'name', 'datatype' and a non-negative 'shape'")
-    dims = tuple(shape)
-    count = _element_count(dims)
-    data: TensorData
-    if datatype == "BYTES":
-        if raw is not None:
-            data = _decode_bytes_elements(raw, name)
-        else:
-            values = np.asarray(item.get("data", []), dtype=object).reshape(-1).tolist()
-            data = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
-        got = len(data)
-    else:
-        dtype = NUMPY_DTYPES.get(datatype)
-        if dtype is None:
-            raise SimError(400, f"unsupported datatype '{datatype}' for input '{name}'")
-        try:
-            if raw is not None:
-                data = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
-            else:
-                data = np.asarray(item.get("data", []), dtype=dtype).reshape(-1)
-        except (ValueError, TypeError) as exc:
-            raise SimError(400, f"unable to parse 'data' of input '{name}': {exc}") from exc
-        got = data.size
-    if got != count:
-        raise SimError(500, "Unable to parse 'data': Shape does not match true shape of "
-                            f"'data' field (input '{name}': {got} elements for {count})")
-    return Tensor(name, datatype, dims, data)
-
-
-def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
-    """Decode a JSON or binary-extension inference body (``header_length`` from the header)."""
-    if header_length == 0:
-        raise SimError(400, "raw binary bodies (Inference-Header-Content-Length: 0) are not "
-                            "supported by the simulator")
-    if header_length is not None and not 0 < header_length <= len(body):
-        raise SimError(400, "invalid Inference-Header-Content-Length")
-    header_bytes = body if header_length is None else body[:header_length]
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SimError(500, f"failed to parse the request JSON buffer: {exc}") from exc
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-        raise SimError(400, "inference request must have an 'inputs' array")
-    binary = memoryview(body)[header_length or len(body):]
-    pos = 0
-    inputs: list[Tensor] = []
-    for item in header["inputs"]:
-        params = item.get("parameters") if isinstance(item, dict) else None
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
-        raw: bytes | None = None
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or pos + size > len(binary):
-                raise SimError(400, "binary_data_size exceeds the binary data of the request")
-            raw = bytes(binary[pos:pos + size])
-            pos += size
-        inputs.append(_decode_tensor(item, raw))
-    params = header.get("parameters")
-    binary_output = bool(params.get("binary_data_output", False)) \
-        if isinstance(params, dict) else False
-    outputs: list[OutputRequest] | None = None
-    if isinstance(header.get("outputs"), list):
-        outputs = []
-        for out in header["outputs"]:
-            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-                raise SimError(400, "output must have a 'name'")
-            oparams = out.get("parameters")
-            flag = oparams.get("binary_data") if isinstance(oparams, dict) else None
-            outputs.append(OutputRequest(out["name"], None if flag is None else bool(flag)))
-    request_id = header.get("id", "")
-    return InferRequest(str(request_id) if request_id is not None else "", tuple(inputs),
-                        None if outputs is None else tuple(outputs), binary_output)
-
-
-def validate(model: SimModel, req: InferRequest) -> int:
-    """Check the request against the model; returns its batch size (1 without batching)."""
-    by_name = {t.name: t for t in req.inputs}
-    batch = 1
-    for spec in model.inputs:
-        tensor = by_name.pop(spec.name, None)
-        if tensor is None:
-            raise SimError(400, f"expected {len(model.inputs)} inputs but got "
-                                f"{len(req.inputs)} inputs for model '{model.name}'")
-        if tensor.datatype != spec.datatype:
-            raise SimError(400, f"inference input '{spec.name}' data-type is "
-                                f"'{tensor.datatype}', but model '{model.name}' expects "
-                                f"'{spec.datatype}'")
-        dims = tensor.shape
-        if model.max_batch_size > 0:
-            if not dims or dims[0] > model.max_batch_size:
-                raise SimError(400, f"inference request batch-size must be <= "
-                                    f"{model.max_batch_size} for '{model.name}'")
-            batch = dims[0]
-            dims = dims[1:]
-        if len(dims) != len(spec.dims) or any(
-                w not in (-1, g) for w, g in zip(spec.dims, dims, strict=True)):
-            expected = [-1, *spec.dims] if model.max_batch_size > 0 else list(spec.dims)
-            raise SimError(400, f"unexpected shape for input '{spec.name}' for model "
-                                f"'{model.name}'. Expected {expected}, got {list(tensor.shape)}")
-    if by_name:
-        raise SimError(400, f"unexpected inference input '{next(iter(by_name))}' "
-                            f"for model '{model.name}'")
-    if req.outputs is not None:
-        known = {o.name for o in model.outputs}
-        for out in req.outputs:
-            if out.name not in known:
-                raise SimError(400, f"unexpected inference output '{out.name}' "
-                                    f"for model '{model.name}'")
-    return batch
-
-
-def compute(model: SimModel, req: InferRequest) -> dict[str, Tensor]:
-    """Output i = op(input i); the default model doubles INPUT0 into OUTPUT0."""
-    by_name = {t.name: t for t in req.inputs}
-    results: dict[str, Tensor] = {}
-    for i, spec in enumerate(model.outputs):
-        source = by_name[model.inputs[min(i, len(model.inputs) - 1)].name]
-        data = source.data
-        if model.op == "double" and not isinstance(data, list):
-            data = data * 2 if data.dtype != np.bool_ else data
-        results[spec.name] = Tensor(spec.name, spec.datatype, source.shape, data)
-    return results
-
-
-def _raw_bytes(tensor: Tensor) -> bytes:
-    if isinstance(tensor.data, list):
-        return b"".join(struct.pack("<I", len(e)) + e for e in tensor.data)
-    return tensor.data.astype(tensor.data.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def _json_data(tensor: Tensor) -> list[Any]:
-    if isinstance(tensor.data, list):
-        return [e.decode("utf-8", "replace") for e in tensor.data]
-    values: list[Any] = tensor.data.tolist()
-    return values
-
-
-def encode_infer_response(model: SimModel, req: InferRequest,
-                          results: dict[str, Tensor]) -> tuple[bytes, int | None]:
-    """Body and, for a binary answer, its Inference-Header-Content-Length."""
-    wanted = req.outputs if req.outputs is not None else tuple(
-        OutputRequest(o.name, None) for o in model.outputs)
-    outputs: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
-    for out in wanted:
-        tensor = results[out.name]
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
-                                 "shape": list(tensor.shape)}
-        if out.binary if out.binary is not None else req.binary_output:
-            raw = _raw_bytes(tensor)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = _json_data(tensor)
-        outputs.append(entry)
-    response: dict[str, Any] = {"id": req.id} if req.id else {}
-    response["model_name"] = model.name
-    response["model_version"] = model.version
-    response["outputs"] = outputs
-    header = json.dumps(response, separators=(",", ":")).encode()
-    if not blobs:
-        return header, None
-    return header + b"".join(blobs), len(header)

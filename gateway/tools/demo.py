@@ -4,7 +4,7 @@
     gateway loadtest [--shape step|spike|diurnal] [--duration 60] [--users N] [--workers 2]
                      [--out results/loadtest]
 
-Both start the embedded cluster (:class:`gateway.local.TritonFleet`: real Triton servers with
+Both start the embedded cluster (:class:`gateway.tools.local.TritonFleet`: real Triton servers with
 different service times), the gateway in front of it — in this process, on its own event
 loop in a thread, so no gateway process can outlive the command — and a bounded headless
 Locust run (``loadtest/locustfile.py``, :class:`TritonUser`) against the gateway. Locust
@@ -32,26 +32,29 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, TextIO
+from typing import Any
 
 from gateway.config import GatewayConfig, parse_config
-from gateway.local import FleetError, TritonFleet
+from gateway.tools import procs
+from gateway.tools.demo_view import (
+    FETCH_TIMEOUT_S,
+    Frame,
+    LiveView,
+    StatusReader,
+    render_line,
+    status_counts,
+)
+from gateway.tools.local import FleetError, TritonFleet
 
 DEMO_SERVICE_TIMES_MS = (2.0, 5.0, 10.0)
 DEMO_SLOTS_PER_WORKER = 2
@@ -62,8 +65,6 @@ SAMPLE_GPU_HOUR_COST = 2.50
 SAMPLE_OVERHEAD = 0.2
 SAMPLE_REDUNDANCY = 1
 VIEW_INTERVAL_S = 1.0
-P99_WINDOW_S = 5.0
-FETCH_TIMEOUT_S = 1.0
 DEFAULT_DEMO_PORT = 8000
 GATEWAY_START_TIMEOUT_S = 30.0
 GATEWAY_READY_TIMEOUT_S = 30.0
@@ -80,7 +81,7 @@ DEMO_TENANTS: dict[str, dict[str, Any]] = {
                    "rate_limit": {"rate_per_s": 15.0, "burst": 5.0}},
 }
 
-log = logging.getLogger("gateway.demo")
+log = logging.getLogger("gateway.tools.demo")
 
 
 class Interrupted(Exception):
@@ -183,256 +184,11 @@ class GatewayThread:
 
 def _wait_gateway_ready(url: str, timeout_s: float) -> None:
     """Until the gateway has probed a worker ready (its /v2/health/ready answers 200)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=FETCH_TIMEOUT_S) as r:
-                if int(r.status) == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the gateway at {url} saw no ready worker within {timeout_s:.0f} s")
-
-
-# ------------------------------------------------------------------ reading the gateway
-
-_BUCKET_LINE = re.compile(
-    r'^gateway_request_duration_seconds_bucket\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)')
-_LE = re.compile(r'le="(?P<le>[^"]+)"')
-
-
-def parse_latency_buckets(exposition: str) -> dict[float, float]:
-    """Cumulative bucket counts of ``gateway_request_duration_seconds``, summed over models."""
-    buckets: dict[float, float] = {}
-    for line in exposition.splitlines():
-        match = _BUCKET_LINE.match(line)
-        if not match:
-            continue
-        le = _LE.search(match["labels"])
-        if le is None:
-            continue
-        bound = math.inf if le["le"] == "+Inf" else float(le["le"])
-        buckets[bound] = buckets.get(bound, 0.0) + float(match["value"])
-    return buckets
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus' ``histogram_quantile`` over cumulative ``{upper bound: count}``."""
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return None
-    total = buckets[bounds[-1]]
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for bound in bounds:
-        count = buckets[bound]
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound  # beyond the last finite bucket: its bound is all we know
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
-                count - lower_count)
-        lower_bound, lower_count = bound, count
-    return bounds[-1]
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """What one refresh of the live view shows."""
-
-    elapsed_s: float
-    status: dict[str, Any] | None
-    rps: float | None
-    p99_ms: float | None
-    error: str | None = None
-    names: dict[str, str] = field(default_factory=dict)  # worker id → display name
-
-
-class StatusReader:
-    """Polls ``/status.json`` and ``/metrics``; RPS from counter deltas, p99 over a window."""
-
-    def __init__(self, url: str, window_s: float = P99_WINDOW_S,
-                 names: dict[str, str] | None = None) -> None:
-        self._url = url
-        self._names = dict(names or {})
-        self._window_s = window_s
-        self._histograms: deque[tuple[float, dict[float, float]]] = deque()
-        self._last_count: tuple[float, int] | None = None
-        self.last_status: dict[str, Any] | None = None
-
-    def _get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self._url + path, timeout=FETCH_TIMEOUT_S) as response:
-            body: bytes = response.read()
-            return body
-
-    def read(self, elapsed_s: float) -> Frame:
-        now = time.monotonic()
-        try:
-            status = json.loads(self._get("/status.json"))
-            buckets = parse_latency_buckets(self._get("/metrics").decode())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            return Frame(elapsed_s, self.last_status, None, None, error=str(exc),
-                         names=self._names)
-        self.last_status = status
-        requests = int(status.get("counters", {}).get("requests", 0))
-        rps = None
-        if self._last_count is not None and now > self._last_count[0]:
-            rps = (requests - self._last_count[1]) / (now - self._last_count[0])
-        self._last_count = (now, requests)
-        self._histograms.append((now, buckets))
-        while len(self._histograms) > 1 and now - self._histograms[1][0] >= self._window_s:
-            self._histograms.popleft()
-        oldest = self._histograms[0][1]
-        window = {b: c - oldest.get(b, 0.0) for b, c in buckets.items()}
-        p99_s = histogram_quantile(0.99, window)
-        return Frame(elapsed_s, status, rps, p99_s * 1000.0 if p99_s is not None else None,
-                     names=self._names)
-
-
-# ------------------------------------------------------------------ the live view
-
-_BAR_WIDTH = 10
-
-
-def _bar(used: float, total: float) -> str:
-    filled = 0 if total <= 0 else min(_BAR_WIDTH, round(_BAR_WIDTH * used / total))
-    return "#" * filled + "." * (_BAR_WIDTH - filled)
-
-
-def _memory(worker: dict[str, Any]) -> str:
-    free, total = worker.get("gpu_free_bytes"), worker.get("gpu_total_bytes")
-    if free is None or not total:
-        return "cpu"
-    gib = 1024**3
-    return f"{free / gib:.1f}/{total / gib:.0f} GiB free"
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
-
-
-def _num(value: float | None, fmt: str = "{:.0f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _counts(status: dict[str, Any]) -> tuple[int, int, int]:
-    c = status.get("counters", {})
-    rejected, errors = int(c.get("rejected", 0)), int(c.get("errors", 0))
-    return int(c.get("requests", 0)) - rejected - errors, rejected, errors
-
-
-def _rejection_reasons(status: dict[str, Any]) -> str:
-    reasons: dict[str, int] = {}
-    for r in status.get("rejections", []):
-        key = f"{r.get('status')} {r.get('reason')}"
-        reasons[key] = reasons.get(key, 0) + 1
-    return ", ".join(f"{k} ×{n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-
-
-def _name(worker: dict[str, Any], names: dict[str, str]) -> str:
-    wid = str(worker.get("id"))
-    return names.get(wid, wid)
-
-
-def render_frame(frame: Frame, *, title: str) -> list[str]:
-    """The full-screen view: a header, one row per worker, the fleet's totals."""
-    names = frame.names
-    lines = [f"{title}   t = {frame.elapsed_s:4.0f} s"]
-    status = frame.status
-    if status is None:
-        return [*lines, f"  waiting for the gateway … {frame.error or ''}"]
-    fleet = status.get("fleet", {})
-    lines.append(f"  {'worker':<16} {'state':<9} {'breaker':<10} {'in flight / slots':<24} "
-                 f"{'pending':>7}  {'memory':<16} {'latency':>9}")
-    for w in status.get("workers", []):
-        slots = int(w.get("slots") or 0)
-        in_flight = int(w.get("in_flight") or 0)
-        lines.append(
-            f"  {_name(w, names)[:16]:<16} {str(w.get('state'))[:9]:<9} "
-            f"{w.get('breaker')!s:<10} {_bar(in_flight, slots)} {in_flight:>3} / {slots:<5}   "
-            f"{_num(w.get('pending')):>7}  {_memory(w):<16} {_ms(w.get('latency_ms')):>9}")
-    admitted, shed, errors = _counts(status)
-    total = admitted + shed + errors
-    shed_pct = f" ({100.0 * shed / total:.1f} %)" if total else ""
-    desired = fleet.get("desired_replicas", {})
-    lines += [
-        f"  admitted {admitted:<8} shed {shed}{shed_pct:<10} errors {errors:<6} "
-        f"queue {fleet.get('queue_length', 0)}",
-        f"  RPS {_num(frame.rps):<7} p99 {_ms(frame.p99_ms):<9} "
-        f"utilisation {100.0 * float(fleet.get('utilisation') or 0.0):.0f} %   "
-        f"desired replicas: reactive {desired.get('reactive', '-')}, "
-        f"predictive {desired.get('predictive', '-')}   "
-        f"(ready {fleet.get('workers_ready', '-')}/{fleet.get('workers_total', '-')})",
-        f"  recent rejections: {_rejection_reasons(status) or 'none'}",
-    ]
-    return lines
-
-
-def render_line(frame: Frame) -> str:
-    """One line per second, for pipes and dumb terminals."""
-    names = frame.names
-    head = f"[{frame.elapsed_s:4.0f} s]"
-    status = frame.status
-    if status is None:
-        return f"{head} waiting for the gateway … {frame.error or ''}"
-    admitted, shed, errors = _counts(status)
-    fleet = status.get("fleet", {})
-    desired = fleet.get("desired_replicas", {})
-    workers = " | ".join(
-        f"{_name(w, names)} {w.get('in_flight', 0)}/{w.get('slots', 0)} "
-        f"pend {_num(w.get('pending'))} {_memory(w)} {w.get('breaker')}"
-        for w in status.get("workers", []))
-    return (f"{head} RPS {_num(frame.rps)} p99 {_ms(frame.p99_ms)} admitted {admitted} "
-            f"shed {shed} errors {errors} queue {fleet.get('queue_length', 0)} "
-            f"desired {desired.get('reactive', '-')}/{desired.get('predictive', '-')} "
-            f"|| {workers}")
-
-
-class LiveView:
-    """Redraws the frame in place on an ANSI terminal; prints one line a second otherwise."""
-
-    def __init__(self, out: TextIO, *, title: str, redraw: bool | None = None) -> None:
-        self._out = out
-        self._title = title
-        if redraw is None:
-            term = os.environ.get("TERM", "")
-            redraw = out.isatty() and term not in ("", "dumb")
-        self._redraw = redraw
-        self._drawn = 0
-
-    def show(self, frame: Frame) -> None:
-        if not self._redraw:
-            print(render_line(frame), file=self._out, flush=True)
-            return
-        lines = render_frame(frame, title=self._title)
-        parts = [f"\x1b[{self._drawn}F"] if self._drawn else []
-        parts += [f"\x1b[2K{line}\n" for line in lines]
-        if self._drawn > len(lines):  # clear what a longer previous frame left
-            parts += ["\x1b[2K\n"] * (self._drawn - len(lines))
-            parts.append(f"\x1b[{self._drawn - len(lines)}F")
-        self._out.write("".join(parts))
-        self._out.flush()
-        self._drawn = len(lines)
+    procs.wait_until(lambda: procs.is_http_ok(url + "/v2/health/ready", FETCH_TIMEOUT_S),
+                     timeout_s, what=f"ready worker seen by the gateway at {url}")
 
 
 # ------------------------------------------------------------------ Locust
-
-
-def _import_loadtest() -> Any:
-    """``loadtest.run`` (kept in the repository, beside the ``gateway`` package)."""
-    try:
-        import loadtest.run as run_module
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "loadtest" / "run.py").exists():
-            raise
-        sys.path.insert(0, str(root))
-        import loadtest.run as run_module
-    return run_module
 
 
 class LocustRun:
@@ -440,24 +196,24 @@ class LocustRun:
 
     def __init__(self, host: str, *, shape: str, duration_s: float, users: int,
                  out_prefix: Path, log_path: Path) -> None:
-        run_module = _import_loadtest()
-        self.outputs = run_module.outputs_for(out_prefix)
+        # The loadtest package ships beside gateway (pyproject); imported here because the
+        # demo's other commands need neither it nor Locust.
+        from loadtest.run import locust_command, outputs_for
+
+        self.outputs = outputs_for(out_prefix)
         self.duration_s = duration_s
-        self._command: list[str] = run_module.locust_command(
+        self._command: list[str] = locust_command(
             host, shape=shape, duration_s=duration_s, users=users,
             spawn_rate=float(max(1, users)), out=out_prefix, user_classes=("TritonUser",),
             extra=("--csv-full-history",))
         self._log_path = log_path
-        self._log: IO[bytes] | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
     def start(self) -> None:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self._log_path.open("wb")
-        self.process = subprocess.Popen(self._command, stdin=subprocess.DEVNULL,
-                                        stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self._log_path.write_bytes(b"")
+        self.process = procs.start(self._command, log_path=self._log_path, new_session=True)
         self.started_at = time.monotonic()
 
     def is_running(self) -> bool:
@@ -467,13 +223,7 @@ class LocustRun:
         return time.monotonic() - self.started_at > self.duration_s + LOCUST_GRACE_S
 
     def kill(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        procs.stop(self.process, signum=signal.SIGKILL, group=True)
 
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -768,7 +518,7 @@ def main_demo(argv: Sequence[str]) -> int:
         return 1
     print(locust_summary(result.outputs))
     if result.final_status is not None:
-        admitted, shed, errors = _counts(result.final_status)
+        admitted, shed, errors = status_counts(result.final_status)
         print(f"gateway: admitted {admitted}, shed {shed}, errors {errors}")
     print()
     planned = print_plan(result.outputs.history_csv, opts.out_dir, opts.workers,
