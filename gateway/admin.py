@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import __version__, routing
-from gateway.telemetry import CONTENT_TYPE
+from gateway.telemetry import CONTENT_TYPE, Telemetry
 
 if TYPE_CHECKING:
-    from gateway.service import GatewayService
+    from gateway.state import GatewayState
     from gateway.types import WorkerSignals
     from gateway.workers import Worker
 
@@ -30,16 +31,15 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def status_document(svc: GatewayService) -> dict[str, Any]:
+def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
     """The data behind /status (and /status.json); shape documented in the README."""
     now = svc.clock()
-    t = svc.telemetry
     view = t.fleet_view(now)
-    board = svc.dispatcher.breakers
+    board = svc.breakers
     stale = svc.cfg.scrape.stale_after_s
     workers = []
     breakers = board.statistics(now).workers
-    for w in svc.fleet.workers.values():
+    for w in svc.workers():
         sig = w.signals
         fresh = w.fresh_signals(now, stale)
         breaker = board.state(w.id, now).value if w.id in board else "closed"
@@ -63,7 +63,7 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
             "signals_age_s": (now - sig.scraped_at) if sig else None,
             "models": sorted(m for m in w.models_ready if "/" not in m),
         })
-    counters = svc.telemetry.requests
+    counters = t.requests
     totals = {"requests": 0, "ok": 0, "rejected": 0, "errors": 0}
     for metric in counters.collect():
         for sample in metric.samples:
@@ -88,20 +88,19 @@ def status_document(svc: GatewayService) -> dict[str, Any]:
             "arrival_rate_per_s": view["arrival_rate_per_s"],
             "desired_replicas": {"reactive": view["desired_reactive"],
                                  "predictive": view["desired_predictive"]},
-            "workers_ready": sum(1 for w in svc.fleet.workers.values() if w.is_routable),
-            "workers_total": len(svc.fleet.workers),
-            "queue_length": svc.dispatcher.queue_length,
+            "workers_ready": sum(1 for w in svc.workers() if w.is_routable),
+            "workers_total": sum(1 for _ in svc.workers()),
+            "queue_length": svc.queue_length,
         },
         "counters": totals,
-        "dispatch": svc.dispatcher.statistics(),
+        "dispatch": svc.dispatch_statistics(),
         "workers": workers,
-        "limits": svc.dispatcher.limiter.describe() if hasattr(svc.dispatcher.limiter,
-                                                               "describe") else [],
+        "limits": svc.limits_description(),
         "rejections": list(t.recent_rejections)[::-1],
     }
 
 
-def _display_score(svc: GatewayService, w: Worker, sig: WorkerSignals | None) -> float:
+def _display_score(svc: GatewayState, w: Worker, sig: WorkerSignals | None) -> float:
     """The worker's load-aware score as the router would weigh it now (default weights;
     latency neutral), in [0, 1], 1 best — for people reading the status page."""
     weights = routing.normalised_weights(svc.cfg.routing.weights)
@@ -111,7 +110,11 @@ def _display_score(svc: GatewayService, w: Worker, sig: WorkerSignals | None) ->
         routing.queue_score(pending, w.in_flight, w.slots), routing.NEUTRAL_SCORE), 3)
 
 
-def build_admin_app(svc: GatewayService) -> Starlette:
+ReloadFn = Callable[[], tuple[bool, str]]
+
+
+def build_admin_app(svc: GatewayState, telemetry: Telemetry, reload_config: ReloadFn
+                    ) -> Starlette:
     def authorised(request: Request) -> Response | None:
         token = svc.cfg.admin.token.reveal()
         if not token:
@@ -122,14 +125,14 @@ def build_admin_app(svc: GatewayService) -> Starlette:
         return None
 
     async def metrics(request: Request) -> Response:
-        return Response(svc.telemetry.exposition(), media_type=CONTENT_TYPE)
+        return Response(telemetry.exposition(), media_type=CONTENT_TYPE)
 
     async def status_html(request: Request) -> Response:
         page = resources.files("gateway").joinpath("status.html").read_text()
         return HTMLResponse(page)
 
     async def status_json(request: Request) -> Response:
-        return JSONResponse(status_document(svc))
+        return JSONResponse(status_document(svc, telemetry))
 
     async def reload(request: Request) -> Response:
         if request.method != "POST":
@@ -137,9 +140,7 @@ def build_admin_app(svc: GatewayService) -> Starlette:
         denied = authorised(request)
         if denied is not None:
             return denied
-        from gateway.server import reload_from_file
-
-        ok, message = reload_from_file(svc)
+        ok, message = reload_config()
         if not ok:
             return _error(400, message)
         return JSONResponse({"reloaded": True, "generation": svc.generation,
@@ -149,7 +150,7 @@ def build_admin_app(svc: GatewayService) -> Starlette:
         denied = authorised(request)
         if denied is not None:
             return denied
-        return JSONResponse(status_document(svc)["workers"])
+        return JSONResponse(status_document(svc, telemetry)["workers"])
 
     return Starlette(routes=[
         Route("/metrics", metrics),

@@ -71,12 +71,32 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FlushReason = Literal["full", "timer", "flush", "idle"]
 Headers = list[tuple[bytes, bytes]]
 UpstreamReply = tuple[int, HeadersLike, bytes]
-Send = Callable[["BatchKey", bytes, Headers], Awaitable[UpstreamReply]]
+Send = Callable[["BatchKey", bytes, Headers, "BatchMeta"], Awaitable[UpstreamReply]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMeta:
+    """What a merged batch inherits from its members: the most urgent member's priority
+    (lowest value) and the latest member deadline (members with an earlier one stop waiting
+    for it on their own); ``tenants`` for accounting."""
+
+    priority: int = 1
+    deadline: float = float("inf")
+    tenants: tuple[str | None, ...] = ()
+    rows: int = 1
+
+    @classmethod
+    def of(cls, members: Sequence[tuple[int, float, str | None]], rows: int) -> BatchMeta:
+        if not members:
+            return cls(rows=rows)
+        return cls(priority=min(p for p, _, _ in members),
+                   deadline=max(d for _, d, _ in members),
+                   tenants=tuple(t for _, _, t in members), rows=rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,11 +419,16 @@ def replies_for(members: Sequence[InferRequest], status: int, headers: HeadersLi
 
 
 class _Member:
-    __slots__ = ("arrived_at", "future", "request", "rows", "size_bytes")
+    __slots__ = ("arrived_at", "deadline", "future", "priority", "request", "rows",
+                 "size_bytes", "tenant")
 
     def __init__(self, request: InferRequest, future: asyncio.Future[HttpReply],
-                 arrived_at: float) -> None:
+                 arrived_at: float, priority: int = 1, deadline: float = float("inf"),
+                 tenant: str | None = None) -> None:
         self.request = request
+        self.priority = priority
+        self.deadline = deadline
+        self.tenant = tenant
         self.rows = request_rows(request)
         self.size_bytes = request_size_bytes(request)
         self.future = future
@@ -482,14 +507,17 @@ class Batcher:
             return False
         return key in self._open or len(self._open) < self._max_open_batches
 
-    async def submit(self, request: InferRequest, key: BatchKey) -> HttpReply:
+    async def submit(self, request: InferRequest, key: BatchKey, *, priority: int = 1,
+                     deadline: float = float("inf"), tenant: str | None = None) -> HttpReply:
         """Wait for a place in a batch and return this request's own reply. Cancelling the
-        caller withdraws it from a batch not sent yet, or drops its result otherwise."""
+        caller withdraws it from a batch not sent yet, or drops its result otherwise.
+        ``priority``, ``deadline`` (monotonic) and ``tenant`` travel with the member; the
+        merged batch is sent with :class:`BatchMeta` of its members."""
         if not self.can_accept(key):
             self._rejected += 1
             raise Overloaded("batcher full" if not self._closed else "batcher closed")
         loop = asyncio.get_running_loop()
-        member = _Member(request, loop.create_future(), self._now())
+        member = _Member(request, loop.create_future(), self._now(), priority, deadline, tenant)
         batch = self._open.get(key)
         if batch is None:
             batch = self._open[key] = _OpenBatch()
@@ -593,7 +621,9 @@ class Batcher:
             try:
                 encoded = encode_infer_request(merge(requests), binary=True)
                 headers = [*encoded.headers(), (b"accept-encoding", b"identity")]
-                status, reply_headers, body = await self._send(key, encoded.body, headers)
+                meta = BatchMeta.of([(m.priority, m.deadline, m.tenant) for m in members],
+                                    rows=sum(m.rows for m in members))
+                status, reply_headers, body = await self._send(key, encoded.body, headers, meta)
                 replies = replies_for(requests, status, reply_headers, body)
             except GatewayError as exc:
                 replies = [HttpReply.from_error(exc)] * len(members)
@@ -656,7 +686,8 @@ def _size_bucket(members: int) -> int:
 
 
 __all__ = [
-    "BatchKey", "BatchPlan", "BatchRecord", "Batcher", "BatcherStatistics", "HttpReply",
+    "BatchKey", "BatchMeta", "BatchPlan", "BatchRecord", "Batcher", "BatcherStatistics",
+    "HttpReply",
     "NotBatchable", "PendingItem", "batch_rows", "compatibility_key", "error_reply", "merge",
     "plan_batches", "prepare", "render_response", "replies_for", "request_rows",
     "request_size_bytes", "split",

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
-import itertools
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway import routing
 from gateway.adaptive import AdaptiveLimit
@@ -44,20 +42,23 @@ from gateway.errors import (
 from gateway.fleet import Fleet
 from gateway.ratelimit import RateLimiter
 from gateway.redis_store import RedisStore
-from gateway.retrybudget import RetryBudget, is_retryable
+from gateway.requesthead import RequestHead
+from gateway.retrybudget import RetryBudget, RetryVerdict, decide_retry
+from gateway.sticky import StickyTable
 from gateway.types import ModelKey, NoRoute, Priority, Route, WorkerId
 from gateway.upstream import Headers, Response, UpstreamFailure
+from gateway.waitqueue import Ticket, WaitQueue
 from gateway.workers import Worker
 
 log = logging.getLogger("gateway.dispatch")
 
-MAX_STICKY_SEQUENCES = 65536
 WORKER_FAILURE_STATUSES = frozenset({500, 502, 503, 504})
 
 
 @dataclass(slots=True)
 class Call:
-    """One request as the dispatcher sees it (built by the proxy)."""
+    """One request as the dispatcher sees it (built by the proxy, or by the batching
+    gateway for a merged batch)."""
 
     method: str
     target: str
@@ -72,6 +73,7 @@ class Call:
     batch_size: int = 1
     cost: int = 1
     stream: bool = False
+    head: RequestHead | None = None     # infer requests: the head, read once by the proxy
 
 
 @dataclass(slots=True)
@@ -84,17 +86,10 @@ class Lease:
     done: bool = False
 
 
-@dataclass(order=True, slots=True)
-class _Waiter:
-    priority: int
-    seq: int
-    future: asyncio.Future[None] = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
-    model: str = field(default="", compare=False)
-    enqueued_at: float = field(default=0.0, compare=False)
-
-
 class Dispatcher:
+    """Composes the pure parts — rate limits, router, :class:`WaitQueue`, :class:`StickyTable`,
+    :func:`decide_retry`, breakers — and does the awaiting."""
+
     def __init__(self, cfg: GatewayConfig, fleet: Fleet, *,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
@@ -109,26 +104,23 @@ class Dispatcher:
         self.router = routing.Router(cfg.routing, cfg.models, rng=self.rng)
         self.table = routing.RoutingTable()
         self.load: routing.LoadSource | None = None
-        self._queue: list[_Waiter] = []
-        self._queued = 0
-        self._seq = itertools.count()
-        self._sticky: collections.OrderedDict[str, WorkerId] = collections.OrderedDict()
+        self.queue = WaitQueue()
+        self._futures: dict[int, asyncio.Future[None]] = {}
+        self.sticky = StickyTable()
         self.completions = RateMeter()
-        self.arrivals: dict[str, RateMeter] = {}
         self.service_time_ewma_s = 0.0
         self.saturated_since: float | None = None
         self.saturated_total_s = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
         self.upstream_attempts = 0
-        self._waiter_deadlines: dict[int, float] = {}
-        # admission.adaptive: one gradient limit per fleet member (pruned by the service)
+        # admission.adaptive: one gradient limit per fleet member (pruned by the table sync)
         self.adaptive: dict[WorkerId, AdaptiveLimit] = {}
         self.in_flight_total = 0
         # Set by the metrics exporter: (model, seconds from enqueue to leaving the queue).
         self.on_queue_wait: Callable[[str, float], None] | None = None
 
     def __repr__(self) -> str:
-        return (f"<Dispatcher queued={self._queued} sticky={len(self._sticky)} "
+        return (f"<Dispatcher queued={len(self.queue)} sticky={len(self.sticky)} "
                 f"counters={dict(self.counters)}>")
 
     def reconfigure(self, cfg: GatewayConfig, redis_store: RedisStore | None = None) -> None:
@@ -144,66 +136,73 @@ class Dispatcher:
         self.table = table
         self.load = load
 
-    # ------------------------------------------------------------------------------------
-    def arrival(self, model: str, now: float) -> None:
-        meter = self.arrivals.get(model)
-        if meter is None:
-            if len(self.arrivals) >= 1024:  # bounded: model names come from clients
-                meter = self.arrivals.setdefault("_other", RateMeter(30.0))
-            else:
-                meter = self.arrivals[model] = RateMeter(30.0)
-        meter.add(now)
-
+    # the whole path: admit, route, send, retry --------------------------------------------
     async def dispatch(self, call: Call) -> Lease:
-        now = self.clock()
-        self.arrival(call.key.name, now)
-        if call.cost > 0:  # 0: a merged batch whose members were charged one by one
-            await self.limiter.admit(call.tenant, call.key.name, call.cost)
-        self.retry_budget.record_request(now)
+        """Admit, route and send ``call``; the caller relays the response and then calls
+        :meth:`finish`."""
+        await self.admit(call)
         tried: set[WorkerId] = set()
         attempts = 0
-        max_attempts = self.cfg.admission.retry.max_attempts
         while True:
-            worker = await self._acquire(call, tried)
+            worker = await self.acquire(call, tried)
             attempts += 1
-            self.upstream_attempts += 1
             started = self.clock()
-            worker.begin(call.key.name)
-            self.in_flight_total += 1
             try:
                 resp = await worker.pool.request(call.method, call.target, call.headers,
                                                  call.body, stream=call.stream,
                                                  read_timeout_s=self._read_timeout(call))
             except UpstreamFailure as exc:
                 self._end(worker, call.key.name, started, ok=False)
-                if self._may_retry(exc.stage, None, attempts, max_attempts, tried, worker):
+                if self._may_retry(exc.stage, None, attempts, tried, worker):
                     continue
                 raise
             except BaseException:
                 # Cancelled (the client went away): not the worker's fault.
                 self._end(worker, call.key.name, started, ok=None)
                 raise
-            if resp.status == 503 and self._may_retry("response", 503, attempts, max_attempts,
-                                                      tried, worker):
+            if resp.status == 503 and self._may_retry("response", 503, attempts, tried, worker):
                 resp.close()
                 self._end(worker, call.key.name, started, ok=False)
                 continue
             if call.sequence_id is not None:
-                self._stick(call.sequence_id, worker.id, call.sequence_end)
+                self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
             return Lease(worker, resp, started, call.key.name, attempts)
+
+    # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
+    async def admit(self, call: Call) -> None:
+        """Rate limits for ``call`` (raises a Rejected on refusal)."""
+        if call.cost > 0:  # 0: a merged batch whose members were charged one by one
+            await self.limiter.admit(call.tenant, call.key.name, call.cost)
+        self.retry_budget.record_request(self.clock())
+
+    async def acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
+        """Route ``call`` (waiting in the queue when every worker is busy) and take a slot on
+        the chosen worker; pair with :meth:`release`."""
+        worker = await self._acquire(call, tried)
+        self.upstream_attempts += 1
+        worker.begin(call.key.name)
+        self.in_flight_total += 1
+        return worker
+
+    def release(self, worker: Worker, model: str, started: float, *, ok: bool | None) -> None:
+        """Give back a slot taken by :meth:`acquire`; ``ok`` None = abandoned (the client
+        went away), neither the worker's success nor its failure."""
+        self._end(worker, model, started, ok=ok)
 
     def _read_timeout(self, call: Call) -> float:
         left = call.deadline - self.clock()
         return max(0.001, min(self.cfg.upstream.read_timeout_s, left))
 
-    def _may_retry(self, stage: str, status: int | None, attempts: int, max_attempts: int,
+    def _may_retry(self, stage: str, status: int | None, attempts: int,
                    tried: set[WorkerId], worker: Worker) -> bool:
         tried.add(worker.id)
-        if attempts >= max_attempts or not is_retryable(stage, status):
-            return False
         now = self.clock()
-        if not self.retry_budget.can_retry(now):
+        verdict = decide_retry(stage, status, attempts=attempts,
+                               max_attempts=self.cfg.admission.retry.max_attempts,
+                               budget_allows=self.retry_budget.can_retry(now))
+        if verdict is RetryVerdict.BUDGET_EXHAUSTED:
             self.counters["retry_budget_exhausted"] += 1
+        if verdict is not RetryVerdict.RETRY:
             return False
         self.retry_budget.record_retry(now)
         self.counters["retries"] += 1
@@ -236,7 +235,7 @@ class Dispatcher:
         else:
             self.breakers.record(worker.id, now, ok=ok, latency_s=latency)
         self.completions.add(now)
-        if self._queued == 0:
+        if not self.queue:
             self._mark_saturated(False)  # a slot is free and nobody waits for one
         if ok:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
@@ -246,7 +245,7 @@ class Dispatcher:
     def effective_slots(self, worker: Worker) -> int:
         """The worker's slot limit, lowered to its adaptive concurrency limit when
         ``admission.adaptive.enabled``. The router reads it from the routing table, which
-        the service refreshes every scrape tick (≤ 0.25 s), never above ``slots``."""
+        the table sync refreshes every scrape tick (≤ 0.25 s), never above ``slots``."""
         if not self.cfg.admission.adaptive.enabled:
             return worker.slots
         return min(worker.slots, self._adaptive_for(worker).limit)
@@ -258,16 +257,21 @@ class Dispatcher:
             limit = self.adaptive[worker.id] = AdaptiveLimit(cfg, worker.slots)
         return limit
 
+    def forget_worker(self, worker: WorkerId) -> None:
+        """A worker left the fleet: drop its adaptive limit and sticky sequences."""
+        self.adaptive.pop(worker, None)
+        self.sticky.forget_worker(worker)
+
     # routing + queueing -------------------------------------------------------------------
     def pick(self, call: Call, exclude: set[WorkerId]) -> Route | NoRoute:
-        sticky = self._sticky.get(call.sequence_id) if call.sequence_id is not None else None
+        sticky = self.sticky.worker_for(call.sequence_id)
         if sticky is not None and sticky in exclude:
             sticky = None
         return self.router.decide(self.table, call.key, self.load, batch_size=call.batch_size,
                                   sticky=sticky, exclude=exclude)
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
-        waiter: _Waiter | None = None
+        ticket: Ticket | None = None
         try:
             while True:
                 decision = self.pick(call, tried)
@@ -286,62 +290,55 @@ class Dispatcher:
                     raise NoHealthyWorker(f"no ready worker for model '{call.key}': "
                                           f"{decision.reason}", retry_after_s=1.0)
                 self._mark_saturated(True)
-                waiter = await self._wait(call, waiter)
+                ticket = await self._wait(call, ticket)
         finally:
-            if waiter is not None:
-                self._leave_queue(waiter)
+            if ticket is not None:
+                self._leave_queue(ticket)
 
-    def _leave_queue(self, waiter: _Waiter) -> None:
-        if waiter.cancelled:
-            return
-        waiter.cancelled = True
-        self._queued -= 1
-        self._waiter_deadlines.pop(waiter.seq, None)
+    def _leave_queue(self, ticket: Ticket) -> None:
+        if self._futures.pop(ticket.seq, None) is None:
+            return  # left already
+        self.queue.remove(ticket)
         if self.on_queue_wait is not None:
-            self.on_queue_wait(waiter.model, self.clock() - waiter.enqueued_at)
+            self.on_queue_wait(ticket.model, ticket.wait_s(self.clock()))
 
-    async def _wait(self, call: Call, waiter: _Waiter | None) -> _Waiter:
+    async def _wait(self, call: Call, ticket: Ticket | None) -> Ticket:
+        """Wait for a slot; the first call enqueues (or refuses), later calls (woken, but
+        another request took the worker) keep the ticket's place."""
         now = self.clock()
-        if waiter is None:
-            ahead = sum(1 for w in self._queue if not w.cancelled and w.priority <= call.priority)
-            view = QueueView(length=self._queued, ahead=ahead,
+        if ticket is None:
+            view = QueueView(length=len(self.queue), ahead=self.queue.ahead_of(call.priority),
                              drain_rate_per_s=self.drain_rate(now),
                              service_time_s=self.service_time_ewma_s)
             decision = decide(view, call.priority, call.deadline - now, self.cfg.admission.queue)
             if isinstance(decision, Rejected):
                 raise decision
             assert isinstance(decision, Wait)
-            waiter = _Waiter(int(call.priority), next(self._seq),
-                             asyncio.get_running_loop().create_future(),
-                             model=call.key.name, enqueued_at=now)
-            self._queued += 1
+            ticket = self.queue.push(int(call.priority),
+                                     min(call.deadline, now + decision.max_wait_s), now,
+                                     call.key.name)
             self.counters["queued"] += 1
-            waiter_deadline = now + decision.max_wait_s
-            call_deadline = min(call.deadline, waiter_deadline)
-            self._waiter_deadlines[waiter.seq] = call_deadline
         else:
-            waiter.future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._queue, waiter)
-        deadline = self._waiter_deadlines.get(waiter.seq, now)
+            self.queue.requeue(ticket)
+        future = self._futures[ticket.seq] = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(max(0.0, deadline - now)):
-                await waiter.future
+            async with asyncio.timeout(max(0.0, ticket.deadline - now)):
+                await future
         except BaseException as exc:
-            # The caller never gets this waiter back: leave the queue here, or the queue
+            # The caller never gets this ticket back: leave the queue here, or the queue
             # length (and the wake-ups owed to it) would leak.
-            woken = waiter.future.done() and not waiter.future.cancelled()
-            self._leave_queue(waiter)
+            woken = future.done() and not future.cancelled()
+            self._leave_queue(ticket)
             if woken:
                 self.wake_waiters(1)  # the slot it was woken for goes to the next waiter
             if not isinstance(exc, TimeoutError):
                 raise
-            self._waiter_deadlines.pop(waiter.seq, None)
             if self.clock() >= call.deadline:
                 raise UpstreamTimeout("request deadline expired while waiting for a worker",
                                       retry_after_s=1.0) from None
             raise Overloaded("no worker slot became free in time; retry later",
                              retry_after_s=max(1.0, self._drain_estimate())) from None
-        return waiter
+        return ticket
 
     def drain_rate(self, now: float) -> float:
         """Completions per second the queue can count on: the recent completion rate, or,
@@ -355,16 +352,18 @@ class Dispatcher:
 
     def _drain_estimate(self) -> float:
         rate = self.drain_rate(self.clock())
-        return self._queued / rate if rate > 0 else 1.0
+        return len(self.queue) / rate if rate > 0 else 1.0
 
     def wake_waiters(self, n: int) -> None:
-        while n > 0 and self._queue:
-            w = heapq.heappop(self._queue)
-            if w.cancelled or w.future.done():
-                if w.cancelled:
-                    self._waiter_deadlines.pop(w.seq, None)
+        now = self.clock()
+        while n > 0:
+            ticket = self.queue.pop(now)
+            if ticket is None:
+                return
+            future = self._futures.get(ticket.seq)
+            if future is None or future.done():
                 continue
-            w.future.set_result(None)
+            future.set_result(None)
             n -= 1
 
     def _mark_saturated(self, saturated: bool) -> None:
@@ -379,24 +378,15 @@ class Dispatcher:
         extra = self.clock() - self.saturated_since if self.saturated_since is not None else 0.0
         return self.saturated_total_s + extra
 
-    def _stick(self, sequence_id: str, worker: WorkerId, end: bool) -> None:
-        if end:
-            self._sticky.pop(sequence_id, None)
-            return
-        self._sticky[sequence_id] = worker
-        self._sticky.move_to_end(sequence_id)
-        while len(self._sticky) > MAX_STICKY_SEQUENCES:
-            self._sticky.popitem(last=False)
-
     @property
     def queue_length(self) -> int:
-        return self._queued
+        return len(self.queue)
 
     def statistics(self) -> dict[str, float]:
         now = self.clock()
         return {
-            "queue_length": self._queued,
-            "sticky_sequences": len(self._sticky),
+            "queue_length": len(self.queue),
+            "sticky_sequences": len(self.sticky),
             "completion_rate_per_s": self.completions.rate(now),
             "service_time_ewma_s": self.service_time_ewma_s,
             "upstream_attempts": self.upstream_attempts,

@@ -11,12 +11,14 @@ kill the loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
 import socket
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 
 from gateway import signals as triton_signals
@@ -28,6 +30,7 @@ from gateway.workers import Event, State, Worker, after_probe, transition, worke
 
 log = logging.getLogger("gateway.fleet")
 
+MAX_LEARNED_MODELS = 256  # names learned by discovery, probed on each model poll
 MODEL_PROBE_EVERY = 5  # model readiness is re-probed every N health intervals
 
 
@@ -68,6 +71,9 @@ class Fleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._closing: list[Worker] = []
+        # Model names learned on first use (gateway.discovery): probed by name on every
+        # model poll, like configured names. Bounded: the names come from clients.
+        self.learned_models: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.apply(cfg)
 
     def __repr__(self) -> str:
@@ -227,6 +233,13 @@ class Fleet:
             log.info("worker %s %s -> %s", w.id, was.value, out.state.value)
             self._on_change()
 
+    def learn_model(self, name: str) -> None:
+        """Keep probing ``name`` (found on some worker by discovery) on every model poll."""
+        self.learned_models[name] = None
+        self.learned_models.move_to_end(name)
+        while len(self.learned_models) > MAX_LEARNED_MODELS:
+            self.learned_models.popitem(last=False)
+
     async def probe_models(self, w: Worker) -> None:
         """Which models are ready: the repository index, plus configured model names probed
         one by one (PyTriton-bound models are missing from the index)."""
@@ -244,11 +257,12 @@ class Fleet:
                             ready.add(f"{name}/{entry['version']}")
         except (UpstreamError, ValueError):
             pass
-        for name in self.cfg.models:
+        for name in [*self.cfg.models, *self.learned_models]:
             if name in ready:
                 continue
             try:
-                status, _ = await fetch(w.pool, "GET", f"/v2/models/{name}/ready",
+                status, _ = await fetch(w.pool, "GET",
+                                        f"/v2/models/{urllib.parse.quote(name, safe='')}/ready",
                                         timeout_s=timeout)
             except UpstreamError:
                 continue

@@ -10,7 +10,6 @@ Rules (Triton's own): the version segment is digits only; an unknown path is 404
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 
 
@@ -119,63 +118,3 @@ def model_target(model: str, version: str, suffix: str) -> str:
     if version:
         base += f"/versions/{version}"
     return f"{base}/{suffix}" if suffix else base
-
-
-@dataclass(frozen=True, slots=True)
-class InferFacts:
-    """What routing needs from an infer request, read without decoding tensors."""
-
-    sequence_id: str | None = None
-    sequence_end: bool = False
-    shared_memory: bool = False
-    batch_size: int = 1
-    timeout_us: int | None = None
-    priority: int | None = None
-
-
-def peek_infer(header: bytes, *, need_batch: bool = False) -> InferFacts:
-    """Read the JSON header of an infer request (the whole body for pure JSON requests;
-    the first ``Inference-Header-Content-Length`` bytes otherwise).
-
-    The fast path skips JSON parsing when none of the interesting keys can be there; the
-    batch size is then read only when cheap. A malformed header yields defaults: Triton
-    itself answers for malformed JSON, with its own message.
-    """
-    if (b'"sequence_id"' not in header and b"shared_memory" not in header
-            and b'"timeout"' not in header and b'"priority"' not in header
-            and not need_batch):
-        return InferFacts()
-    try:
-        doc = json.loads(header)
-    except (ValueError, UnicodeDecodeError):
-        return InferFacts()
-    if not isinstance(doc, dict):
-        return InferFacts()
-    params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
-    assert isinstance(params, dict)
-    seq = params.get("sequence_id")
-    seq_id = None if seq in (None, 0, "", False) else str(seq)
-    shm = False
-    for key in ("inputs", "outputs"):
-        tensors = doc.get(key)
-        if isinstance(tensors, list):
-            for t in tensors:
-                if isinstance(t, dict) and isinstance(t.get("parameters"), dict) and any(
-                        str(k).startswith("shared_memory") for k in t["parameters"]):
-                    shm = True
-    batch = 1
-    inputs = doc.get("inputs")
-    if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict):
-        shape = inputs[0].get("shape")
-        if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > 0:
-            batch = shape[0]
-    timeout = params.get("timeout")
-    prio = params.get("priority")
-    return InferFacts(
-        sequence_id=seq_id,
-        sequence_end=bool(params.get("sequence_end", False)),
-        shared_memory=shm,
-        batch_size=batch,
-        timeout_us=timeout if isinstance(timeout, int) and timeout > 0 else None,
-        priority=prio if isinstance(prio, int) and prio > 0 else None,
-    )

@@ -27,11 +27,11 @@ import contextlib
 import itertools
 import json
 import os
-import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway import __version__
+from gateway.discovery import Action
 from gateway.dispatch import Call, Lease
 from gateway.errors import (
     BadRequest,
@@ -40,22 +40,23 @@ from gateway.errors import (
     NoHealthyWorker,
     NotFound,
     PayloadTooLarge,
+    Rejected,
     SharedMemoryUnsupported,
     Unauthorized,
     UpstreamError,
 )
-from gateway.protocol import Endpoint, Kind, classify, model_target, peek_infer
+from gateway.protocol import Endpoint, Kind, classify, model_target
+from gateway.requesthead import read_head
+from gateway.service import GatewayService
 from gateway.turnstile import Turnstile
 from gateway.types import ModelKey, Priority
 from gateway.upstream import HOP_BY_HOP, Headers, fetch
-
-if TYPE_CHECKING:
-    from gateway.service import GatewayService
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 EXTENSIONS = ["classification", "sequence", "binary_tensor_data", "parameters", "statistics",
               "generate"]
@@ -71,8 +72,9 @@ def _error_body(message: str) -> bytes:
 
 
 class ProxyApp:
-    def __init__(self, service: GatewayService) -> None:
+    def __init__(self, service: GatewayService, admin_app: ASGIApp) -> None:
         self.service = service
+        self.admin_app = admin_app
         self.turnstile = Turnstile()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,13 +84,14 @@ class ProxyApp:
             return
         endpoint = classify(scope["method"], scope["path"])
         if endpoint.kind is Kind.GATEWAY:
-            await self.service.admin_app(scope, receive, send)
+            await self.admin_app(scope, receive, send)
             return
         rid = _request_id(scope)
         try:
             await self._handle(endpoint, scope, receive, send, rid)
         except GatewayError as exc:
-            self.service.record_error(endpoint.model or "_none", exc)
+            self.service.telemetry.request_failed(endpoint.model or "_none", exc,
+                                                  is_rejection=isinstance(exc, Rejected))
             await _send_error(send, exc, rid)
         except asyncio.CancelledError:
             raise
@@ -117,24 +120,20 @@ class ProxyApp:
             await _send_json(send, 200, {"name": "triton-gateway", "version": __version__,
                                          "extensions": EXTENSIONS}, rid)
         elif kind is Kind.MODEL_READY:
-            if svc.model_ready(ModelKey(ep.model, ep.version)):
-                await _send_empty(send, 200, rid)
-            else:
-                raise BadRequest(f"Request for unknown model: '{ep.model}' is not ready"
-                                 if svc.model_known(ep.model) else
-                                 f"Request for unknown model: '{ep.model}' is not found")
+            await svc.resolve(ModelKey(ep.model, ep.version), Action.READY)
+            await _send_empty(send, 200, rid)
         elif kind in (Kind.MODEL_METADATA, Kind.MODEL_CONFIG):
             suffix = "config" if kind is Kind.MODEL_CONFIG else ""
             await self._forward_one(ep, scope, send, rid, model_target(ep.model, ep.version,
                                                                         suffix))
         elif kind is Kind.MODEL_STATS:
-            await _send_json(send, *await svc.aggregate_stats(ep.model, ep.version), rid)
+            await _send_json(send, *await svc.aggregates.stats(ep.model, ep.version), rid)
         elif kind is Kind.REPOSITORY_INDEX:
             body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
-            await _send_json(send, 200, await svc.repository_index(body), rid)
+            await _send_json(send, 200, await svc.aggregates.repository_index(body), rid)
         elif kind is Kind.REPOSITORY_CONTROL:
             body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
-            status, payload = await svc.broadcast("POST", scope["path"], body)
+            status, payload = await svc.aggregates.broadcast("POST", scope["path"], body)
             await _send_raw(send, status, [_JSON], payload, rid)
         elif kind is Kind.SHARED_MEMORY:
             raise SharedMemoryUnsupported(
@@ -156,12 +155,12 @@ class ProxyApp:
         await self.turnstile.enter()
         cfg = svc.cfg
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        tenant, default_priority = svc.identify(headers)
+        tenant, default_priority = svc.tenants.identify(headers)
         if tenant is None and cfg.admission.require_api_key:
             raise Unauthorized("missing or unknown API key")
         key = ModelKey(ep.model, ep.version)
-        if not svc.model_known(ep.model):
-            raise NotFound(f"Request for unknown model: '{ep.model}' is not found")
+        if ep.version or not svc.model_known(ep.model):
+            await svc.resolve(key, Action.OTHER)
         svc.telemetry.arrival(ep.model)
         body = await _read_body(receive, cfg.upstream.max_body_bytes, scope)
         fwd: Headers = []
@@ -182,13 +181,15 @@ class ProxyApp:
             fwd.append((k, v))
         fwd.append((_REQUEST_ID, rid))
         model_cfg = cfg.model(ep.model)
-        need_batch = model_cfg.cost == "batch_size" or model_cfg.batching.enabled
-        facts = peek_infer(_json_header(body, ihcl, encoding, cfg.upstream.max_body_bytes),
-                           need_batch=need_batch) if ep.kind is Kind.INFER else None
-        if facts is not None and facts.shared_memory:
-            raise SharedMemoryUnsupported(
-                "shared-memory tensors are host-local and not supported through the gateway; "
-                "send tensor data in the request body instead")
+        head = None
+        if ep.kind is Kind.INFER:
+            head = read_head(body, ihcl, encoding, max_bytes=cfg.upstream.max_body_bytes,
+                             need_peek=model_cfg.cost == "batch_size"
+                             or model_cfg.batching.enabled)
+            if head.shared_memory:
+                raise SharedMemoryUnsupported(
+                    "shared-memory tensors are host-local and not supported through the "
+                    "gateway; send tensor data in the request body instead")
         now = svc.clock()
         deadline_s = cfg.admission.queue.default_deadline_s
         if timeout_h is not None:
@@ -196,28 +197,25 @@ class ProxyApp:
                 deadline_s = max(0.001, int(timeout_h) / 1000.0)
             except ValueError:
                 raise BadRequest("X-Request-Timeout-Ms must be an integer") from None
-        elif facts is not None and facts.timeout_us is not None:
-            deadline_s = facts.timeout_us / 1e6
+        elif head is not None and head.timeout_us is not None:
+            deadline_s = head.timeout_us / 1e6
         priority = Priority.parse(priority_h.decode("latin-1") if priority_h else None,
                                   default_priority)
-        batch = facts.batch_size if facts is not None else 1
+        batch = head.batch_size if head is not None else 1
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        cost = batch if model_cfg.cost == "batch_size" else 1
-        if (model_cfg.batching.enabled and facts is not None and facts.sequence_id is None
-                and ep.kind is Kind.INFER):
-            await self._run_batched(key, body, ihcl, encoding, tenant, cost, receive, send, rid,
-                                    now)
-            return
         call = Call(
             method="POST", target=target, headers=fwd, body=body, key=key, priority=priority,
             tenant=tenant, deadline=now + deadline_s,
-            sequence_id=facts.sequence_id if facts else None,
-            sequence_end=facts.sequence_end if facts else False,
-            batch_size=batch, cost=cost,
-            stream=ep.kind is Kind.GENERATE_STREAM,
+            sequence_id=head.sequence_id if head else None,
+            sequence_end=head.sequence_end if head else False,
+            batch_size=batch, cost=batch if model_cfg.cost == "batch_size" else 1,
+            stream=ep.kind is Kind.GENERATE_STREAM, head=head,
         )
+        if model_cfg.batching.enabled and head is not None and head.sequence_id is None:
+            await self._run_batched(call, scope, receive, send, rid, now)
+            return
         await self._run_guarded(call, scope, receive, send, rid, now)
 
     async def _run_guarded(self, call: Call, scope: Scope, receive: Receive, send: Send,
@@ -231,13 +229,13 @@ class ProxyApp:
             await _relay(lease, send, rid, call.stream)
             watch.done = True
             svc.dispatcher.finish(lease)
-            svc.record_result(call.key.name, lease.response.status, svc.clock() - started,
-                              svc.clock() - lease.started)
+            svc.telemetry.request_done(call.key.name, lease.response.status,
+                                       svc.clock() - started, svc.clock() - lease.started)
         except asyncio.CancelledError:
             if lease is not None:
                 lease.response.close()
                 svc.dispatcher.finish(lease, aborted=True)
-            svc.record_abort(call.key.name)
+            svc.telemetry.request_aborted(call.key.name)
             if watch.done:
                 raise
             return
@@ -248,46 +246,39 @@ class ProxyApp:
         finally:
             watch.close()
 
-    async def _run_batched(self, key: ModelKey, body: bytes, ihcl: bytes | None,
-                           encoding: bytes | None, tenant: str | None, cost: int,
-                           receive: Receive, send: Send, rid: bytes, started: float) -> None:
-        """The batched path; falls back to a plain forward when the request cannot join a
-        batch. A client that disconnects withdraws its request from the batch."""
+    async def _run_batched(self, call: Call, scope: Scope, receive: Receive, send: Send,
+                           rid: bytes, started: float) -> None:
+        """The batched path; falls back to a plain forward of the same call (its priority,
+        tenant and deadline intact) when it cannot join a batch. A client that disconnects
+        withdraws its request from the batch."""
         svc = self.service
         watch = _DisconnectWatch(receive)
         try:
-            reply = await svc.batch_infer(key, body, ihcl, encoding, tenant, cost)
+            reply = await svc.batching.submit(call)
             if reply is None:
                 watch.close()
-                headers = [(k, v) for k, v in (
-                    (b"inference-header-content-length", ihcl),
-                    (b"content-encoding", encoding)) if v is not None]
-                call = Call(method="POST", target=key_target(key), headers=[
-                    *headers, (b"content-type", b"application/json"), (_REQUEST_ID, rid)],
-                    body=body, key=key, tenant=tenant, cost=cost,
-                    deadline=started + svc.cfg.admission.queue.default_deadline_s)
-                await self._run_guarded(call, {}, receive, send, rid, started)
+                await self._run_guarded(call, scope, receive, send, rid, started)
                 return
             watch.done = True
             out = [(k, v) for k, v in reply.headers if k not in HOP_BY_HOP]
             out.append((_REQUEST_ID, rid))
             await _send_raw(send, reply.status, out, reply.body, rid=None)
-            svc.record_result(key.name, reply.status, svc.clock() - started, 0.0)
+            svc.telemetry.request_done(call.key.name, reply.status, svc.clock() - started, 0.0)
         except asyncio.CancelledError:
             if watch.done:
                 raise
-            svc.record_abort(key.name)
+            svc.telemetry.request_aborted(call.key.name)
         finally:
             watch.close()
 
     async def _forward_one(self, ep: Endpoint, scope: Scope, send: Send, rid: bytes,
                            target: str) -> None:
         svc = self.service
-        worker = svc.any_worker_with(ModelKey(ep.model, ep.version))
+        key = ModelKey(ep.model, ep.version)
+        await svc.resolve(key, Action.OTHER)
+        worker = svc.any_worker_with(key)
         if worker is None:
-            if svc.model_known(ep.model):
-                raise NoHealthyWorker(f"no ready worker has model '{ep.model}'")
-            raise NotFound(f"Request for unknown model: '{ep.model}' is not found")
+            raise NoHealthyWorker(f"no ready worker has model '{ep.model}'", retry_after_s=1.0)
         query = scope.get("query_string") or b""
         if query:
             target += "?" + query.decode("latin-1")
@@ -354,10 +345,6 @@ async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def key_target(key: ModelKey) -> str:
-    return model_target(key.name, key.version, "infer")
-
-
 def _request_id(scope: Scope) -> bytes:
     for k, v in scope["headers"]:
         if k == _REQUEST_ID:
@@ -365,30 +352,6 @@ def _request_id(scope: Scope) -> bytes:
                 return bytes(v)
             break
     return f"{_BOOT}-{next(_ids):x}".encode()
-
-
-def _json_header(body: bytes, ihcl: bytes | None, encoding: bytes | None,
-                 max_bytes: int) -> bytes:
-    """The JSON part of an infer body, decompressed when needed (bounded), or b''."""
-    if encoding:
-        enc = encoding.strip().lower()
-        wbits = {b"gzip": 31, b"deflate": 15}.get(enc)
-        if wbits is None:
-            return b""
-        try:
-            d = zlib.decompressobj(wbits)
-            body = d.decompress(body, max_bytes)
-        except zlib.error:
-            return b""
-    if ihcl is not None:
-        try:
-            n = int(ihcl)
-        except ValueError:
-            return b""
-        if n <= 0:
-            return b""
-        return body[:n]
-    return body
 
 
 async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:

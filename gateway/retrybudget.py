@@ -56,6 +56,32 @@ def is_retryable(stage: AttemptStage | str, status: int | None = None) -> bool:
     return False
 
 
+class RetryVerdict(enum.Enum):
+    """The answer of :func:`decide_retry`, with why (counted by the dispatcher)."""
+
+    RETRY = "retry"
+    NOT_SAFE = "not_safe"                    # the request may have run: never resend it
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def decide_retry(stage: AttemptStage | str, status: int | None, *, attempts: int,
+                 max_attempts: int, budget_allows: bool) -> RetryVerdict:
+    """Retry a failed attempt? Pure: the caller supplies the budget's answer.
+
+    The rules apply in order: safety first (:func:`is_retryable`), then the attempt cap,
+    then the budget. (A retry goes to a worker not tried yet; when none is left, routing
+    says so.)
+    """
+    if not is_retryable(stage, status):
+        return RetryVerdict.NOT_SAFE
+    if attempts >= max_attempts:
+        return RetryVerdict.ATTEMPTS_EXHAUSTED
+    if not budget_allows:
+        return RetryVerdict.BUDGET_EXHAUSTED
+    return RetryVerdict.RETRY
+
+
 @dataclass(frozen=True, slots=True)
 class RetryBudgetStatistics:
     window_requests: int

@@ -55,6 +55,7 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
     """Run the gateway in the current event loop until SIGTERM/SIGINT (or ``stop``)."""
     import uvicorn
 
+    from gateway.admin import build_admin_app
     from gateway.proxy import ProxyApp
 
     class _Server(uvicorn.Server):
@@ -68,7 +69,7 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
 
     svc = GatewayService(cfg)
     svc.config_path = config_path
-    app = ProxyApp(svc)
+    app = ProxyApp(svc, build_admin_app(svc, svc.telemetry, lambda: reload_from_file(svc)))
     ucfg = uvicorn.Config(app, host=cfg.listen.host, port=cfg.listen.port, lifespan="off",
                           access_log=False, log_level="warning", http="httptools",
                           timeout_graceful_shutdown=int(max(1, cfg.upstream.drain_timeout_s)),
@@ -113,6 +114,10 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
             svc.draining = True
             server.should_exit = True
 
+    grpc_listener = None
+    if cfg.listen.grpc_port is not None:  # grpcio is imported only when the listener is on
+        from gateway.grpc_server import start_grpc
+        grpc_listener = await start_grpc(svc)
     background = asyncio.create_task(svc.run())
     helpers = [asyncio.create_task(announce()), asyncio.create_task(external_stop())]
     try:
@@ -121,6 +126,8 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
         svc.draining = True
         for t in helpers:
             t.cancel()
+        if grpc_listener is not None:
+            await grpc_listener.stop(cfg.upstream.drain_timeout_s)
         svc.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(background, timeout=5)

@@ -70,7 +70,7 @@ from gateway.errors import GatewayError
 from gateway.forecast import Forecaster
 
 if TYPE_CHECKING:
-    from gateway.service import GatewayService
+    from gateway.state import GatewayState
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0)
@@ -127,7 +127,7 @@ class ModelCapacity:
 
 
 class Telemetry:
-    def __init__(self, service: GatewayService) -> None:
+    def __init__(self, service: GatewayState) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -158,7 +158,6 @@ class Telemetry:
         self._last_saturation_s = 0.0
         self._last_sample: float | None = None
         r.register(_StateCollector(self))
-        service.dispatcher.on_queue_wait = self.observe_queue_wait
 
     # hot path ---------------------------------------------------------------------------
     def label(self, model: str) -> str:
@@ -228,14 +227,14 @@ class Telemetry:
     def sample(self, now: float) -> None:
         svc = self.service
         cap = svc.cfg.capacity
-        ready = [w for w in svc.fleet.workers.values() if w.is_routable]
+        ready = [w for w in svc.workers() if w.is_routable]
         slots = sum(w.slots for w in ready)
         busy = sum(w.in_flight for w in ready)
         util = capacity.fleet_utilisation(busy, slots)
         self.fleet_utilisation = 0.8 * self.fleet_utilisation + 0.2 * util
         dt = 1.0 if self._last_sample is None else min(5.0, max(0.0, now - self._last_sample))
         self._last_sample = now
-        sat_s = svc.dispatcher.saturation_seconds()
+        sat_s = svc.saturation_seconds()
         self.saturation_samples.append(min(1.0, max(0.0, (sat_s - self._last_saturation_s)
                                                     / dt)) if dt > 0 else 0.0)
         self._last_saturation_s = sat_s
@@ -284,7 +283,7 @@ class Telemetry:
         svc = self.service
         cap = svc.cfg.capacity
         mc = self.models.get(name)
-        serving = [w for w in svc.fleet.workers.values()
+        serving = [w for w in svc.workers()
                    if w.is_routable and name in w.models_ready]
         current = len(serving)
         util = mc.utilisation if mc else 0.0
@@ -342,8 +341,8 @@ class _StateCollector(Collector):
             ("gateway_worker_breaker_state", "0 closed, 1 half-open, 2 open"),
             ("gateway_worker_ready", "1 when the worker takes traffic"),
         )}
-        board = svc.dispatcher.breakers
-        for w in svc.fleet.workers.values():
+        board = svc.breakers
+        for w in svc.workers():
             g["gateway_worker_in_flight"].add_metric([w.id], w.in_flight)
             g["gateway_worker_slots"].add_metric([w.id], w.slots)
             g["gateway_worker_utilisation"].add_metric([w.id], w.in_flight / w.slots
@@ -372,7 +371,7 @@ class _StateCollector(Collector):
             fam.add_metric([], value if math.isfinite(value) else 1.0)
             yield fam
         ql = GaugeMetricFamily("gateway_queue_length", "Requests waiting for a worker slot")
-        ql.add_metric([], svc.dispatcher.queue_length)
+        ql.add_metric([], svc.queue_length)
         yield ql
         arrival = GaugeMetricFamily("gateway_arrival_rate_per_s", "Arrival rate (decayed)",
                                     labels=["model"])

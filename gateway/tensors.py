@@ -379,6 +379,8 @@ def _load_header(body: bytes, header_length: int | None, what: str) -> tuple[Any
             doc = json.loads(header.decode("utf-8", "surrogateescape"))
     except ValueError as exc:
         raise BadRequest(f"malformed {what} JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"{what} JSON must be an object")
     return doc, header_length

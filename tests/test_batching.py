@@ -21,6 +21,7 @@ from hypothesis.extra import numpy as hnp
 from gateway.batching import (
     Batcher,
     BatchKey,
+    BatchMeta,
     BatchRecord,
     Headers,
     HttpReply,
@@ -381,7 +382,8 @@ class RefUpstream:
         self.batches: list[InferRequest] = []
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, key: BatchKey, body: bytes, headers: Headers) -> UpstreamReply:
+    async def __call__(self, key: BatchKey, body: bytes, headers: Headers,
+                       meta: BatchMeta) -> UpstreamReply:
         if self.gate is not None:
             await self.gate.wait()
         request = parse_infer_request(body, header_length_of(headers))
@@ -396,7 +398,7 @@ class RefUpstream:
         return 200, [(k.decode(), v.decode()) for k, v in encoded.headers()], encoded.body
 
 
-def _batcher(upstream: Callable[[BatchKey, bytes, Headers], Any], **kw: Any) -> Batcher:
+def _batcher(upstream: Callable[[BatchKey, bytes, Headers, BatchMeta], Any], **kw: Any) -> Batcher:
     options: dict[str, Any] = {"max_batch_size": 8, "max_delay_ms": 60_000.0,
                                "max_bytes": 1 << 20}
     options.update(kw)
@@ -521,7 +523,8 @@ async def test_incompatible_requests_travel_in_separate_batches() -> None:
 ])
 async def test_an_error_fans_out_to_every_member(answer: UpstreamReply | Exception, status: int,
                                                  message: str) -> None:
-    async def failing(key: BatchKey, body: bytes, headers: Headers) -> UpstreamReply:
+    async def failing(key: BatchKey, body: bytes, headers: Headers,
+                       meta: BatchMeta) -> UpstreamReply:
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -621,7 +624,8 @@ async def test_aclose_gives_up_on_a_hung_upstream() -> None:
 
 
 def test_from_config_takes_the_smaller_batch_limit() -> None:
-    async def never(key: BatchKey, body: bytes, headers: Headers) -> UpstreamReply:
+    async def never(key: BatchKey, body: bytes, headers: Headers,
+                       meta: BatchMeta) -> UpstreamReply:
         raise AssertionError
 
     config = BatchingConfig(enabled=True, max_batch_size=16, max_delay_ms=3.0, max_bytes=1000)
@@ -722,7 +726,8 @@ def test_batched_through_real_triton_equals_one_by_one(triton_url: str,
                                                for k, v in encoded.headers()])
                 alone.append(_decoded(r.status_code, r.headers, r.content))
 
-            async def send(key: BatchKey, body: bytes, headers: Headers) -> UpstreamReply:
+            async def send(key: BatchKey, body: bytes, headers: Headers,
+                       meta: BatchMeta) -> UpstreamReply:
                 r = await client.post(key.infer_path, content=body, headers=headers)
                 return r.status_code, r.headers, r.content
 
@@ -756,7 +761,8 @@ def test_real_triton_batches_mixed_callers(triton_url: str) -> None:
     """A fixed scenario: six callers of add_sub, JSON and binary, merged into one request."""
     async def scenario() -> tuple[list[HttpReply], list[InferRequest], int]:
         async with httpx.AsyncClient(base_url=triton_url, timeout=30) as client:
-            async def send(key: BatchKey, body: bytes, headers: Headers) -> UpstreamReply:
+            async def send(key: BatchKey, body: bytes, headers: Headers,
+                       meta: BatchMeta) -> UpstreamReply:
                 r = await client.post(key.infer_path, content=body, headers=headers)
                 return r.status_code, r.headers, r.content
 
@@ -816,3 +822,22 @@ async def test_flush_when_idle_sends_a_lone_caller_at_once_and_gathers_under_loa
     replies = await asyncio.wait_for(asyncio.gather(*rest), 5)
     assert [len(b.inputs[0].data) for b in upstream.batches] == [8, 24]  # 1 row, then 3
     assert all(r.status == 200 for r in replies)
+
+
+async def test_merged_batch_carries_its_members_priority_and_deadline() -> None:
+    """The batched path keeps each member's priority and deadline: the merged request goes
+    with the most urgent member's priority and the latest member deadline."""
+    seen: list[BatchMeta] = []
+    upstream = RefUpstream()
+
+    async def send(key: BatchKey, body: bytes, headers: Headers,
+                   meta: BatchMeta) -> UpstreamReply:
+        seen.append(meta)
+        return await upstream(key, body, headers, meta)
+
+    batcher = _batcher(send, max_batch_size=3)
+    members = [(_rows(1), 2, 10.0, "a"), (_rows(1), 0, 30.0, "b"), (_rows(1), 1, 20.0, None)]
+    await asyncio.wait_for(asyncio.gather(*(
+        batcher.submit(r, key_of(r), priority=p, deadline=d, tenant=t)
+        for r, p, d, t in members)), 5)
+    assert seen == [BatchMeta(priority=0, deadline=30.0, tenants=("a", "b", None), rows=3)]

@@ -24,6 +24,7 @@ import asyncio
 import gzip
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -494,3 +495,19 @@ def test_worker_errors_and_crashes_fail_every_member(tmp_path: Path) -> None:
             statuses = {r.status_code for r in crashed}
             assert len(statuses) == 1 and statuses <= {502, 503}, [r.text for r in crashed]
             assert len({r.content for r in crashed}) == 1 and "error" in crashed[0].json()
+
+
+def test_a_batched_member_keeps_its_own_deadline(batching_gateway: GatewayProcess) -> None:
+    """A member's deadline travels with it into the batch: with an 800 ms window and a
+    150 ms deadline, the caller gets 504 + Retry-After when its time is up, not a late 200
+    (before, the batched path replaced every member's deadline by the default)."""
+    caller = add_sub_caller(1, "deadline")
+    body, headers = caller.body_and_headers()
+    headers.append(("x-request-timeout-ms", "150"))
+    started = time.monotonic()
+    response = httpx.post(f"{batching_gateway.url}/v2/models/add_sub/infer", content=body,
+                          headers=headers, timeout=TIMEOUT_S)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert "error" in response.json() and response.headers["retry-after"]
+    assert elapsed < LONG_WINDOW_MS / 1000.0

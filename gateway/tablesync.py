@@ -1,0 +1,80 @@
+"""Keeps the routing table in step with the fleet: one snapshot per worker (signals,
+readiness, breaker state, slow-start share, effective slots), refreshed on every fleet change
+and every scrape tick — never per request.
+
+A worker that joins, or comes back after start-up, gets a fresh breaker that ramps its
+traffic share up (slow start); a worker that left is removed from the table, the breaker
+board and the dispatcher's per-worker state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from gateway import routing
+from gateway.config import GatewayConfig
+from gateway.dispatch import Dispatcher
+from gateway.fleet import Fleet
+from gateway.types import ModelKey, WorkerId
+
+log = logging.getLogger("gateway")
+
+
+class RoutingTableSync:
+    __slots__ = ("_cfg", "_clock", "_dispatcher", "_fleet", "_serving_seen", "_started_mono",
+                 "table")
+
+    def __init__(self, cfg: Callable[[], GatewayConfig], fleet: Fleet, dispatcher: Dispatcher,
+                 table: routing.RoutingTable, clock: Callable[[], float]) -> None:
+        self._cfg = cfg
+        self._fleet = fleet
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._started_mono = clock()
+        self._serving_seen: dict[WorkerId, float] = {}
+        self.table = table
+
+    def __repr__(self) -> str:
+        return f"<RoutingTableSync workers={len(self._serving_seen)}>"
+
+    def refresh(self) -> None:
+        """Re-snapshot every worker into the routing table."""
+        cfg = self._cfg()
+        now = self._clock()
+        board = self._dispatcher.breakers
+        present = set()
+        for w in self._fleet.workers.values():
+            present.add(w.id)
+            if w.id not in board:
+                board.add_worker(w.id, now, slow_start=False)
+            if w.serving_since is not None and self._serving_seen.get(w.id) != w.serving_since:
+                # Joined or came back after start-up: a fresh breaker that ramps up.
+                if w.id in self._serving_seen or w.serving_since - self._started_mono > \
+                        cfg.health.interval_s * (cfg.health.rise + 2):
+                    board.remove_worker(w.id)
+                    board.add_worker(w.id, now, slow_start=True)
+                self._serving_seen[w.id] = w.serving_since
+            snap = w.snapshot(ModelKey(""), now, cfg.scrape.stale_after_s,
+                              breaker_allows=board.state(w.id, now).gauge != 2,
+                              traffic_share=board.traffic_share(w.id, now))
+            if cfg.admission.adaptive.enabled:
+                slots = self._dispatcher.effective_slots(w)
+                if slots != snap.slots:
+                    snap = dataclasses.replace(snap, slots=slots)
+            self.table.update(snap)
+        for wid in [wid for wid in board.workers() if wid not in present]:
+            board.remove_worker(wid)
+            self.table.remove(wid)
+            self._serving_seen.pop(wid, None)
+            self._dispatcher.forget_worker(wid)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.25, self._cfg().scrape.interval_s))
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("routing table refresh failed")
