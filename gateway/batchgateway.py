@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from gateway.batcher import Batcher
 from gateway.batching import (
-    Batcher,
     BatchKey,
     BatchMeta,
     BatchRecord,

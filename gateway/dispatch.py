@@ -34,6 +34,7 @@ from gateway.admission import QueueView, RateMeter, Wait, decide
 from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig
 from gateway.errors import (
+    DeadlineUnmeetable,
     NoHealthyWorker,
     Overloaded,
     Rejected,
@@ -53,6 +54,8 @@ from gateway.workers import Worker
 log = logging.getLogger("gateway.dispatch")
 
 WORKER_FAILURE_STATUSES = frozenset({500, 502, 503, 504})
+# A read timeout this close to the client's deadline was the client's deadline.
+DEADLINE_SLACK_S = 0.002
 
 
 @dataclass(slots=True)
@@ -152,8 +155,9 @@ class Dispatcher:
                                                  call.body, stream=call.stream,
                                                  read_timeout_s=self._read_timeout(call))
             except UpstreamFailure as exc:
-                self._end(worker, call.key.name, started, ok=False)
-                if self._may_retry(exc.stage, None, attempts, tried, worker):
+                ok = self.judge_failure(call, exc)
+                self._end(worker, call.key.name, started, ok=ok)
+                if ok is False and self._may_retry(exc.stage, None, attempts, tried, worker):
                     continue
                 raise
             except BaseException:
@@ -188,6 +192,15 @@ class Dispatcher:
         """Give back a slot taken by :meth:`acquire`; ``ok`` None = abandoned (the client
         went away), neither the worker's success nor its failure."""
         self._end(worker, model, started, ok=ok)
+
+    def judge_failure(self, call: Call, exc: Exception) -> bool | None:
+        """Whose failure is it? A timeout that struck because the *client's* deadline ran
+        out (shorter than the worker's read timeout) is nobody's: None, so a client's own
+        short deadline never opens a healthy worker's breaker. Anything else: the worker's
+        (False)."""
+        if getattr(exc, "timeout", False) and self.clock() >= call.deadline - DEADLINE_SLACK_S:
+            return None
+        return False
 
     def _read_timeout(self, call: Call) -> float:
         left = call.deadline - self.clock()
@@ -277,10 +290,19 @@ class Dispatcher:
                 decision = self.pick(call, tried)
                 if isinstance(decision, Route):
                     worker = self.fleet.workers[decision.worker]
-                    if not self.breakers.allow(worker.id, self.clock()):
+                    now = self.clock()
+                    if not self.breakers.allow(worker.id, now):
                         tried.add(worker.id)
                         continue
                     self._mark_saturated(False)
+                    expected_s = worker.latency_ewma_s
+                    if expected_s > 0 and call.deadline - now < expected_s:
+                        # Sending would only spend GPU time on an answer nobody will read.
+                        self.counters["deadline_unmeetable"] += 1
+                        raise DeadlineUnmeetable(
+                            f"{(call.deadline - now) * 1000:.0f} ms left, but worker "
+                            f"{worker.id} answers in about {expected_s * 1000:.0f} ms",
+                            retry_after_s=1.0)
                     return worker
                 if not decision.saturated:
                     if tried:

@@ -194,9 +194,13 @@ class ProxyApp:
         deadline_s = cfg.admission.queue.default_deadline_s
         if timeout_h is not None:
             try:
-                deadline_s = max(0.001, int(timeout_h) / 1000.0)
+                timeout_ms = int(timeout_h)
             except ValueError:
                 raise BadRequest("X-Request-Timeout-Ms must be an integer") from None
+            if timeout_ms <= 0:
+                raise BadRequest("X-Request-Timeout-Ms must be a positive number of "
+                                 "milliseconds")
+            deadline_s = timeout_ms / 1000.0
         elif head is not None and head.timeout_us is not None:
             deadline_s = head.timeout_us / 1e6
         priority = Priority.parse(priority_h.decode("latin-1") if priority_h else None,
@@ -239,9 +243,9 @@ class ProxyApp:
             if watch.done:
                 raise
             return
-        except UpstreamError:
+        except UpstreamError as exc:
             if lease is not None:
-                svc.dispatcher.finish(lease, ok=False)
+                svc.dispatcher.finish(lease, ok=svc.dispatcher.judge_failure(call, exc))
             raise
         finally:
             watch.close()

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gateway.batcher import Batcher
 from gateway.batching import (
-    Batcher,
     BatchKey,
     BatchMeta,
     BatchRecord,

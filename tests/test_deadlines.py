@@ -1,0 +1,79 @@
+"""Deadlines end to end, with the README's minimal config (``listen`` and ``workers`` only)
+in front of the simulator: a bad deadline is a 400; a client's own short deadline is never
+the worker's failure; a version no worker has is Triton's 404, never a retry-forever 503."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.sim.core import WorkerSpec
+from gateway.sim.server import SimFleetThread
+from gateway.tools.gatewayproc import GatewayProcess
+
+BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+                               "data": [1.0] * 16}]}).encode()
+SERVICE_MS = 60.0
+
+
+@pytest.fixture(scope="module")
+def minimal_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    spec = WorkerSpec(slots=4, base_ms=SERVICE_MS, per_item_ms=0.0)
+    with SimFleetThread([spec, spec]) as sim:
+        cfg = {"workers": [{"url": f"http://{url}"} for url in sim.urls]}   # the minimal config
+        gw = GatewayProcess(cfg, Path(tmp_path_factory.mktemp("gw-deadlines")))
+        gw.start()
+        try:
+            gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == 2,
+                        what="both workers ready")
+            yield gw
+        finally:
+            gw.stop()
+
+
+def infer(gw: GatewayProcess, headers: dict[str, str] | None = None,
+          path: str = "/v2/models/simple/infer") -> httpx.Response:
+    return httpx.post(gw.url + path, content=BODY, headers=headers or {}, timeout=10)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "1.5"])
+def test_a_deadline_that_is_not_a_positive_integer_is_a_400(minimal_gateway: GatewayProcess,
+                                                            value: str) -> None:
+    r = infer(minimal_gateway, {"X-Request-Timeout-Ms": value})
+    assert r.status_code == 400, r.text
+    assert "X-Request-Timeout-Ms" in r.json()["error"]
+
+
+def test_a_clients_short_deadline_never_ejects_a_healthy_worker(
+        minimal_gateway: GatewayProcess) -> None:
+    gw = minimal_gateway
+    assert infer(gw).status_code == 200
+    with ThreadPoolExecutor(8) as pool:
+        short = list(pool.map(lambda _: infer(gw, {"X-Request-Timeout-Ms": "5"}), range(20)))
+    for r in short:
+        assert r.status_code in (503, 504), r.text
+        assert r.headers["retry-after"] and "error" in r.json()
+    workers = gw.status()["workers"]
+    assert [w["breaker"] for w in workers] == ["closed", "closed"], workers
+    assert all(w["breaker_opened_total"] == 0 for w in workers), workers
+    # both workers still take traffic
+    with ThreadPoolExecutor(8) as pool:
+        ok = list(pool.map(lambda _: infer(gw), range(24)))
+    assert all(r.status_code == 200 for r in ok)
+
+
+def test_an_unknown_version_is_triton_404_not_503(minimal_gateway: GatewayProcess) -> None:
+    r = infer(minimal_gateway, path="/v2/models/simple/versions/9/infer")
+    assert r.status_code == 404, r.text
+    assert "retry-after" not in r.headers
+    assert "version 9" in r.json()["error"]
+    ready = httpx.get(minimal_gateway.url + "/v2/models/simple/versions/9/ready", timeout=10)
+    assert ready.status_code == 400 and "error" in ready.json()
+    assert infer(minimal_gateway, path="/v2/models/simple/versions/1/infer").status_code == 200
+    unknown = infer(minimal_gateway, path="/v2/models/nope/infer")
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
