@@ -160,12 +160,17 @@ def gateway_yaml(port: int, upstream: int, admission: bool) -> str:
 
 
 def start_gateway(tmp: Path, port: int, upstream: int, admission: bool,
-                  name: str) -> subprocess.Popen[bytes]:
+                  name: str, source: Path | None = None) -> subprocess.Popen[bytes]:
+    """``source``: a checkout of another revision to run instead of this one (A/B)."""
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(gateway_yaml(port, upstream, admission))
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     with open(tmp / f"{name}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
+                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                cwd=source)
     wait_http(port, "/v2/health/ready")
     time.sleep(1.0)
     return proc
@@ -260,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=1000.0, help="open-loop rate, req/s")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections")
     ap.add_argument("--out", default="results/overhead.json")
+    ap.add_argument("--baseline", metavar="GIT_REF",
+                    help="also measure the gateway of this revision (e.g. HEAD~3), side by "
+                         "side in the same run: the A/B for a change's cost")
     args = ap.parse_args(argv)
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -283,6 +291,16 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(ha)
         targets: list[tuple[str, int, dict[str, str]]] = [("direct (nginx)", up, {}),
                                                           ("gateway", gw, {})]
+        if args.baseline:
+            base_src = tmp / "baseline"
+            base_src.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline, "gateway"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive, check=True)
+            base = free_port()
+            procs.append(start_gateway(tmp, base, up, admission=False, name="baseline",
+                                       source=base_src))
+            targets.append((f"gateway @ {args.baseline}", base, {}))
         if ha is not None:
             targets.append(("haproxy leastconn", hp, {}))
         targets.append(("gateway + admission", gw_adm, {"Authorization": "Bearer bench-key"}))
@@ -300,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     extra["gateway_added_p50_ms"] = gate.p50_ms - direct.p50_ms
     extra["gateway_added_p99_ms"] = gate.p99_ms - direct.p99_ms
     extra["admission_throughput_ratio"] = adm.saturation_rps / gate.saturation_rps
+    if args.baseline:
+        base_row = by[f"gateway @ {args.baseline}"]
+        extra["saturation_vs_baseline"] = gate.saturation_rps / base_row.saturation_rps
     print(f"\n{'path':<22} {'sat req/s':>10} {'wrk p99 ms':>11} {'open req/s':>11} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for r in rows:
@@ -309,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
           f"p99 {extra['gateway_added_p99_ms']:.3f} ms at {args.rate:.0f} req/s; "
           f"RSS {extra['gateway_rss_mb']:.0f} MB; admission on/off throughput "
           f"{extra['admission_throughput_ratio']:.2f}")
+    if args.baseline:
+        print(f"saturation vs {args.baseline}: {extra['saturation_vs_baseline']:.3f}×")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": [asdict(r) for r in rows], **extra,
