@@ -21,7 +21,7 @@ from gateway.grpc_channels import (
 from gateway.workers import Worker
 
 if TYPE_CHECKING:
-    from gateway.grpc_server import GrpcGateway
+    from gateway.grpc_host import GrpcHost
 
 
 class Forbidden(GatewayError):
@@ -34,7 +34,7 @@ class FleetRpcs:
 
     __slots__ = ("_gw",)
 
-    def __init__(self, gw: GrpcGateway) -> None:
+    def __init__(self, gw: GrpcHost) -> None:
         self._gw = gw
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ from gateway.types import Priority
 from gateway.workers import Worker
 
 if TYPE_CHECKING:
-    from gateway.grpc_server import GrpcGateway
+    from gateway.grpc_host import GrpcHost
 
 
 class StreamRelay:
@@ -46,7 +46,7 @@ class StreamRelay:
                  "_priority", "_pump", "_reader", "_tenant", "_upstream_error", "_worker",
                  "_write_lock")
 
-    def __init__(self, gw: GrpcGateway, context: Any, metadata: Metadata,
+    def __init__(self, gw: GrpcHost, context: Any, metadata: Metadata,
                  tenant: str | None, priority: Priority) -> None:
         self._gw = gw
         self._context = context
