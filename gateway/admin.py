@@ -2,11 +2,26 @@
 ``/metrics`` (Prometheus), ``/status`` (HTML), ``/status.json``, ``/admin/reload`` and
 ``/admin/workers`` (bearer token from ``admin.token``; disabled when no token is set).
 
+Who may read what:
+
+* ``/admin/*`` needs the admin token, always;
+* ``/metrics``, ``/status`` and ``/status.json`` are open unless ``admin.protect_status``,
+  then they need the token too (``Authorization: Bearer <token>``, or HTTP Basic with the
+  token as password, so that a browser can open the status page);
+* ``/status.json`` names tenants (limit rows, recent rejections) only to a request that
+  carries the admin token; others read ``tenant:(hidden)``.
+
+Where: on the inference port (the proxy hands these paths over), or, with ``admin.listen``,
+only on a listener of their own (``gateway.server``), the inference port then answering
+:data:`not_here` — Triton's 404 JSON.
+
 None of these queue behind inference traffic: they read snapshots and answer at once.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import time
 from collections.abc import Callable
@@ -14,6 +29,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -27,8 +43,49 @@ if TYPE_CHECKING:
     from gateway.workers import Worker
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+HIDDEN = "(hidden)"
+TENANT_PREFIX = "tenant:"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# The inference port's answer for the gateway's pages when they listen elsewhere.
+not_here = _error(404, "Not Found")
+
+
+def presented_token(authorization: str) -> str | None:
+    """The token in an ``Authorization`` header: Bearer, or the password of HTTP Basic."""
+    scheme, _, value = authorization.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return value.strip()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
+    return None
+
+
+def is_admin(svc: GatewayState, authorization: str) -> bool:
+    """Does the header carry the admin token? Never, when no token is configured."""
+    token = svc.cfg.admin.token.reveal()
+    got = presented_token(authorization)
+    return bool(token) and got is not None and hmac.compare_digest(got.encode(),
+                                                                   token.encode())
+
+
+def redact_tenants(doc: dict[str, Any]) -> dict[str, Any]:
+    """``status_document`` for someone who is not the admin: tenant names hidden."""
+    limits = [dict(row, name=TENANT_PREFIX + HIDDEN)
+              if str(row.get("name", "")).startswith(TENANT_PREFIX) else row
+              for row in doc["limits"]]
+    rejections = [dict(r, tenant=HIDDEN) if r.get("tenant") else r
+                  for r in doc["rejections"]]
+    return {**doc, "limits": limits, "rejections": rejections}
 
 
 def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
@@ -116,23 +173,37 @@ ReloadFn = Callable[[], tuple[bool, str]]
 def build_admin_app(svc: GatewayState, telemetry: Telemetry, reload_config: ReloadFn
                     ) -> Starlette:
     def authorised(request: Request) -> Response | None:
-        token = svc.cfg.admin.token.reveal()
-        if not token:
+        if not svc.cfg.admin.token.reveal():
             return _error(404, "admin API disabled: set admin.token in the configuration")
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            return _error(401, "missing or wrong admin token")
+        if not is_admin(svc, request.headers.get("authorization", "")):
+            return _error(401, "missing or wrong admin token",
+                          {"www-authenticate": 'Basic realm="gateway", charset="UTF-8"'})
         return None
 
+    def page_denied(request: Request) -> Response | None:
+        return authorised(request) if svc.cfg.admin.protect_status else None
+
     async def metrics(request: Request) -> Response:
+        denied = page_denied(request)
+        if denied is not None:
+            return denied
         return Response(telemetry.exposition(), media_type=CONTENT_TYPE)
 
     async def status_html(request: Request) -> Response:
+        denied = page_denied(request)
+        if denied is not None:
+            return denied
         page = resources.files("gateway").joinpath("status.html").read_text()
         return HTMLResponse(page)
 
     async def status_json(request: Request) -> Response:
-        return JSONResponse(status_document(svc, telemetry))
+        denied = page_denied(request)
+        if denied is not None:
+            return denied
+        doc = status_document(svc, telemetry)
+        if not is_admin(svc, request.headers.get("authorization", "")):
+            doc = redact_tenants(doc)
+        return JSONResponse(doc)
 
     async def reload(request: Request) -> Response:
         if request.method != "POST":
@@ -152,10 +223,16 @@ def build_admin_app(svc: GatewayState, telemetry: Telemetry, reload_config: Relo
             return denied
         return JSONResponse(status_document(svc, telemetry)["workers"])
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Triton's error shape for the admin listener's own 404/405 too.
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        return _error(status, "Not Found" if status == 404 else
+                      "Method Not Allowed" if status == 405 else "error")
+
     return Starlette(routes=[
         Route("/metrics", metrics),
         Route("/status", status_html),
         Route("/status.json", status_json),
         Route("/admin/reload", reload, methods=["GET", "POST"]),
         Route("/admin/workers", workers),
-    ])
+    ], exception_handlers={HTTPException: http_error})

@@ -34,6 +34,11 @@ Each worker has a breaker in one of three states::
 
 Any other transition is a bug and raises :class:`BreakerTransitionError`.
 
+Every state change is also a :class:`BreakerTransition` value (worker, time, states, reason
+and a sentence for people: "5 consecutive failures", "error rate 60 % (12 of 20) over 10 s"),
+kept in a bounded buffer of the board (``MAX_TRANSITIONS_KEPT``, oldest dropped and counted)
+that the shell drains with ``drain_transitions()`` and logs; nothing here does I/O.
+
 Outcomes arriving while OPEN, or while HALF_OPEN with no probe outstanding (requests sent
 before the trip), are ignored. ``record()`` for a
 removed worker is ignored (a request may finish after its worker left); ``allow()``,
@@ -42,10 +47,12 @@ removed worker is ignored (a request may finish after its worker left); ``allow(
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 import random
 import statistics as _stats
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config import BreakerConfig
@@ -56,6 +63,7 @@ LATENCY_EWMA_ALPHA = 0.2         # weight of a new latency sample
 LATENCY_MIN_FLEET = 3            # the latency-outlier rule needs a median of at least this many
 WINDOW_BUCKETS = 10              # buckets of the rolling error-rate window
 MEDIAN_REFRESH_S = 1.0           # the fleet latency median is recomputed at most this often
+MAX_TRANSITIONS_KEPT = 256       # state changes buffered for the shell's log, at most
 
 
 class BreakerState(enum.Enum):
@@ -145,6 +153,23 @@ class WindowCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    """One state change, for the shell to log."""
+
+    worker: str
+    at: float                      # monotonic seconds
+    old: BreakerState
+    new: BreakerState
+    reason: str                    # trip reason, "probe_failed", "cooled" or "probes_passed"
+    detail: str                    # the same for people, with the numbers behind it
+    open_for_s: float | None       # OPEN: how long this ejection lasts (jitter included)
+    opening: int                   # consecutive openings, this one included
+
+
+TransitionSink = Callable[[BreakerTransition], None]
+
+
+@dataclass(frozen=True, slots=True)
 class BreakerStatistics:
     state: BreakerState
     opened_count: int              # consecutive openings (drives the interval)
@@ -169,15 +194,19 @@ class CircuitBreaker:
 
     __slots__ = (
         "_cfg", "_closed_at", "_consecutive", "_half_open_at", "_last_base_s", "_latency_n",
-        "_ramp_from", "_rng", "_window", "last_suppressed_reason", "last_trip_reason",
-        "latency_ewma_s", "opened_count", "opened_total", "probes_issued", "probes_succeeded",
-        "reopen_at", "state", "suppressed_total",
+        "_on_transition", "_opened_at", "_ramp_from", "_rng", "_window", "last_suppressed_reason",
+        "last_trip_reason", "latency_ewma_s", "name", "opened_count", "opened_total",
+        "probes_issued", "probes_succeeded", "reopen_at", "state", "suppressed_total",
     )
 
     def __init__(self, cfg: BreakerConfig, rng: random.Random, now: float, *,
-                 slow_start: bool = True) -> None:
+                 slow_start: bool = True, name: str = "",
+                 on_transition: TransitionSink | None = None) -> None:
         self._cfg = cfg
         self._rng = rng
+        self.name = name
+        self._on_transition = on_transition
+        self._opened_at = now
         self.state = BreakerState.CLOSED
         self._window = WindowCounts(cfg.window_s)
         self._consecutive = 0
@@ -208,16 +237,22 @@ class CircuitBreaker:
 
     # -- transitions ---------------------------------------------------------------------
 
-    def _fire(self, event: BreakerEvent, now: float) -> None:
+    def _fire(self, event: BreakerEvent, now: float, detail: str = "") -> None:
+        old = self.state
         self.state = next_state(self.state, event)
+        open_for_s: float | None = None
         if self.state is BreakerState.OPEN:
             self.opened_count += 1
             self.opened_total += 1
             base = min(self._cfg.open_s * 2.0 ** (self.opened_count - 1), self._cfg.max_open_s)
             self._last_base_s = base
             jitter = self._cfg.jitter * self._rng.uniform(-1.0, 1.0)
-            self.reopen_at = now + base * (1.0 + jitter)
+            open_for_s = base * (1.0 + jitter)
+            self.reopen_at = now + open_for_s
+            self._opened_at = now
         elif self.state is BreakerState.HALF_OPEN:
+            detail = (f"after {now - self._opened_at:.1f} s open; "
+                      f"{self._cfg.half_open_probes} probe requests let through")
             self.reopen_at = None
             self._half_open_at = now
             self.probes_issued = 0
@@ -229,6 +264,14 @@ class CircuitBreaker:
             self._latency_n = 0
             self._closed_at = now
             self._ramp_from = now
+            detail = (f"{self._cfg.half_open_probes} half-open probes passed; traffic ramps "
+                      f"up over {self._cfg.slow_start_s:g} s")
+        if self._on_transition is not None:
+            reason = (self.last_trip_reason or "") if self.state is BreakerState.OPEN \
+                else event.value
+            self._on_transition(BreakerTransition(
+                self.name, now, old, self.state, reason, detail or reason, open_for_s,
+                self.opened_count))
 
     def advance(self, now: float) -> BreakerState:
         """Apply the passage of time: OPEN → HALF_OPEN, stable-period reset."""
@@ -244,9 +287,19 @@ class CircuitBreaker:
             self.opened_count = 0
         return self.state
 
-    def trip(self, now: float, reason: str) -> None:
+    def trip(self, now: float, reason: str, detail: str = "") -> None:
         self.last_trip_reason = reason
-        self._fire(BreakerEvent.TRIP, now)
+        self._fire(BreakerEvent.TRIP, now, detail or self.trip_detail(reason, now))
+
+    def trip_detail(self, reason: str, now: float) -> str:
+        """The numbers behind a trip reason of :meth:`record`, for people."""
+        if reason == "consecutive_failures":
+            return f"{self._consecutive} consecutive failures"
+        if reason == "error_rate":
+            total, failures = self._window.totals(now)
+            return (f"error rate {failures / max(1, total):.0%} ({failures} of {total}) over "
+                    f"{self._cfg.window_s:g} s, threshold {self._cfg.error_rate:.0%}")
+        return reason
 
     def suppress(self, reason: str) -> None:
         self.suppressed_total += 1
@@ -280,7 +333,7 @@ class CircuitBreaker:
                 return None           # no probe outstanding: a late pre-trip outcome
             if not ok:
                 self.last_trip_reason = "probe_failed"
-                self._fire(BreakerEvent.PROBE_FAILED, now)
+                self._fire(BreakerEvent.PROBE_FAILED, now, "a half-open probe failed")
             else:
                 self.probes_succeeded += 1
                 if self.probes_succeeded >= self._cfg.half_open_probes:
@@ -362,13 +415,17 @@ class BreakerBoard:
     ``enabled: false`` keeps slow start but never opens a breaker.
     """
 
-    __slots__ = ("_breakers", "_cfg", "_median_at", "_median_s", "_rng", "_suppressed_total")
+    __slots__ = ("_breakers", "_cfg", "_median_at", "_median_s", "_rng", "_suppressed_total",
+                 "_transitions", "transitions_dropped")
 
     def __init__(self, cfg: BreakerConfig, rng: random.Random | None = None) -> None:
         self._cfg = cfg
         self._rng = rng if rng is not None else random.Random()
         self._breakers: dict[WorkerId, CircuitBreaker] = {}
         self._suppressed_total = 0
+        self._transitions: collections.deque[BreakerTransition] = collections.deque(
+            maxlen=MAX_TRANSITIONS_KEPT)
+        self.transitions_dropped = 0
         self._median_s: float | None = None
         self._median_at = -math.inf
 
@@ -390,7 +447,24 @@ class BreakerBoard:
         (e.g. the fleet present at start-up). Adding a known worker keeps its breaker."""
         if worker not in self._breakers:
             self._breakers[worker] = CircuitBreaker(self._cfg, self._rng, now,
-                                                    slow_start=slow_start)
+                                                    slow_start=slow_start, name=worker,
+                                                    on_transition=self._note)
+
+    def _note(self, transition: BreakerTransition) -> None:
+        if len(self._transitions) == MAX_TRANSITIONS_KEPT:
+            self.transitions_dropped += 1
+        self._transitions.append(transition)
+
+    def drain_transitions(self) -> list[BreakerTransition]:
+        """State changes since the last call, oldest first (for the shell to log)."""
+        out = list(self._transitions)
+        self._transitions.clear()
+        return out
+
+    @property
+    def suppressed_total(self) -> int:
+        """Trips refused by the ejection cap, ever."""
+        return self._suppressed_total
 
     def remove_worker(self, worker: WorkerId) -> None:
         self._breakers.pop(worker, None)
@@ -423,7 +497,12 @@ class BreakerBoard:
             breaker.suppress(reason)
             self._suppressed_total += 1
             return
-        breaker.trip(now, reason)
+        detail = ""
+        if reason == "latency_outlier" and self._median_s:
+            detail = (f"latency EWMA {breaker.latency_ewma_s * 1000:.0f} ms over "
+                      f"{self._cfg.latency_outlier_factor:g} × the fleet median "
+                      f"{self._median_s * 1000:.0f} ms")
+        breaker.trip(now, reason, detail)
 
     def state(self, worker: WorkerId, now: float) -> BreakerState:
         return self._breakers[worker].advance(now)

@@ -87,6 +87,7 @@ class Lease:
     model: str
     attempts: int
     done: bool = False
+    queued_s: float = 0.0  # waiting for a slot (the queue), all attempts together
 
 
 class Dispatcher:
@@ -146,10 +147,13 @@ class Dispatcher:
         await self.admit(call)
         tried: set[WorkerId] = set()
         attempts = 0
+        queued_s = 0.0
         while True:
+            asked = self.clock()
             worker = await self.acquire(call, tried)
             attempts += 1
             started = self.clock()
+            queued_s += started - asked
             try:
                 resp = await worker.pool.request(call.method, call.target, call.headers,
                                                  call.body, stream=call.stream,
@@ -170,7 +174,7 @@ class Dispatcher:
                 continue
             if call.sequence_id is not None:
                 self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
-            return Lease(worker, resp, started, call.key.name, attempts)
+            return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s)
 
     # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
     async def admit(self, call: Call) -> None:
