@@ -98,7 +98,7 @@ def test_the_package_import_graph_has_no_cycle() -> None:
         path.append(node)
         for nxt in sorted(gateway[node] - packages):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = [*path[path.index(nxt):], nxt]
                 pytest.fail("import cycle: " + " → ".join(cycle))
             if nxt not in state:
                 visit(nxt)
