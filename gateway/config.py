@@ -38,6 +38,8 @@ from gateway.schema import (
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # Triton's own --http-max-input-size
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_MAX_HEADERS = 100
 DEFAULT_TRITON_METRICS_PORT = 8002
 DEFAULT_TRITON_GRPC_PORT = 8001
 AUTO_SLOTS_FALLBACK = 64  # upstream.default_slots: auto, before the model configs are read
@@ -119,9 +121,29 @@ class ListenConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminListenConfig:
+    port: int = field(metadata=_doc("Port of the admin listener (0 picks a free one).",
+                                    **check(lambda v: 0 <= v <= 65535,
+                                            "a port number 1–65535, or 0 for any free port")))
+    host: str = opt("127.0.0.1", "Address the admin listener binds.")
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     token: Secret = opt(Secret(""), "Bearer token for /admin/*; empty disables the admin API. "
                         "Use ${ENV_VAR}.")
+    listen: AdminListenConfig | None = opt(
+        None, "A separate listener for the gateway's own pages (/metrics, /status, "
+        "/status.json, /admin/*); when set, the inference port answers 404 for them. Off "
+        "unless set; a change needs a restart.")
+    protect_status: bool = opt(False, "Require the admin token for /metrics, /status and "
+                               "/status.json too (Authorization: Bearer <token>, or HTTP Basic "
+                               "with the token as password); needs admin.token.")
+
+    def __post_init__(self) -> None:
+        if self.protect_status and not self.token.reveal():
+            raise ConfigError("protect_status", "expected admin.token to be set: the pages "
+                              "would be closed to everyone")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,13 +210,19 @@ class UpstreamConfig:
     read_timeout_s: float = opt(60.0, "Time allowed for a worker's response (→ 504).", positive())
     max_connections_per_worker: int = opt(64, "Keep-alive pool bound per worker.", positive())
     default_slots: int | Literal["auto"] = opt(
-        64, "Maximum in-flight requests per worker when workers[].slots is not set. 'auto': "
-        "derived from the worker's models — 2 × the model instances Triton reports in their "
-        "instance_group (one executing, one waiting per instance), at least 2; "
-        f"{AUTO_SLOTS_FALLBACK} until the configs are read.",
+        "auto", "Maximum in-flight requests per worker when workers[].slots is not set. "
+        "'auto' (the default): learned from the worker's models — per model, its instances "
+        "(instance_group; × max_batch_size when Triton's dynamic batcher is on) executing plus "
+        "one request waiting per instance; the rest waits in the gateway's queue, where "
+        f"priority, deadlines and batching apply. {AUTO_SLOTS_FALLBACK} until the configs are "
+        "read. A number fixes it for every worker.",
         check(lambda v: v == "auto" or v > 0, "a number > 0 or 'auto'"))
     max_body_bytes: int = opt(DEFAULT_MAX_BODY_BYTES, "Largest request body accepted (→ 413).",
                               positive())
+    max_header_bytes: int = opt(DEFAULT_MAX_HEADER_BYTES, "Largest request header section "
+                                "accepted, names and values together (→ 431).", positive())
+    max_headers: int = opt(DEFAULT_MAX_HEADERS, "Most request header fields accepted (→ 431).",
+                           positive())
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may finish.",
                                  non_negative())
 
@@ -412,9 +440,27 @@ class CapacityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = opt(False, "Write one JSON line per request: time, rid, tenant, model, "
+                        "worker, status, latency_ms, queue_ms, reason.")
+    path: str | None = opt(None, "File the lines are appended to; default the gateway's own "
+                           "log (stderr), logger gateway.access.")
+    success_sample: float = opt(1.0, "Share of successful requests written: 1.0 every one, "
+                                "0.01 one in a hundred (every n-th, not random).", fraction())
+    max_lines_per_s: int = opt(1000, "Lines per second, at most; beyond, requests are counted "
+                               "and one summary line a second says how many were left out.",
+                               positive())
+    max_error_lines_per_s: int = opt(20, "Lines per second for refused, failed or abandoned "
+                                     "requests, at most (a flood of bad requests must not "
+                                     "flood the log); counted and summarised beyond.",
+                                     positive())
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: ListenConfig = sub(ListenConfig, "Where the gateway listens.")
-    admin: AdminConfig = sub(AdminConfig, "Admin API (/admin/reload, /admin/workers).")
+    admin: AdminConfig = sub(AdminConfig, "The gateway's own pages: admin API (/admin/reload, "
+                             "/admin/workers), where /metrics and /status listen, who reads them.")
     workers: tuple[WorkerConfig, ...] = sub(tuple, "Static worker list.")
     discovery: DiscoveryConfig | None = opt(None, "DNS discovery instead of (or beside) workers.")
     pools: tuple[PoolConfig, ...] = sub(tuple, "Pools and their priority; unnamed pools get 0.")
@@ -427,9 +473,16 @@ class GatewayConfig:
     admission: AdmissionConfig = sub(AdmissionConfig, "Rate limits, queueing, breakers, retries.")
     capacity: CapacityConfig = sub(CapacityConfig, "Capacity signals.")
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", "Log level.")
+    access_log: AccessLogConfig = sub(AccessLogConfig, "Access log: one JSON line per "
+                                      "request, bounded (off by default).")
 
     def __post_init__(self) -> None:
         issues = []
+        admin_listen = self.admin.listen
+        if admin_listen is not None and admin_listen.port and \
+                admin_listen.port in (self.listen.port, self.listen.grpc_port):
+            issues.append(ConfigIssue("admin.listen.port", "expected a port of its own, not "
+                                      f"the inference listener's ({admin_listen.port})"))
         if not self.workers and self.discovery is None:
             issues.append(ConfigIssue("workers", "expected at least one worker, or a "
                                       "discovery section"))

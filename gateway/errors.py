@@ -5,10 +5,12 @@ Triton's own ``{"error": "..."}`` JSON with the status below and, for rejections
     GatewayError (500)
     ├── BadRequest (400)
     │   └── SharedMemoryUnsupported (400)
-    ├── Unauthorized (401)
+    ├── Unauthorized (401)             missing or unknown API key / admin token
+    ├── Forbidden (403)                an endpoint switched off by configuration
     ├── NotFound (404)                 unknown model / path
     ├── MethodNotAllowed (405)
     ├── PayloadTooLarge (413)
+    ├── HeaderFieldsTooLarge (431)     too many request headers, or too many header bytes
     ├── Rejected                       admission said no; always carries Retry-After
     │   ├── RateLimited (429)
     │   ├── Overloaded (503)           queue full, shed by priority, concurrency limit
@@ -67,6 +69,11 @@ class Unauthorized(GatewayError):
     reason = "unauthorized"
 
 
+class Forbidden(GatewayError):
+    status = 403
+    reason = "forbidden"
+
+
 class NotFound(GatewayError):
     status = 404
     reason = "not_found"
@@ -80,6 +87,11 @@ class MethodNotAllowed(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     reason = "payload_too_large"
+
+
+class HeaderFieldsTooLarge(GatewayError):
+    status = 431
+    reason = "headers_too_large"
 
 
 class Rejected(GatewayError):

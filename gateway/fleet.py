@@ -30,6 +30,7 @@ from gateway.workers import Event, State, Worker, after_probe, transition, worke
 
 log = logging.getLogger("gateway.fleet")
 
+MAX_DERIVED_SLOTS = 4096  # learned per-worker slot limit, at most
 MAX_LEARNED_MODELS = 256  # names learned by discovery, probed on each model poll
 MODEL_PROBE_EVERY = 5  # model readiness is re-probed every N health intervals
 
@@ -214,11 +215,15 @@ class Fleet:
 
     async def probe(self, w: Worker, *, with_models: bool = False) -> None:
         h = self.cfg.health
+        failure = ""  # why the probe failed, for the log when the worker goes down
         try:
             status, _ = await fetch(w.pool, "GET", "/v2/health/ready", timeout_s=h.timeout_s)
             ok = status == 200
-        except UpstreamError:
+            if not ok:
+                failure = f"/v2/health/ready answered {status}"
+        except UpstreamError as exc:
             ok = False
+            failure = str(exc)
         if w.state is State.DRAINING:
             return
         was = w.state
@@ -230,7 +235,12 @@ class Fleet:
             w.state = out.state
             if out.state is State.SERVING:
                 w.serving_since = self.clock()
-            log.info("worker %s %s -> %s", w.id, was.value, out.state.value)
+            if out.state is State.DOWN:
+                log.warning("worker %s %s -> %s: %d failed probes in a row (last: %s)", w.id,
+                            was.value, out.state.value, out.fail_streak, failure)
+            else:
+                log.info("worker %s %s -> %s: %d good probes in a row", w.id, was.value,
+                         out.state.value, out.ok_streak)
             self._on_change()
 
     def learn_model(self, name: str) -> None:
@@ -278,21 +288,35 @@ class Fleet:
             await self._derive_slots(w, [n for n in ready if "/" not in n])
 
     async def _derive_slots(self, w: Worker, models: list[str]) -> None:
-        """upstream.default_slots: auto — 2 × the instances of the worker's ready models."""
-        instances = 0
+        """upstream.default_slots: auto — enough in flight to keep every model instance busy
+        and one more waiting per instance; the rest waits in the gateway's own queue, where
+        priority, deadlines and batching apply. A model with Triton's dynamic batcher
+        executes up to ``max_batch_size`` requests per instance at once."""
+        units = slots = 0
         for name in sorted(models)[:64]:  # bounded: model names come from the worker
             try:
                 status, body = await fetch(w.pool, "GET", f"/v2/models/{name}/config",
                                            timeout_s=self.cfg.health.timeout_s)
                 doc = json.loads(body) if status == 200 else None
-            except (UpstreamError, ValueError):
+            except (UpstreamError, ValueError, RecursionError):
                 continue
-            instances += instance_count(doc)
-        derived = max(2, 2 * instances) if instances else None
-        if derived is not None and derived != w.derived_slots:
+            instances = instance_count(doc)
+            if not instances or not isinstance(doc, dict):
+                continue
+            per_instance = 1
+            max_batch = doc.get("max_batch_size", 0)
+            if "dynamic_batching" in doc and isinstance(max_batch, int) and max_batch > 1:
+                per_instance = max_batch
+            units += instances * per_instance
+            slots += instances * per_instance + instances
+        if not units:
+            return
+        derived = min(MAX_DERIVED_SLOTS, max(2, slots))
+        if derived != w.derived_slots or units != w.derived_units:
             w.derived_slots = derived
+            w.derived_units = min(MAX_DERIVED_SLOTS, units)
             w.slots = self._slots_for(w)
-            log.info("worker %s: %d model instances, %d slots", w.id, instances, w.slots)
+            log.info("worker %s: %d requests execute at once, %d slots", w.id, units, w.slots)
             self._on_change()
 
     # metrics scrapes --------------------------------------------------------------------

@@ -15,9 +15,16 @@ What each endpoint does (see README, "Endpoints"):
   (JSON or binary tensors, compressed or not); ``generate_stream`` is streamed.
 * ``/v2/models[/{m}]/stats`` — **aggregated**: the sum over every ready worker.
 * ``/v2/repository/index`` — the union over ready workers (plus models known by probing).
-* ``/v2/repository/models/{m}/load|unload`` — broadcast to every ready worker.
+* ``/v2/repository/models/{m}/load|unload`` — broadcast to every ready worker, only with
+  the admin token (``Authorization: Bearer <admin.token>``); 403 when no token is set.
 * shared memory (system or CUDA) — 400: regions are host-local and cannot be balanced.
 * trace/logging settings — 400: per-server settings, set them on the workers.
+
+Hostile input: header bounds are checked before anything else (431); every error the
+gateway makes is Triton's ``{"error": ...}`` JSON with an ``X-Request-Id``; anything that
+escapes as a non-gateway exception is a bug, logged once and answered as a JSON 500. Each
+answer carries one ``Date`` header: the worker's when it sent one, else the gateway's (the
+server layer adds none, see ``gateway.server``).
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from email.utils import formatdate
 from typing import Any
 
 from gateway import __version__
@@ -35,7 +45,9 @@ from gateway.discovery import Action
 from gateway.dispatch import Call, Lease
 from gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
+    HeaderFieldsTooLarge,
     MethodNotAllowed,
     NoHealthyWorker,
     NotFound,
@@ -48,8 +60,9 @@ from gateway.errors import (
 from gateway.protocol import Endpoint, Kind, classify, model_target
 from gateway.requesthead import read_head
 from gateway.service import GatewayService
+from gateway.tenants import effective_priority, is_admin
 from gateway.turnstile import Turnstile
-from gateway.types import ModelKey, Priority
+from gateway.types import ModelKey
 from gateway.upstream import HOP_BY_HOP, Headers, fetch
 
 Scope = MutableMapping[str, Any]
@@ -65,6 +78,9 @@ _REQUEST_ID = b"x-request-id"
 _BOOT = os.urandom(4).hex()
 _ids = itertools.count(1)
 _MAX_REQUEST_ID = 128
+_DATE = b"date"
+_MAX_TIMEOUT_MS = 10**12  # ~32 years: longer deadlines mean "no deadline"
+log = logging.getLogger("gateway.proxy")
 
 
 def _error_body(message: str) -> bytes:
@@ -82,19 +98,30 @@ class ProxyApp:
             if scope["type"] == "lifespan":
                 await self._lifespan(receive, send)
             return
+        limits = self.service.cfg.upstream
+        too_large = header_bounds_error(scope["headers"], limits.max_header_bytes,
+                                        limits.max_headers)
+        if too_large is not None:
+            await _send_error(send, too_large, new_request_id())
+            return
         endpoint = classify(scope["method"], scope["path"])
         if endpoint.kind is Kind.GATEWAY:
-            await self.admin_app(scope, receive, send)
+            await self.admin_app(scope, receive, _dated(send))
             return
         rid = _request_id(scope)
         try:
             await self._handle(endpoint, scope, receive, send, rid)
         except GatewayError as exc:
-            self.service.telemetry.request_failed(endpoint.model or "_none", exc,
-                                                  is_rejection=isinstance(exc, Rejected))
+            self.service.telemetry.request_failed(
+                endpoint.model or "_none", exc, is_rejection=isinstance(exc, Rejected), rid=rid,
+                tenant=self.service.tenants.identify(scope["headers"])[0])
             await _send_error(send, exc, rid)
         except asyncio.CancelledError:
             raise
+        except Exception:
+            # A bug, not the client's doing: one log record, and still Triton's JSON shape.
+            log.exception("internal error answering %s %.200s", scope["method"], scope["path"])
+            await _send_error(send, GatewayError("internal gateway error"), rid)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -130,8 +157,11 @@ class ProxyApp:
             await _send_json(send, *await svc.aggregates.stats(ep.model, ep.version), rid)
         elif kind is Kind.REPOSITORY_INDEX:
             body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
+            _check_json(body)
             await _send_json(send, 200, await svc.aggregates.repository_index(body), rid)
         elif kind is Kind.REPOSITORY_CONTROL:
+            # Checked before the body is read: an unauthorised upload never reaches a worker.
+            _authorise_repository_control(scope, svc.cfg.admin.token.reveal())
             body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
             status, payload = await svc.aggregates.broadcast("POST", scope["path"], body)
             await _send_raw(send, status, [_JSON], payload, rid)
@@ -200,11 +230,11 @@ class ProxyApp:
             if timeout_ms <= 0:
                 raise BadRequest("X-Request-Timeout-Ms must be a positive number of "
                                  "milliseconds")
-            deadline_s = timeout_ms / 1000.0
+            # Bounded: a 400-digit number of milliseconds is no float (and no deadline).
+            deadline_s = min(timeout_ms, _MAX_TIMEOUT_MS) / 1000.0
         elif head is not None and head.timeout_us is not None:
             deadline_s = head.timeout_us / 1e6
-        priority = Priority.parse(priority_h.decode("latin-1") if priority_h else None,
-                                  default_priority)
+        priority = effective_priority(default_priority, priority_h)
         batch = head.batch_size if head is not None else 1
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):
@@ -234,12 +264,15 @@ class ProxyApp:
             watch.done = True
             svc.dispatcher.finish(lease)
             svc.telemetry.request_done(call.key.name, lease.response.status,
-                                       svc.clock() - started, svc.clock() - lease.started)
+                                       svc.clock() - started, svc.clock() - lease.started,
+                                       rid=rid, tenant=call.tenant, worker=lease.worker.id,
+                                       queue_s=lease.queued_s)
         except asyncio.CancelledError:
             if lease is not None:
                 lease.response.close()
                 svc.dispatcher.finish(lease, aborted=True)
-            svc.telemetry.request_aborted(call.key.name)
+            svc.telemetry.request_aborted(call.key.name, rid=rid, tenant=call.tenant,
+                                          worker=lease.worker.id if lease else None)
             if watch.done:
                 raise
             return
@@ -267,11 +300,12 @@ class ProxyApp:
             out = [(k, v) for k, v in reply.headers if k not in HOP_BY_HOP]
             out.append((_REQUEST_ID, rid))
             await _send_raw(send, reply.status, out, reply.body, rid=None)
-            svc.telemetry.request_done(call.key.name, reply.status, svc.clock() - started, 0.0)
+            svc.telemetry.request_done(call.key.name, reply.status, svc.clock() - started, 0.0,
+                                       rid=rid, tenant=call.tenant)
         except asyncio.CancelledError:
             if watch.done:
                 raise
-            svc.telemetry.request_aborted(call.key.name)
+            svc.telemetry.request_aborted(call.key.name, rid=rid, tenant=call.tenant)
         finally:
             watch.close()
 
@@ -333,6 +367,8 @@ async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
     resp = lease.response
     out = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != _REQUEST_ID]
     out.append((_REQUEST_ID, rid))
+    if resp.header(_DATE) is None:
+        out.append((_DATE, http_date()))
     if resp.status == 503 and resp.header(b"retry-after") is None:
         # A worker's own "unavailable" (its queue is full): tell the client when to retry,
         # like every rejection the gateway makes itself.
@@ -355,7 +391,68 @@ def _request_id(scope: Scope) -> bytes:
             if 0 < len(v) <= _MAX_REQUEST_ID and all(32 <= c < 127 for c in v):
                 return bytes(v)
             break
+    return new_request_id()
+
+
+def new_request_id() -> bytes:
     return f"{_BOOT}-{next(_ids):x}".encode()
+
+
+def header_bounds_error(headers: list[tuple[bytes, bytes]], max_bytes: int,
+                        max_count: int) -> HeaderFieldsTooLarge | None:
+    """431 when the request has more than ``max_count`` header fields or more than
+    ``max_bytes`` of names and values together; None when it is within bounds."""
+    if len(headers) > max_count:
+        return HeaderFieldsTooLarge(
+            f"request has {len(headers)} header fields; at most {max_count} are accepted")
+    size = 0
+    for k, v in headers:
+        size += len(k) + len(v)
+    if size > max_bytes:
+        return HeaderFieldsTooLarge(
+            f"request headers are {size} bytes; at most {max_bytes} are accepted")
+    return None
+
+
+_date_second = 0
+_date_value = b""
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value for now, formatted once per second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_value = now, formatdate(now, usegmt=True).encode()
+    return _date_value
+
+
+def _dated(send: Send) -> Send:
+    """``send`` that adds a ``Date`` header to the response start (the gateway's own pages)."""
+    async def dated(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (_DATE, http_date())]
+        await send(message)
+    return dated
+
+
+def _authorise_repository_control(scope: Scope, token: str) -> None:
+    """Repository load/unload changes every worker: the admin token or nothing."""
+    if not token:
+        raise Forbidden("repository control is disabled: set admin.token in the configuration "
+                        "and send it as 'Authorization: Bearer <admin.token>'")
+    if not is_admin(scope["headers"], token):
+        raise Unauthorized("repository control needs the admin token "
+                           "('Authorization: Bearer <admin.token>'); an API key is not enough")
+
+
+def _check_json(body: bytes) -> None:
+    """An optional JSON body the gateway reads itself: malformed or too deep is a 400."""
+    if body.strip():
+        try:
+            json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest("failed to parse the request JSON buffer") from None
 
 
 async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
@@ -388,6 +485,8 @@ async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
 async def _send_raw(send: Send, status: int, headers: Headers, body: bytes,
                     rid: bytes | None) -> None:
     out = [*headers, (b"content-length", str(len(body)).encode())]
+    if not any(k == _DATE for k, _ in headers):
+        out.append((_DATE, http_date()))
     if rid is not None:
         out.append((_REQUEST_ID, rid))
     await send({"type": "http.response.start", "status": status, "headers": out})

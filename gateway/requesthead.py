@@ -16,6 +16,8 @@ Rules:
 * A header the peeker cannot make sense of (malformed JSON, a wrong type) gives an *opaque*
   head: defaults, not batchable, forwarded as it is — the worker answers with Triton's own
   message, exactly as it would without the gateway.
+* Client input never escapes as anything but :class:`BadRequest` or an opaque head: no
+  ``RecursionError``, ``ValueError`` or ``UnicodeError`` reaches the server layer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from gateway.errors import BadRequest
 from gateway.tensors import InferPeek, decode_content, peek_infer_header
 
 _ROUTING_KEYS = (b'"sequence_id"', b"shared_memory", b'"timeout"', b'"priority"')
+# A body's ``parameters.timeout`` above this (~32 years) is taken as this: any larger
+# integer means "no deadline", and one too large for a float must not become a 500.
+MAX_TIMEOUT_US = 10**15
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,12 @@ def read_head(body: bytes, header_length: bytes | None, content_encoding: bytes 
         if "nested too deeply" in str(exc):
             raise
         return RequestHead(body, hl)
+    except RecursionError:
+        raise BadRequest("request JSON is nested too deeply") from None
+    except (ValueError, TypeError, OverflowError):
+        # Whatever else a hostile header trips over: the worker judges it, as it would
+        # without the gateway.
+        return RequestHead(body, hl)
     params = peek.parameters
     timeout = params.get("timeout")
     prio = params.get("priority")
@@ -91,8 +102,8 @@ def read_head(body: bytes, header_length: bytes | None, content_encoding: bytes 
         sequence_end=params.get("sequence_end") is True,
         shared_memory=peek.uses_shared_memory,
         batch_size=batch if batch is not None and batch > 0 else 1,
-        timeout_us=timeout if isinstance(timeout, int) and not isinstance(timeout, bool)
-        and timeout > 0 else None,
+        timeout_us=min(timeout, MAX_TIMEOUT_US) if isinstance(timeout, int)
+        and not isinstance(timeout, bool) and timeout > 0 else None,
         priority=prio if isinstance(prio, int) and not isinstance(prio, bool)
         and prio > 0 else None,
     )

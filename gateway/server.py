@@ -4,7 +4,12 @@
 * SIGHUP (or ``POST /admin/reload``) re-reads the config file; a bad file is refused with
   the reason and the old configuration stays in force.
 * SIGTERM / SIGINT: readiness turns false, the listener closes, requests in flight get up to
-  ``upstream.drain_timeout_s`` to finish, then background work stops.
+  ``upstream.drain_timeout_s`` to finish, then background work stops. The log says how many
+  were in flight, how many are left once a second, and whether the drain finished or timed
+  out (and how many requests that cut off).
+* ``admin.listen`` set: the gateway's own pages get a second uvicorn server in the same event
+  loop, and the inference port answers 404 for them (``gateway.admin.not_here``). It keeps
+  answering during a drain and stops last.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import yaml
@@ -37,6 +44,9 @@ def reload_from_file(svc: GatewayService) -> tuple[bool, str]:
     if (cfg.listen.host, cfg.listen.port) != (svc.cfg.listen.host, svc.cfg.listen.port):
         log.warning("listen address changes need a restart; keeping %s:%d",
                     svc.cfg.listen.host, svc.cfg.listen.port)
+    if cfg.admin.listen != svc.cfg.admin.listen:
+        log.warning("admin.listen changes need a restart; keeping the admin pages where they "
+                    "are")
     svc.reload(cfg)
     return True, f"configuration generation {svc.generation} in force"
 
@@ -49,13 +59,90 @@ def _install_uvloop() -> str:
     return "uvloop"
 
 
+# Bytes of a request line (the URL) a request head may hold beyond its header bounds.
+_REQUEST_LINE_ALLOWANCE_BYTES = 64 * 1024
+# How long a connection refused for its head size reads and drops what is still coming.
+_LINGER_S = 2.0
+
+
+def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, with the gateway's rules at the connection level:
+
+    * its own 400 for a malformed request is Triton's ``{"error": ...}`` JSON with a
+      ``Date`` and an ``X-Request-Id``, like every other error of the gateway;
+    * a request head that keeps growing past the header bounds (``limits()`` gives
+      ``(max_header_bytes, max_headers)``, read live so a reload applies) is answered 431
+      and the connection closed, before the whole head is buffered. The exact bounds are
+      checked by the proxy once the head is complete; this is the memory bound.
+    """
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    from gateway.errors import HeaderFieldsTooLarge
+    from gateway.proxy import http_date, new_request_id
+
+    class JsonErrorProtocol(HttpToolsProtocol):
+        _head_bytes = 0
+        _in_head = False
+        _began_in_chunk = False
+        _discarding = False
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            self._in_head = True
+            self._began_in_chunk = True
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self._discarding:
+                return
+            self._began_in_chunk = False
+            super().data_received(data)
+            # The chunk a head began in may also hold the end of the previous request: only
+            # whole chunks after it are counted (an undercount of one read, at most).
+            if not self._in_head or self._began_in_chunk or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            max_bytes, max_headers = limits()
+            cap = max_bytes + 4 * max_headers + _REQUEST_LINE_ALLOWANCE_BYTES
+            if self._head_bytes > cap:
+                exc = HeaderFieldsTooLarge(f"request head exceeds {cap} bytes")
+                self._write_error(exc.status, exc.body(), linger=True)
+
+        def send_400_response(self, msg: str) -> None:
+            self._write_error(400, json.dumps({"error": "malformed HTTP request"}).encode())
+
+        def _write_error(self, status: int, body: bytes, *, linger: bool = False) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.write(b"".join([
+                    STATUS_LINE[status], b"content-type: application/json\r\n",
+                    b"content-length: ", str(len(body)).encode(), b"\r\n",
+                    b"date: ", http_date(), b"\r\n",
+                    b"x-request-id: ", new_request_id(), b"\r\n",
+                    b"connection: close\r\n\r\n", body]))
+            if not linger:
+                self.transport.close()
+                return
+            # A client still sending its head would get a reset instead of the answer if
+            # the connection closed now: read and drop the rest for a moment, then close.
+            self._discarding = True
+            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+                self.transport.write_eof()
+            self.loop.call_later(_LINGER_S, self.transport.close)
+
+    return JsonErrorProtocol
+
+
 async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
                 on_ready: Callable[[str], None] | None = None,
                 stop: asyncio.Event | None = None) -> int:
     """Run the gateway in the current event loop until SIGTERM/SIGINT (or ``stop``)."""
     import uvicorn
 
-    from gateway.admin import build_admin_app
+    from gateway.admin import build_admin_app, not_here
     from gateway.proxy import ProxyApp
 
     class _Server(uvicorn.Server):
@@ -69,9 +156,24 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
 
     svc = GatewayService(cfg)
     svc.config_path = config_path
-    app = ProxyApp(svc, build_admin_app(svc, svc.telemetry, lambda: reload_from_file(svc)))
+    admin_app = build_admin_app(svc, svc.telemetry, lambda: reload_from_file(svc))
+    admin_server: _Server | None = None
+    if cfg.admin.listen is not None:
+        admin_server = _Server(uvicorn.Config(
+            admin_app, host=cfg.admin.listen.host, port=cfg.admin.listen.port,
+            lifespan="off", access_log=False, log_level="warning", http="httptools",
+            timeout_graceful_shutdown=5, server_header=False, proxy_headers=False))
+    app = ProxyApp(svc, not_here if admin_server is not None else admin_app)
+    http_protocol = json_error_protocol(
+        lambda: (svc.cfg.upstream.max_header_bytes, svc.cfg.upstream.max_headers))
     ucfg = uvicorn.Config(app, host=cfg.listen.host, port=cfg.listen.port, lifespan="off",
-                          access_log=False, log_level="warning", http="httptools",
+                          access_log=False, log_level="warning", http=http_protocol,
+                          # One Date per answer: the worker's when it sent one, else the
+                          # gateway's own (gateway.proxy adds it), never uvicorn's as well.
+                          date_header=False,
+                          # No WebSocket endpoint: an Upgrade request is plain HTTP to the
+                          # gateway, never a handshake answered in text/plain.
+                          ws="none",
                           timeout_graceful_shutdown=int(max(1, cfg.upstream.drain_timeout_s)),
                           timeout_keep_alive=75, backlog=4096,
                           # The gateway is the origin of its own errors and passes each
@@ -83,10 +185,45 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, lambda: reload_from_file(svc))
 
-    def on_term(signum: int) -> None:
+    drain_began: float | None = None
+    helpers: list[asyncio.Task[None]] = []
+
+    def requests_in_flight() -> str:
+        return (f"{len(server.server_state.tasks)} requests in flight ({svc.in_flight()} at "
+                f"workers, {svc.queue_length} queued)")
+
+    async def report_drain(began: float) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            log.info("draining: %s, %.0f s of %g s", requests_in_flight(),
+                     time.monotonic() - began, cfg.upstream.drain_timeout_s)
+
+    def begin_drain(why: str) -> None:
         # Drain: readiness turns false at once, uvicorn stops accepting and waits for the
-        # requests in flight (up to drain_timeout_s); a second SIGINT forces the exit.
+        # requests in flight (up to drain_timeout_s).
+        nonlocal drain_began
         svc.draining = True
+        if drain_began is not None:
+            return
+        drain_began = time.monotonic()
+        log.info("%s: draining %s; waiting up to %g s", why, requests_in_flight(),
+                 cfg.upstream.drain_timeout_s)
+        helpers.append(asyncio.create_task(report_drain(drain_began)))
+
+    def end_drain() -> None:
+        if drain_began is None:
+            return
+        took = time.monotonic() - drain_began
+        left = len(server.server_state.tasks)
+        if left:
+            log.warning("drain timed out after %.1f s: %d requests still in flight were cut "
+                        "off", took, left)
+        else:
+            log.info("drain done in %.1f s: every request in flight finished", took)
+
+    def on_term(signum: int) -> None:
+        # A second SIGINT forces the exit.
+        begin_drain(signal.Signals(signum).name)
         if server.should_exit and signum == signal.SIGINT:
             server.force_exit = True
         server.should_exit = True
@@ -105,13 +242,20 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
         url = f"http://{cfg.listen.host}:{port}"
         log.info("gateway listening on %s (%d workers configured)", url,
                  len(svc.fleet.workers))
+        if admin_server is not None and cfg.admin.listen is not None:
+            while not admin_server.started and not admin_server.should_exit:
+                await asyncio.sleep(0.02)
+            sockets = admin_server.servers[0].sockets if admin_server.servers else []
+            admin_port = sockets[0].getsockname()[1] if sockets else cfg.admin.listen.port
+            log.info("admin pages (/metrics, /status, /admin) on http://%s:%d only",
+                     cfg.admin.listen.host, admin_port)
         if on_ready is not None:
             on_ready(url)
 
     async def external_stop() -> None:
         if stop is not None:
             await stop.wait()
-            svc.draining = True
+            begin_drain("stop requested")
             server.should_exit = True
 
     grpc_listener = None
@@ -119,19 +263,26 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
         from gateway.grpc_server import start_grpc
         grpc_listener = await start_grpc(svc)
     background = asyncio.create_task(svc.run())
-    helpers = [asyncio.create_task(announce()), asyncio.create_task(external_stop())]
+    admin_task = asyncio.create_task(admin_server.serve()) if admin_server else None
+    helpers += [asyncio.create_task(announce()), asyncio.create_task(external_stop())]
     try:
         await server.serve()
     finally:
         svc.draining = True
+        end_drain()
         for t in helpers:
             t.cancel()
+        if admin_server is not None and admin_task is not None:
+            admin_server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await admin_task
         if grpc_listener is not None:
             await grpc_listener.stop(cfg.upstream.drain_timeout_s)
         svc.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(background, timeout=5)
         await svc.aclose()
+        svc.telemetry.close()
     return 0
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -65,12 +66,17 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import capacity
+from gateway.accesslog import CLIENT_DISCONNECTED, AccessLog
 from gateway.admission import RateMeter
+from gateway.breaker import BreakerState, BreakerTransition
 from gateway.errors import GatewayError
 from gateway.forecast import Forecaster
 
 if TYPE_CHECKING:
+    from gateway.config import AccessLogConfig
     from gateway.state import GatewayState
+
+breaker_log = logging.getLogger("gateway.breaker")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0)
@@ -157,6 +163,10 @@ class Telemetry:
             maxlen=50)
         self._last_saturation_s = 0.0
         self._last_sample: float | None = None
+        self._access_cfg: AccessLogConfig = service.cfg.access_log
+        self.access_log: AccessLog | None = AccessLog.from_config(self._access_cfg)
+        self._suppressed_seen = 0
+        self._suppressed_logged_at = -math.inf
         r.register(_StateCollector(self))
 
     # hot path ---------------------------------------------------------------------------
@@ -169,7 +179,13 @@ class Telemetry:
     def arrival(self, model: str) -> None:
         self.arrival_counts[self.label(model)] += 1
 
-    def request_done(self, model: str, status: int, total_s: float, upstream_s: float) -> None:
+    def request_done(self, model: str, status: int, total_s: float, upstream_s: float, *,
+                     rid: bytes | None = None, tenant: str | None = None,
+                     worker: str | None = None, queue_s: float | None = None) -> None:
+        if self.access_log is not None:
+            self.access_log.record(self.service.clock(), time.time(), rid=rid, tenant=tenant,
+                                   model=model, worker=worker, status=status,
+                                   latency_s=total_s, queue_s=queue_s, reason=None)
         m = self.label(model)
         children = self._done_children.get((m, status))
         if children is None:
@@ -186,13 +202,19 @@ class Telemetry:
         duration.observe(total_s)
         upstream.observe(upstream_s)
 
-    def request_failed(self, model: str, exc: GatewayError, *, is_rejection: bool) -> None:
+    def request_failed(self, model: str, exc: GatewayError, *, is_rejection: bool,
+                       rid: bytes | None = None, tenant: str | None = None,
+                       worker: str | None = None, queue_s: float | None = None) -> None:
+        if self.access_log is not None:
+            self.access_log.record(self.service.clock(), time.time(), rid=rid, tenant=tenant,
+                                   model=model, worker=worker, status=exc.status,
+                                   latency_s=None, queue_s=queue_s, reason=exc.reason)
         m = self.label(model)
         if is_rejection or exc.status in (401, 413):
             self.requests.labels(m, "rejected").inc()
             self.rejections.labels(m, exc.reason).inc()
             self.recent_rejections.append({"at": time.time(), "model": m, "reason": exc.reason,
-                                           "status": exc.status})
+                                           "status": exc.status, "tenant": tenant})
         elif exc.status >= 500:
             self.requests.labels(m, "upstream_error").inc()
             if exc.status == 504:   # the request's deadline ran out: counted by reason too
@@ -204,7 +226,14 @@ class Telemetry:
             if exc.reason == "bad_request":
                 self.rejections.labels(m, "bad_request").inc()
 
-    def request_aborted(self, model: str) -> None:
+    def request_aborted(self, model: str, *, rid: bytes | None = None,
+                        tenant: str | None = None, worker: str | None = None,
+                        queue_s: float | None = None) -> None:
+        if self.access_log is not None:
+            self.access_log.record(self.service.clock(), time.time(), rid=rid, tenant=tenant,
+                                   model=model, worker=worker, status=CLIENT_DISCONNECTED,
+                                   latency_s=None, queue_s=queue_s,
+                                   reason="client_disconnected")
         self.requests.labels(self.label(model), "client_error").inc()
 
     def observe_batch(self, model: str, size: int, fill_ratio: float) -> None:
@@ -222,14 +251,44 @@ class Telemetry:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.sample(self.service.clock())
+            now = self.service.clock()
+            self.sample(now)
+            self.tick_logs(now, time.time())
+
+    # logs, once a second ------------------------------------------------------------------
+    def tick_logs(self, now: float, wall: float) -> None:
+        """Breaker state changes out to the log; the access log's summary and flush; a
+        reloaded ``access_log`` section in force."""
+        board = self.service.breakers
+        for t in board.drain_transitions():
+            log_breaker_transition(t)
+        suppressed = board.suppressed_total
+        if suppressed > self._suppressed_seen and now - self._suppressed_logged_at >= 10.0:
+            breaker_log.warning(
+                "%d breaker openings refused by the ejection cap "
+                "(admission.breaker.max_ejected_fraction) since the last report; the failing "
+                "workers keep traffic", suppressed - self._suppressed_seen)
+            self._suppressed_seen = suppressed
+            self._suppressed_logged_at = now
+        cfg = self.service.cfg.access_log
+        if cfg != self._access_cfg:
+            self.close()
+            self._access_cfg = cfg
+            self.access_log = AccessLog.from_config(cfg)
+        if self.access_log is not None:
+            self.access_log.tick(now, wall)
+
+    def close(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
 
     def sample(self, now: float) -> None:
         svc = self.service
         cap = svc.cfg.capacity
         ready = [w for w in svc.workers() if w.is_routable]
-        slots = sum(w.slots for w in ready)
-        busy = sum(w.in_flight for w in ready)
+        slots = sum(w.capacity_units for w in ready)
+        busy = sum(min(w.in_flight, w.capacity_units) for w in ready)
         util = capacity.fleet_utilisation(busy, slots)
         self.fleet_utilisation = 0.8 * self.fleet_utilisation + 0.2 * util
         dt = 1.0 if self._last_sample is None else min(5.0, max(0.0, now - self._last_sample))
@@ -259,7 +318,7 @@ class Telemetry:
             completed = done - mc.completions_seen
             mc.completions_seen = done
             serving = [w for w in ready if name in w.models_ready]
-            m_slots = sum(w.slots for w in serving)
+            m_slots = sum(w.capacity_units for w in serving)
             m_busy = sum(w.in_flight_by_model.get(name, 0) for w in serving)
             mc.utilisation = 0.8 * mc.utilisation + 0.2 * capacity.fleet_utilisation(m_busy,
                                                                                      m_slots)
@@ -345,7 +404,7 @@ class _StateCollector(Collector):
         for w in svc.workers():
             g["gateway_worker_in_flight"].add_metric([w.id], w.in_flight)
             g["gateway_worker_slots"].add_metric([w.id], w.slots)
-            g["gateway_worker_utilisation"].add_metric([w.id], w.in_flight / w.slots
+            g["gateway_worker_utilisation"].add_metric([w.id], w.in_flight / w.capacity_units
                                                        if w.slots else 0.0)
             g["gateway_worker_ready"].add_metric([w.id], 1.0 if w.is_routable else 0.0)
             sig = w.fresh_signals(now, stale)
@@ -390,3 +449,15 @@ class _StateCollector(Collector):
         yield arrival
         yield desired
         yield fill
+
+
+def log_breaker_transition(t: BreakerTransition) -> None:
+    """One line per breaker state change; an opening is a WARNING."""
+    if t.new is BreakerState.OPEN:
+        verb = "re-opened" if t.old is BreakerState.HALF_OPEN else "opened"
+        breaker_log.warning("breaker of worker %s %s: %s; ejected for %.1f s (opening #%d in "
+                            "a row)", t.worker, verb, t.detail, t.open_for_s or 0.0, t.opening)
+    elif t.new is BreakerState.HALF_OPEN:
+        breaker_log.info("breaker of worker %s half-open: %s", t.worker, t.detail)
+    else:
+        breaker_log.info("breaker of worker %s closed: %s", t.worker, t.detail)

@@ -1,13 +1,28 @@
-"""Who is calling: API keys (``X-Api-Key`` or ``Authorization: Bearer``) → tenant and its
-priority class (pure; built from the configuration, replaced whole on reload)."""
+"""Who is calling, and what they may ask for (pure; built from the configuration, replaced
+whole on reload).
+
+* API keys (``X-Api-Key`` or ``Authorization: Bearer``) → tenant and its priority class.
+  An empty or blank key authenticates nobody.
+* The tenant's class is a **ceiling**: ``X-Priority`` may lower a request's priority, never
+  raise it; anonymous requests' ceiling is ``standard``. An ``X-Priority`` that names no
+  class is a 400. Triton's body ``parameters.priority`` is the worker's business only: it
+  never touches the gateway's own queue.
+* State-changing endpoints (repository load/unload) need the admin token
+  (``Authorization: Bearer <admin.token>``); a tenant key alone never authorises them.
+"""
 
 from __future__ import annotations
 
+import hmac
+
 from gateway.config import GatewayConfig
+from gateway.errors import BadRequest
 from gateway.types import Priority
 
 Identity = tuple[str | None, Priority]
 ANONYMOUS: Identity = (None, Priority.STANDARD)
+_PRIORITY_NAMES = {p.name.lower().encode(): p for p in Priority}
+_BEARER = b"bearer "
 
 
 class TenantDirectory:
@@ -48,3 +63,29 @@ class TenantDirectory:
                 if found is not None:
                     return found
         return ANONYMOUS
+
+
+def effective_priority(ceiling: Priority, requested: bytes | None) -> Priority:
+    """The request's priority: ``requested`` (the ``X-Priority`` value, None when absent)
+    may lower ``ceiling`` (the tenant's class), never raise it. Lower value = more
+    important, so the result is the larger of the two."""
+    if requested is None:
+        return ceiling
+    asked = _PRIORITY_NAMES.get(requested.strip().lower())
+    if asked is None:
+        shown = requested[:40].decode("latin-1")
+        raise BadRequest(f"invalid X-Priority '{shown}': expected one of critical, standard, "
+                         "sheddable")
+    return max(ceiling, asked)
+
+
+def is_admin(headers: list[tuple[bytes, bytes]], token: str) -> bool:
+    """Does the request carry ``Authorization: Bearer <token>``? Never true for an empty
+    token; compared in constant time."""
+    if not token:
+        return False
+    want = _BEARER + token.encode()
+    for k, v in headers:
+        if k == b"authorization" and v[:7].lower() == _BEARER:
+            return hmac.compare_digest(_BEARER + v[7:].strip(), want)
+    return False

@@ -17,6 +17,12 @@ that may have been executed:
 
 Every pool is bounded (``max_connections``); idle connections are reused LIFO and closed
 when the peer says ``Connection: close``.
+
+Interim (1xx) responses are skipped: a worker that answers ``100 Continue`` (a client's
+``Expect`` is never forwarded, but a worker may send one anyway) is still waited on for its
+final response. A request target is sent with every byte that could end the request line
+(controls, space, non-ASCII) percent-encoded: the gateway builds targets from *decoded*
+client paths, and a model named ``a\r\nX: y`` must not become a header.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import typing
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
@@ -50,8 +58,14 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"host",
         b"content-length",
+        # The gateway's server answers a client's 100-continue itself; the body it forwards
+        # is complete, so a worker must not be asked to send an interim response.
+        b"expect",
     }
 )
+# Characters that may stand in a request target as they are (RFC 9112 §3.2, RFC 3986).
+_UNSAFE_TARGET = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]")
+_TARGET_SAFE_CHARS = "-._~:/?#[]@!$&'()*+,;=%"
 _STREAM_HIGH_WATER = 64
 _STREAM_LOW_WATER = 16
 
@@ -141,6 +155,7 @@ class _Connection(asyncio.Protocol):
         "_got_bytes",
         "_headers",
         "_headers_fut",
+        "_interim",
         "_keep_alive",
         "_parser",
         "_paused",
@@ -164,6 +179,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._chunks: collections.deque[bytes] = collections.deque()
         self._complete = False
+        self._interim = False
         self._keep_alive = True
         self._got_bytes = False
         self._streaming = False
@@ -179,7 +195,7 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(UpstreamFailure(f"invalid response from worker: {exc}", "response"))
             self.close()
 
@@ -203,10 +219,17 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim response (100 Continue, 103 Early Hints): not the answer. Its
+            # headers are dropped and the final response follows on the same connection.
+            self._interim = True
+            self._headers = []
+            return
         self._keep_alive = self._parser.should_keep_alive()
         fut = self._headers_fut
         if fut is not None and not fut.done():
-            fut.set_result(self._parser.get_status_code())
+            fut.set_result(status)
 
     def on_body(self, body: bytes) -> None:
         if self._streaming:
@@ -219,6 +242,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         self._wake()
 
@@ -438,7 +464,8 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _head(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1\r\n".encode(), b"host: ", self._host_header, b"\r\n"]
+        lines = [f"{method} {safe_target(target)} HTTP/1.1\r\n".encode(), b"host: ",
+                 self._host_header, b"\r\n"]
         for k, v in headers:
             lines += [k, b": ", v, b"\r\n"]
         if body or method in ("POST", "PUT", "PATCH"):
@@ -452,6 +479,14 @@ class Pool:
             conn.close()
         self._open -= len(self._idle)
         self._idle.clear()
+
+
+def safe_target(target: str) -> str:
+    """``target`` with every character that may not stand in a request line as it is
+    (controls, space, non-ASCII) percent-encoded (UTF-8); a clean target is unchanged."""
+    if _UNSAFE_TARGET.search(target) is None:
+        return target
+    return urllib.parse.quote(target, safe=_TARGET_SAFE_CHARS)
 
 
 async def fetch(

@@ -96,6 +96,7 @@ class Worker:
     __slots__ = (
         "configured_slots",
         "derived_slots",
+        "derived_units",
         "fail_streak",
         "host",
         "id",
@@ -142,6 +143,9 @@ class Worker:
         self.slots = slots
         self.configured_slots: int | None = None
         self.derived_slots: int | None = None
+        # What the worker can execute at once, learned from its models' configs: Σ instances
+        # (× max_batch_size where Triton's dynamic batcher merges requests). None: unknown.
+        self.derived_units: int | None = None
         self.state = State.JOINING
         self.ok_streak = 0
         self.fail_streak = 0
@@ -155,6 +159,14 @@ class Worker:
         self.idle_free_bytes: float | None = None
         self.latency_ewma_s = 0.0
         self.serving_since: float | None = None
+
+    @property
+    def capacity_units(self) -> int:
+        """Requests the worker executes at once (utilisation's denominator): learned from
+        its models, or the slot limit when the operator set one or nothing was learned."""
+        if self.configured_slots is None and self.derived_units:
+            return self.derived_units
+        return max(1, self.slots)
 
     def __repr__(self) -> str:
         return (f"<Worker {self.id} {self.state.value} in_flight={self.in_flight}/{self.slots} "
