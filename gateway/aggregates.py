@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import BadRequest, UpstreamError
 from gateway.upstream import fetch
 from gateway.workers import Worker
 
@@ -63,7 +63,7 @@ class TritonAggregates:
             try:
                 doc = json.loads(body)
             except (ValueError, RecursionError):
-                raise GatewayError("failed to parse the request JSON buffer") from None
+                raise BadRequest("failed to parse the request JSON buffer") from None
             ready_only = isinstance(doc, dict) and bool(doc.get("ready", False))
         workers = list(self._workers())
         results = await asyncio.gather(*(self._get_json(w, "POST", "/v2/repository/index",

@@ -51,6 +51,33 @@ def reload_from_file(svc: GatewayService) -> tuple[bool, str]:
     return True, f"configuration generation {svc.generation} in force"
 
 
+class _ClientNoiseFilter(logging.Filter):
+    """Bounds what malformed client traffic can write to the log: uvicorn warns once per bad
+    request ("Invalid HTTP request received.", "Unsupported upgrade request."); at most one
+    such line per ``interval_s`` passes, carrying how many were held back."""
+
+    NOISE = ("Invalid HTTP request", "Unsupported upgrade request")
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last = float("-inf")
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.NOISE):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._held += 1
+            return False
+        if self._held:
+            record.msg = f"{record.getMessage()} ({self._held} more held back)"
+            record.args = None
+        self._last, self._held = now, 0
+        return True
+
+
 def _install_uvloop() -> str:
     try:
         import uvloop  # noqa: F401
@@ -154,18 +181,21 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    noise = _ClientNoiseFilter()
+    logging.getLogger("uvicorn.error").addFilter(noise)
     svc = GatewayService(cfg)
     svc.config_path = config_path
     admin_app = build_admin_app(svc, svc.telemetry, lambda: reload_from_file(svc))
+    http_protocol = json_error_protocol(
+        lambda: (svc.cfg.upstream.max_header_bytes, svc.cfg.upstream.max_headers))
     admin_server: _Server | None = None
     if cfg.admin.listen is not None:
         admin_server = _Server(uvicorn.Config(
             admin_app, host=cfg.admin.listen.host, port=cfg.admin.listen.port,
-            lifespan="off", access_log=False, log_level="warning", http="httptools",
-            timeout_graceful_shutdown=5, server_header=False, proxy_headers=False))
+            lifespan="off", access_log=False, log_level="warning", http=http_protocol,
+            ws="none", timeout_graceful_shutdown=5, server_header=False,
+            proxy_headers=False))
     app = ProxyApp(svc, not_here if admin_server is not None else admin_app)
-    http_protocol = json_error_protocol(
-        lambda: (svc.cfg.upstream.max_header_bytes, svc.cfg.upstream.max_headers))
     ucfg = uvicorn.Config(app, host=cfg.listen.host, port=cfg.listen.port, lifespan="off",
                           access_log=False, log_level="warning", http=http_protocol,
                           # One Date per answer: the worker's when it sent one, else the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.tools.gatewayproc import GatewayProcess, http_get
+from gateway.tools.local import TritonFleet
 
 pytestmark = pytest.mark.triton
 
@@ -35,10 +38,36 @@ def _client(gw: GatewayProcess) -> httpclient.InferenceServerClient:
     return httpclient.InferenceServerClient(url=gw.hostport, network_timeout=30.0)
 
 
+@pytest.fixture(scope="module")
+def minimal_gateway(triton_fleet: TritonFleet,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The README's minimal config — ``listen`` and ``workers`` only, no ``models:`` — in
+    front of PyTriton, whose repository index is empty: every model is found on first use."""
+    cfg = {"workers": [{"url": w.http_url, "metrics_url": w.metrics_url}
+                       for w in triton_fleet.workers]}
+    gw = GatewayProcess(cfg, Path(tmp_path_factory.mktemp("gw-minimal")))
+    gw.start()
+    try:
+        gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == 2,
+                    what="both workers ready")
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(params=["models named", "minimal config"])
+def any_gateway(request: pytest.FixtureRequest) -> GatewayProcess:
+    """Every case runs through both: a gateway whose YAML names the models, and one that
+    names none."""
+    name = "triton_gateway" if request.param == "models named" else "minimal_gateway"
+    gw: GatewayProcess = request.getfixturevalue(name)
+    return gw
+
+
 @pytest.mark.parametrize(("name", "dtype", "array", "binary"), IDENTITY_CASES)
-def test_identity_round_trip_sync(triton_gateway: GatewayProcess, name: str, dtype: str,
+def test_identity_round_trip_sync(any_gateway: GatewayProcess, name: str, dtype: str,
                                   array: np.ndarray[Any, Any], binary: bool) -> None:
-    client = _client(triton_gateway)
+    client = _client(any_gateway)
     inp = httpclient.InferInput(name, list(array.shape), dtype)
     inp.set_data_from_numpy(array, binary_data=binary)
     out_name = name.replace("INPUT", "OUTPUT")
@@ -57,8 +86,8 @@ def test_identity_round_trip_sync(triton_gateway: GatewayProcess, name: str, dty
     assert result.get_response()["id"] == "rid-7"
 
 
-def test_add_sub_gzip_request_sync(triton_gateway: GatewayProcess) -> None:
-    client = _client(triton_gateway)
+def test_add_sub_gzip_request_sync(any_gateway: GatewayProcess) -> None:
+    client = _client(any_gateway)
     a = np.random.default_rng(1).random((4, 16), dtype=np.float32)
     b = np.ones((4, 16), dtype=np.float32)
     inputs = [httpclient.InferInput("INPUT0", [4, 16], "FP32"),
@@ -72,8 +101,8 @@ def test_add_sub_gzip_request_sync(triton_gateway: GatewayProcess) -> None:
         np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
 
 
-async def test_aio_client_gzip_response_and_metadata(triton_gateway: GatewayProcess) -> None:
-    client = aioclient.InferenceServerClient(url=triton_gateway.hostport)
+async def test_aio_client_gzip_response_and_metadata(any_gateway: GatewayProcess) -> None:
+    client = aioclient.InferenceServerClient(url=any_gateway.hostport)
     try:
         assert await client.is_server_live()
         assert await client.is_server_ready()
@@ -94,8 +123,8 @@ async def test_aio_client_gzip_response_and_metadata(triton_gateway: GatewayProc
         await client.close()
 
 
-def test_server_level_endpoints(triton_gateway: GatewayProcess) -> None:
-    client = _client(triton_gateway)
+def test_server_level_endpoints(any_gateway: GatewayProcess) -> None:
+    client = _client(any_gateway)
     assert client.is_server_live()
     assert client.is_server_ready()
     meta = client.get_server_metadata()
@@ -110,8 +139,8 @@ def test_server_level_endpoints(triton_gateway: GatewayProcess) -> None:
     assert not client.is_model_ready("no_such_model")
 
 
-def test_error_shapes(triton_gateway: GatewayProcess) -> None:
-    client = _client(triton_gateway)
+def test_error_shapes(any_gateway: GatewayProcess) -> None:
+    client = _client(any_gateway)
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata("no_such_model")
     assert "no_such_model" in info.value.message()
@@ -125,7 +154,7 @@ def test_error_shapes(triton_gateway: GatewayProcess) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.infer("add_sub", [inp])
     assert info.value.status() == "400"
-    status, body = http_get(triton_gateway.url + "/v2/no/such/path")
+    status, body = http_get(any_gateway.url + "/v2/no/such/path")
     assert status == 404 and json.loads(body) == {"error": "Not Found"}
     with pytest.raises(InferenceServerException) as info:
         client.get_system_shared_memory_status()
@@ -133,24 +162,24 @@ def test_error_shapes(triton_gateway: GatewayProcess) -> None:
     assert "shared memory" in info.value.message()
 
 
-def test_request_id_generated_and_echoed(triton_gateway: GatewayProcess) -> None:
+def test_request_id_generated_and_echoed(any_gateway: GatewayProcess) -> None:
     import urllib.request
 
     body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                    "data": [1.0] * 16},
                                   {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32",
                                    "data": [2.0] * 16}]}).encode()
-    req = urllib.request.Request(triton_gateway.url + "/v2/models/add_sub/infer", data=body,
+    req = urllib.request.Request(any_gateway.url + "/v2/models/add_sub/infer", data=body,
                                  headers={"X-Request-ID": "trace-abc"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.headers["x-request-id"] == "trace-abc"
         assert json.loads(resp.read())["outputs"][0]["data"][0] == 3.0
-    req = urllib.request.Request(triton_gateway.url + "/v2/models/add_sub/infer", data=body)
+    req = urllib.request.Request(any_gateway.url + "/v2/models/add_sub/infer", data=body)
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.headers["x-request-id"]
 
 
-def test_raw_gzip_body_through_gateway(triton_gateway: GatewayProcess) -> None:
+def test_raw_gzip_body_through_gateway(any_gateway: GatewayProcess) -> None:
     """A gzip body whose Inference-Header-Content-Length counts the uncompressed JSON."""
     import urllib.request
 
@@ -163,7 +192,7 @@ def test_raw_gzip_body_through_gateway(triton_gateway: GatewayProcess) -> None:
         "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": False}}]}).encode()
     raw = header + a.tobytes() + a.tobytes()
     req = urllib.request.Request(
-        triton_gateway.url + "/v2/models/add_sub/infer", data=gzip.compress(raw),
+        any_gateway.url + "/v2/models/add_sub/infer", data=gzip.compress(raw),
         headers={"Content-Encoding": "gzip",
                  "Inference-Header-Content-Length": str(len(header))})
     with urllib.request.urlopen(req, timeout=10) as resp:

@@ -9,6 +9,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.fleet import instance_count
 from gateway.schema import ConfigError
+from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess
 
@@ -42,7 +43,22 @@ def test_auto_slots_follow_the_workers_model_instances(tmp_path: Path) -> None:
                "health": {"interval_s": 0.2, "rise": 1}, "scrape": {"enabled": False}}
         with GatewayProcess(cfg, tmp_path) as gw:
             auto_id, fixed_id = (f"127.0.0.1:{p}" for p in sim.ports)
-            # The simulator's model has one instance: 2 slots; explicit slots win.
-            gw.wait_for(lambda: gw.worker_status(auto_id)["slots"] == 2,
+            # The simulator's model has one instance with Triton's dynamic batcher on
+            # (max_batch_size 64): 64 requests execute at once, one more waits; explicit
+            # slots win.
+            gw.wait_for(lambda: gw.worker_status(auto_id)["slots"] == 65,
                         what="slots derived from the instance group")
             assert gw.worker_status(fixed_id)["slots"] == 7
+
+
+def test_auto_slots_for_a_model_without_dynamic_batching(tmp_path: Path) -> None:
+    """One instance, no dynamic batcher: one request executes, one waits — 2 slots; the rest
+    waits in the gateway's queue. This is the default (no `default_slots` in the YAML)."""
+    model = SimModel(dynamic_batching=False)
+    with SimFleetThread([WorkerSpec(models=(model,))]) as sim:
+        cfg = {"workers": [{"url": f"http://127.0.0.1:{sim.ports[0]}"}],
+               "health": {"interval_s": 0.2, "rise": 1}, "scrape": {"enabled": False}}
+        with GatewayProcess(cfg, tmp_path) as gw:
+            wid = f"127.0.0.1:{sim.ports[0]}"
+            gw.wait_for(lambda: gw.worker_status(wid)["slots"] == 2,
+                        what="slots derived from the instance group")
