@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from gateway import signals as triton_signals
 from gateway.config import AUTO_SLOTS_FALLBACK, GatewayConfig, WorkerConfig
+from gateway.discovery import model_facts
 from gateway.errors import UpstreamError
 from gateway.types import WorkerId
 from gateway.upstream import PoolLimits, fetch
@@ -37,21 +38,9 @@ MODEL_PROBE_EVERY = 5  # model readiness is re-probed every N health intervals
 
 def instance_count(model_config: object) -> int:
     """Model instances in a Triton model config: Σ count (× GPUs listed, for GPU groups);
-    a model without instance_group has one instance."""
-    if not isinstance(model_config, dict):
-        return 0
-    groups = model_config.get("instance_group")
-    if not isinstance(groups, list) or not groups:
-        return 1
-    total = 0
-    for g in groups:
-        if not isinstance(g, dict):
-            continue
-        count = g.get("count", 1)
-        count = count if isinstance(count, int) and count > 0 else 1
-        gpus = g.get("gpus")
-        total += count * (len(gpus) if isinstance(gpus, list) and gpus else 1)
-    return total
+    a model without instance_group has one instance; 0 for a document that is no config."""
+    facts = model_facts(model_config)
+    return facts.instances if facts is not None else 0
 
 
 def pool_limits(cfg: GatewayConfig) -> PoolLimits:
@@ -300,15 +289,12 @@ class Fleet:
                 doc = json.loads(body) if status == 200 else None
             except (UpstreamError, ValueError, RecursionError):
                 continue
-            instances = instance_count(doc)
-            if not instances or not isinstance(doc, dict):
+            facts = model_facts(doc)
+            if facts is None:
                 continue
-            per_instance = 1
-            max_batch = doc.get("max_batch_size", 0)
-            if "dynamic_batching" in doc and isinstance(max_batch, int) and max_batch > 1:
-                per_instance = max_batch
-            units += instances * per_instance
-            slots += instances * per_instance + instances
+            per_instance = facts.max_batch_size if facts.dynamic_batching else 1
+            units += facts.instances * max(1, per_instance)
+            slots += facts.instances * max(1, per_instance) + facts.instances
         if not units:
             return
         derived = min(MAX_DERIVED_SLOTS, max(2, slots))
