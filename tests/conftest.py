@@ -54,7 +54,7 @@ def triton_gateway(triton_fleet: TritonFleet,
     """One gateway in front of the shared fleet (do not kill workers through this one)."""
     gw = GatewayProcess(fleet_config(triton_fleet), Path(tmp_path_factory.mktemp("gw")))
     gw.start()
-    gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == 2, what="both workers ready")
+    gw.wait_workers_ready(2)
     try:
         yield gw
     finally:

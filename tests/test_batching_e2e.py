@@ -87,8 +87,7 @@ def batching_gateway(triton_fleet: TritonFleet,
                         Path(tmp_path_factory.mktemp("gw-batching")))
     gw.start()
     try:
-        gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == 2,
-                    what="both workers ready")
+        gw.wait_workers_ready(2)
         yield gw
     finally:
         gw.stop()

@@ -29,8 +29,7 @@ def minimal_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
         gw = GatewayProcess(cfg, Path(tmp_path_factory.mktemp("gw-deadlines")))
         gw.start()
         try:
-            gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == 2,
-                        what="both workers ready")
+            gw.wait_workers_ready(2)
             yield gw
         finally:
             gw.stop()

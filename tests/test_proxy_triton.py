@@ -48,8 +48,7 @@ def minimal_gateway(triton_fleet: TritonFleet,
     gw = GatewayProcess(cfg, Path(tmp_path_factory.mktemp("gw-minimal")))
     gw.start()
     try:
-        gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == 2,
-                    what="both workers ready")
+        gw.wait_workers_ready(2)
         yield gw
     finally:
         gw.stop()

@@ -33,7 +33,6 @@ from typing import Any
 import httptools
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -45,9 +44,9 @@ from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tenants import effective_priority, is_admin
 from gateway.tools.gatewayproc import GatewayProcess
-from gateway.tools.procs import free_port
 from gateway.types import Priority
 from gateway.upstream import Pool, PoolLimits, safe_target
+from tests.upstreams import ThreadedUpstream
 
 ADMIN_TOKEN = "admin-token-for-tests"
 VIP_KEY, TEAM_KEY, BULK_KEY = "vip-key-for-tests", "team-key-for-tests", "bulk-key-for-tests"
@@ -246,15 +245,13 @@ def open_gateway(sim: SimFleetThread, tmp_path_factory: pytest.TempPathFactory
         gw.stop()
 
 
-class RecordingTriton:
+class RecordingTriton(ThreadedUpstream):
     """A worker that answers like Triton serving ``simple`` and records every request that
     reaches it (method, path, headers, body), for what the gateway must not forward."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
 
     def app(self) -> Starlette:
         async def ok(request: Request) -> Response:
@@ -281,24 +278,6 @@ class RecordingTriton:
 
     def repository_calls(self) -> list[tuple[str, str, dict[str, str], bytes]]:
         return [s for s in self.seen if s[1].startswith("/v2/repository/models/")]
-
-    def __enter__(self) -> RecordingTriton:
-        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port,
-                                log_level="error", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("recording upstream did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None and self._thread is not None
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

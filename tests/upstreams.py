@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Self
 
 import uvicorn
 from starlette.applications import Starlette
@@ -18,7 +19,42 @@ from starlette.routing import Route
 from gateway.tools.procs import free_port
 
 
-class SlowTriton:
+class ThreadedUpstream:
+    """A Starlette app (from :meth:`app`) served by uvicorn in a background thread on a free
+    port; a context manager."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> Starlette:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port,
+                                log_level="error", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{type(self).__name__} upstream did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+class SlowTriton(ThreadedUpstream):
     """Answers like a Triton serving model ``slow``: infer waits ``delay_s`` (or the
     ``delay_s`` request parameter), ``generate_stream`` sends ``chunks`` SSE events
     ``chunk_gap_s`` apart. Counts requests started and finished."""
@@ -27,18 +63,12 @@ class SlowTriton:
         self.delay_s = delay_s
         self.chunks = chunks
         self.chunk_gap_s = chunk_gap_s
-        self.port = free_port()
+        super().__init__()
         self.started = 0
         self.finished = 0
         self.cancelled = 0
         self.in_flight = 0
         self.max_in_flight = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def app(self) -> Starlette:
         async def ok(request: Request) -> Response:
@@ -86,21 +116,3 @@ class SlowTriton:
             Route("/v2/models/slow/infer", infer, methods=["POST"]),
             Route("/v2/models/slow/generate_stream", stream, methods=["POST"]),
         ])
-
-    def __enter__(self) -> SlowTriton:
-        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port,
-                                log_level="error", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("slow upstream did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None and self._thread is not None
-        self._server.should_exit = True
-        self._thread.join(timeout=10)

@@ -87,6 +87,11 @@ class GatewayProcess:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}; log:\n{self.log()}")
 
+    def wait_workers_ready(self, count: int, timeout_s: float = 15.0) -> None:
+        """Until ``/status.json`` counts ``count`` ready workers."""
+        self.wait_for(lambda: self.status()["fleet"]["workers_ready"] == count, timeout_s,
+                      what=f"{count} workers ready")
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
