@@ -137,7 +137,7 @@ class SimFleet:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         servers = [w.server for w in self._workers if w.server is not None]
         for worker in self._workers:
-            worker.crash()
+            worker.close()
         if self._control_server is not None:
             self._control_server.close()
             for conn in list(self._control_handler.connections):

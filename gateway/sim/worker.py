@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import os
 import random
+import socket
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +89,9 @@ class SimWorker(Handler):
         self.port = port
         self.rng = random.Random(seed)
         self.server: asyncio.Server | None = None
+        # while crashed, the port stays bound (not listening: connections are refused) so
+        # that no other socket — an outgoing connection's ephemeral port — can take it
+        self._reserved: socket.socket | None = None
         self.core: WorkerCore | None = None
         self.gpu_uuid = ""
         self.http_requests = 0
@@ -103,8 +108,15 @@ class SimWorker(Handler):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Connection(self), self.host, self.port,
-                                               reuse_address=True, backlog=1024)
+        reserved, self._reserved = self._reserved, None
+        if reserved is not None:
+            try:
+                self.server = await loop.create_server(lambda: Connection(self), sock=reserved,
+                                                       backlog=1024)
+            except OSError:
+                reserved.close()
+        if self.server is None:
+            self.server = await self._bind(loop)
         self.port = self.server.sockets[0].getsockname()[1]
         if not self.gpu_uuid:
             self.gpu_uuid = f"GPU-{self.index:08x}-5349-4d00-8000-{self.port:012x}"
@@ -113,10 +125,31 @@ class SimWorker(Handler):
         # a fresh process: every counter starts again from zero
         self.core = WorkerCore(self.spec, self.rng, time.monotonic(), self.gpu_uuid)
 
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
+        """Listen on the worker's port, bound by number even when the OS picked it (a port
+        bound by number stays bound through :func:`_unlisten`). A port still held for a
+        moment (a socket closing) is retried for up to 2 s; a picked one that was taken
+        meanwhile is picked again."""
+        pick = not self.port
+        for attempt in range(40):
+            port = _pick_port(self.host) if pick else self.port
+            try:
+                server = await loop.create_server(lambda: Connection(self), self.host, port,
+                                                  reuse_address=True, backlog=1024)
+            except OSError:
+                if attempt == 39:
+                    raise
+                if not pick:
+                    await asyncio.sleep(0.05)
+                continue
+            self.port = port
+            return server
+        raise AssertionError("unreachable")
+
     def crash(self) -> None:
         """Stop listening and drop every connection; in-flight work is lost."""
         if self.server is not None:
-            self.server.close()
+            self._reserved = _unlisten(self.server)
             self.server = None
         for conn in list(self.connections):
             conn.abort()
@@ -129,6 +162,13 @@ class SimWorker(Handler):
         self.core = None
         self.spec = dataclasses.replace(self.spec,
                                         faults=dataclasses.replace(self.spec.faults, crashed=True))
+
+    def close(self) -> None:
+        """Crash and let go of the port for good."""
+        self.crash()
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
 
     def update(self, faults: dict[str, Any], spec: dict[str, Any]) -> None:
         new_faults = dataclasses.replace(self.spec.faults, **faults)
@@ -341,3 +381,31 @@ def _compress(body: bytes, accept: str) -> tuple[bytes, str]:
     if "deflate" in accept:
         return zlib.compress(body, 1), "deflate"
     return body, ""
+
+
+def _unlisten(server: asyncio.Server) -> socket.socket | None:
+    """Close ``server`` but keep its port bound and not listening (Linux: ``shutdown`` on a
+    listening socket stops it listening, the bind stays), so that a restart can listen on the
+    same port again. ``None`` where that is not possible; the restart then binds anew."""
+    sockets = server.sockets
+    reserved: socket.socket | None = None
+    if len(sockets) == 1:
+        try:
+            reserved = socket.socket(fileno=os.dup(sockets[0].fileno()))
+        except OSError:
+            reserved = None
+    server.close()
+    if reserved is not None:
+        try:
+            reserved.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            reserved.close()
+            return None
+    return reserved
+
+
+def _pick_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
