@@ -161,14 +161,14 @@ class Dispatcher:
             except UpstreamFailure as exc:
                 ok = self.judge_failure(call, exc)
                 self._end(worker, call.key.name, started, ok=ok)
-                if ok is False and self._may_retry(exc.stage, None, attempts, tried, worker):
+                if ok is False and self.may_retry(exc.stage, None, attempts, tried, worker):
                     continue
                 raise
             except BaseException:
                 # Cancelled (the client went away): not the worker's fault.
                 self._end(worker, call.key.name, started, ok=None)
                 raise
-            if resp.status == 503 and self._may_retry("response", 503, attempts, tried, worker):
+            if resp.status == 503 and self.may_retry("response", 503, attempts, tried, worker):
                 resp.close()
                 self._end(worker, call.key.name, started, ok=False)
                 continue
@@ -210,8 +210,11 @@ class Dispatcher:
         left = call.deadline - self.clock()
         return max(0.001, min(self.cfg.upstream.read_timeout_s, left))
 
-    def _may_retry(self, stage: str, status: int | None, attempts: int,
-                   tried: set[WorkerId], worker: Worker) -> bool:
+    def may_retry(self, stage: str, status: int | None, attempts: int,
+                  tried: set[WorkerId], worker: Worker) -> bool:
+        """Retry a failed attempt on another worker? :func:`decide_retry` with this
+        dispatcher's retry budget (shared by every transport: HTTP and gRPC); a yes is
+        recorded against the budget. ``worker`` joins ``tried`` either way."""
         tried.add(worker.id)
         now = self.clock()
         verdict = decide_retry(stage, status, attempts=attempts,
