@@ -49,6 +49,17 @@ STATUS_BY_CODE: dict[str, int] = {
 WORKER_FAILURE_CODES = frozenset({"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS"})
 
 
+def failed_attempt(code: str, *, connected: bool) -> tuple[str, int | None]:
+    """A failed ``ModelInfer`` attempt as the retry policy (``retrybudget.decide_retry``)
+    sees an HTTP one: (stage, status). UNAVAILABLE on a channel that had no connection is
+    ``connect`` — the request never left, safe to send elsewhere; UNAVAILABLE on a connected
+    channel cannot be told apart from a connection that broke after the request was sent, so
+    it is ``send`` (never resent); any other status is the worker's ``response``."""
+    if code == "UNAVAILABLE":
+        return ("send" if connected else "connect"), None
+    return "response", status_for_code(code)
+
+
 def code_for_status(status: int) -> str:
     return CODE_BY_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
 

@@ -11,8 +11,9 @@ per-worker channel (``gateway.grpc_channels``), relaying the worker's bytes back
 * ``ModelInfer`` — admitted (rate limits), routed and queued (``Dispatcher.acquire``), sent,
   released; the breaker learns from the worker's status. A request that never reached a
   worker (its channel was not connected and the call failed UNAVAILABLE) is retried on
-  another one. Sequence requests stick to their worker (the dispatcher's sticky table,
-  shared with HTTP).
+  another one, by the HTTP side's rule and inside the same retry budget
+  (``Dispatcher.may_retry``). Sequence requests stick to their worker (the dispatcher's
+  sticky table, shared with HTTP).
 * ``ModelStreamInfer`` — ``gateway.grpc_stream``: every request admitted, the stream pinned
   to the worker of its first request.
 * ``ModelStatistics`` — summed over every ready worker; ``RepositoryIndex`` — the union;
@@ -349,7 +350,6 @@ class GrpcGateway:
         dispatcher = svc.dispatcher
         tried: set[WorkerId] = set()
         attempts = 0
-        max_attempts = svc.cfg.admission.retry.max_attempts
         while True:
             worker = await dispatcher.acquire(call, tried)
             attempts += 1
@@ -366,10 +366,10 @@ class GrpcGateway:
                 else:
                     ok = code not in proto.WORKER_FAILURE_CODES and code != "DEADLINE_EXCEEDED"
                 dispatcher.release(worker, call.key.name, started, ok=ok)
-                if code == "UNAVAILABLE" and not connected and attempts < max_attempts:
-                    # The channel had no connection: the request never left. Another worker.
-                    tried.add(worker.id)
-                    self.counters["retries"] += 1
+                # The HTTP side's rule and retry budget (one per dispatcher).
+                stage, status = proto.failed_attempt(code, connected=connected)
+                if ok is False and dispatcher.may_retry(stage, status, attempts, tried,
+                                                        worker):
                     continue
                 raise UpstreamStatus.of(exc) from None
             except asyncio.CancelledError:

@@ -537,6 +537,54 @@ async def test_one_channel_is_balanced_per_request(gateway: GrpcGatewayProcess,
     assert all(0.2 <= s <= 0.47 for s in shares), shares
 
 
+# -- retries: the HTTP side's rule and retry budget ---------------------------------------------
+@pytest.mark.parametrize(("code", "connected", "retryable"), [
+    ("UNAVAILABLE", False, True),    # no connection: the request never left
+    ("UNAVAILABLE", True, False),    # may have been sent before the connection broke
+    ("INTERNAL", False, False), ("DEADLINE_EXCEEDED", True, False),
+    ("INVALID_ARGUMENT", True, False),
+])
+def test_failed_attempt_maps_to_the_http_retry_rule(code: str, connected: bool,
+                                                    retryable: bool) -> None:
+    from gateway.grpc_protocol import failed_attempt
+    from gateway.retrybudget import is_retryable
+
+    assert is_retryable(*failed_attempt(code, connected=connected)) is retryable
+
+
+def test_model_infer_retries_spend_the_dispatchers_retry_budget(
+        fleet: TritonFleet, tmp_path: Path) -> None:
+    """Worker 0's gRPC port refuses (its HTTP side is healthy, so it stays routable, and its
+    breaker is off): a request sent there is retried on worker 1 while the budget (two
+    retries in the window, none per request) allows, then fails UNAVAILABLE."""
+    w0, w1 = fleet.workers[0], fleet.workers[1]
+    workers = [worker_entry(w0.http_url, w0.metrics_url, f"127.0.0.1:{free_port()}"),
+               worker_entry(w1.http_url, w1.metrics_url, f"127.0.0.1:{w1.ports.grpc}")]
+    config = {"workers": workers, "models": {"add_sub": {}},
+              "admission": {"breaker": {"enabled": False},
+                            "retry": {"max_attempts": 2, "budget_ratio": 0.0,
+                                      "budget_min": 2, "window_s": 300}}}
+    gw = GrpcGatewayProcess(config, tmp_path)
+    gw.start()
+    failures: list[str] = []
+    try:
+        gw.wait_workers_ready(2)
+        with grpcclient.InferenceServerClient(gw.grpc_target) as client:
+            for _ in range(60):
+                try:
+                    client.infer("add_sub", add_sub_inputs())
+                except InferenceServerException as exc:
+                    failures.append(str(exc.status()))
+                    if len(failures) == 2:
+                        break
+        dispatch = gw.status()["dispatch"]
+    finally:
+        gw.stop()
+    assert failures == ["StatusCode.UNAVAILABLE"] * 2
+    assert dispatch["retries"] == 2
+    assert dispatch["retry_budget_exhausted"] == 2
+
+
 # -- failure (last: it kills and restarts the extra worker) ----------------------------------
 def test_worker_killed_mid_stream_ends_the_stream_with_unavailable(
         via_gateway: grpcclient.InferenceServerClient, gateway: GrpcGatewayProcess,
