@@ -372,11 +372,12 @@ async def test_lookups_against_the_simulator_tell_every_outcome_apart(rig: SimRi
     ready = frozenset(rig.ids)
     found = await d.lookup(SIMPLE, ready)
     assert isinstance(found, Found) and found.workers == ready and not found.cached
-    assert found.facts == ModelFacts(max_batch_size=64, dynamic_batching=True, instances=1,
+    # the simulator's model runs each request alone, on the worker's 4 slots (instances)
+    assert found.facts == ModelFacts(max_batch_size=64, dynamic_batching=False, instances=4,
                                      decoupled=False)
     other = await d.lookup(ModelKey("other"), ready)
     assert isinstance(other, Found) and other.workers == {w1}
-    assert other.facts == ModelFacts(0, False, 1, False)
+    assert other.facts == ModelFacts(0, False, 4, False)
     assert isinstance(await d.lookup(ModelKey("simple", "1"), ready), Found)
     assert await d.lookup(ModelKey("simple", "9"), ready) == VersionUnknown(
         ModelKey("simple", "9"), "probed")
@@ -439,7 +440,7 @@ async def test_refresh_teaches_a_worker_that_joined_later(rig: SimRig) -> None:
     d = rig.directory()
     w0, w1 = rig.ids
     assert (await d.lookup(SIMPLE, {w0})) == Found(
-        SIMPLE, frozenset({w0}), ModelFacts(64, True, 1, False), cached=False)
+        SIMPLE, frozenset({w0}), ModelFacts(64, False, 4, False), cached=False)
     d.on_worker_models(w1, [])                 # w1 joins, its index says nothing
     await d.refresh_worker(w1)
     assert d.catalog.workers_for(SIMPLE) == {w0, w1}
@@ -472,7 +473,7 @@ async def test_a_flood_of_random_names_costs_a_bounded_number_of_probes(rig: Sim
     stats = d.statistics()
     assert stats.rounds_started <= max_rounds and stats.rounds_in_flight == 0
     # the flood evicted no model, and a real name is found once a round is allowed again
-    assert d.lookup_nowait(SIMPLE, ready) == Found(SIMPLE, ready, ModelFacts(64, True, 1, False),
+    assert d.lookup_nowait(SIMPLE, ready) == Found(SIMPLE, ready, ModelFacts(64, False, 4, False),
                                                    cached=True)
     await asyncio.sleep(1.5 / rate)
     assert isinstance(await d.lookup(ModelKey("other"), ready), Found)

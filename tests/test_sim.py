@@ -351,7 +351,9 @@ def test_health_metadata_config_index_stats(fleet: SimFleetThread) -> None:
         meta = client.get_model_metadata("simple")
         assert meta["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 16]}]
         config = client.get_model_config("simple")
-        assert config["max_batch_size"] == 64 and "dynamic_batching" in config
+        assert config["max_batch_size"] == 64 and "dynamic_batching" not in config
+        # the worker's slots are its instances: what runs at once
+        assert config["instance_group"][0]["count"] == WorkerSpec().slots
         assert client.get_model_repository_index() == [
             {"name": "simple", "version": "1", "state": "READY"}]
         stats = client.get_inference_statistics()["model_stats"][0]

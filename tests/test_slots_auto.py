@@ -36,16 +36,16 @@ def test_default_slots_accepts_a_number_or_auto() -> None:
 
 
 def test_auto_slots_follow_the_workers_model_instances(tmp_path: Path) -> None:
-    with SimFleetThread(workers=2) as sim:
+    batcher = SimModel(dynamic_batching=True)
+    with SimFleetThread([WorkerSpec(slots=1, models=(batcher,))] * 2) as sim:
         cfg = {"workers": [{"url": f"http://127.0.0.1:{sim.ports[0]}"},
                            {"url": f"http://127.0.0.1:{sim.ports[1]}", "slots": 7}],
                "models": {"simple": {}}, "upstream": {"default_slots": "auto"},
                "health": {"interval_s": 0.2, "rise": 1}, "scrape": {"enabled": False}}
         with GatewayProcess(cfg, tmp_path) as gw:
             auto_id, fixed_id = (f"127.0.0.1:{p}" for p in sim.ports)
-            # The simulator's model has one instance with Triton's dynamic batcher on
-            # (max_batch_size 64): 64 requests execute at once, one more waits; explicit
-            # slots win.
+            # One instance with Triton's dynamic batcher on (max_batch_size 64): 64 requests
+            # execute at once, one more waits; explicit slots win.
             gw.wait_for(lambda: gw.worker_status(auto_id)["slots"] == 65,
                         what="slots derived from the instance group")
             assert gw.worker_status(fixed_id)["slots"] == 7
@@ -55,10 +55,14 @@ def test_auto_slots_for_a_model_without_dynamic_batching(tmp_path: Path) -> None
     """One instance, no dynamic batcher: one request executes, one waits — 2 slots; the rest
     waits in the gateway's queue. This is the default (no `default_slots` in the YAML)."""
     model = SimModel(dynamic_batching=False)
-    with SimFleetThread([WorkerSpec(models=(model,))]) as sim:
-        cfg = {"workers": [{"url": f"http://127.0.0.1:{sim.ports[0]}"}],
+    with SimFleetThread([WorkerSpec(slots=1, models=(model,)), WorkerSpec(slots=4)]) as sim:
+        cfg = {"workers": [{"url": f"http://127.0.0.1:{p}"} for p in sim.ports],
                "health": {"interval_s": 0.2, "rise": 1}, "scrape": {"enabled": False}}
         with GatewayProcess(cfg, tmp_path) as gw:
             wid = f"127.0.0.1:{sim.ports[0]}"
             gw.wait_for(lambda: gw.worker_status(wid)["slots"] == 2,
                         what="slots derived from the instance group")
+            # the simulator's default: its 4 slots are 4 instances, no dynamic batcher
+            four = f"127.0.0.1:{sim.ports[1]}"
+            gw.wait_for(lambda: gw.worker_status(four)["slots"] == 8,
+                        what="4 instances: 4 execute, 4 wait")

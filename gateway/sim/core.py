@@ -64,7 +64,9 @@ class SimModel:
     outputs: tuple[TensorSpec, ...] = (TensorSpec("OUTPUT0"),)
     op: ModelOp = "double"
     max_batch_size: int = 64
-    dynamic_batching: bool = True
+    # what the model config says; the simulator executes every request alone either way
+    # (as Triton does for a model without a dynamic batcher), so the default is off
+    dynamic_batching: bool = False
     # per-model cost overrides; None = the worker's value
     base_ms: float | None = None
     per_item_ms: float | None = None

@@ -30,7 +30,9 @@ def model_metadata(model: SimModel) -> dict[str, Any]:
             "inputs": tensors(model.inputs), "outputs": tensors(model.outputs)}
 
 
-def model_config(model: SimModel) -> dict[str, Any]:
+def model_config(model: SimModel, instances: int = 1) -> dict[str, Any]:
+    """The model's config as Triton answers it; ``instances``: the worker's slots, the
+    executions it runs at once (one instance group of that count)."""
     def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
         return [{"name": t.name, "dims": list(t.dims),
                  "data_type": "TYPE_STRING" if t.datatype == "BYTES" else f"TYPE_{t.datatype}"}
@@ -41,7 +43,7 @@ def model_config(model: SimModel) -> dict[str, Any]:
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": model.max_batch_size,
         "input": tensors(model.inputs), "output": tensors(model.outputs),
-        "instance_group": [{"name": model.name, "kind": "KIND_GPU", "count": 1}],
+        "instance_group": [{"name": model.name, "kind": "KIND_GPU", "count": max(1, instances)}],
     }
     if model.dynamic_batching:
         config["dynamic_batching"] = {}

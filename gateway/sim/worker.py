@@ -266,7 +266,7 @@ class SimWorker(Handler):
         if action == "":
             respond(200, json_body(model_metadata(model)), "application/json", ())
         elif action == "config":
-            respond(200, json_body(model_config(model)), "application/json", ())
+            respond(200, json_body(model_config(model, self.spec.slots)), "application/json", ())
         elif action == "stats":
             respond(200, json_body(core.model_stats(model.name)), "application/json", ())
         else:
