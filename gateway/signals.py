@@ -46,6 +46,7 @@ _MODEL_FIELDS: dict[str, int] = {
     "nv_inference_exec_count": 4,
     "nv_inference_request_duration_us": 5,
     "nv_inference_queue_duration_us": 6,
+    "nv_inference_compute_infer_duration_us": 7,
 }
 _GPU_FIELDS: dict[str, int] = {GPU_TOTAL: 0, GPU_USED: 1, GPU_UTILISATION: 2}
 
@@ -73,6 +74,7 @@ class ModelCounters:
     exec_count: float = 0.0
     request_duration_us: float = 0.0
     queue_duration_us: float = 0.0
+    compute_infer_us: float = 0.0  # the GPU-time meter (gateway.fairshare) reads it
 
     def went_backwards(self, later: ModelCounters) -> bool:
         """True when ``later`` cannot follow ``self`` without a restart in between."""
@@ -188,7 +190,7 @@ def parse_metrics(text: str) -> RawMetrics:
         if model_index is not None:
             acc = models.get(label)
             if acc is None:
-                acc = models[label] = [0.0] * 7
+                acc = models[label] = [0.0] * 8
             acc[model_index] += value
         elif gpu_index is not None:
             gacc = gpus.get(label)

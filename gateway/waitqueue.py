@@ -2,8 +2,10 @@
 
 Rules:
 
-* A lower priority value goes first (``critical`` 0 < ``standard`` 1 < ``sheddable`` 2);
-  first come, first served inside a class.
+* A lower priority value goes first (``critical`` 0 < ``standard`` 1 < ``sheddable`` 2).
+  Inside a class, the lower ``tag`` goes first, then the earlier arrival. With every tag 0
+  that is first come, first served; the dispatcher passes start-time fair queuing tags
+  (``gateway.fairshare``: virtual start times in GPU-seconds) when fair share is on.
 * Each waiter carries its own deadline (monotonic seconds). :meth:`WaitQueue.pop` never hands
   out a waiter whose deadline has passed: waking it would waste the slot it was woken for.
   Expired waiters are dropped as ``pop`` meets them and counted.
@@ -28,13 +30,16 @@ DEFAULT_MAX_LENGTH = 1_000_000
 
 @dataclass(slots=True, order=True)
 class Ticket:
-    """One waiting request. Ordered by (priority, arrival)."""
+    """One waiting request. Ordered by (priority, tag, arrival)."""
 
     priority: int
+    tag: float
     seq: int
     deadline: float = field(compare=False)
     enqueued_at: float = field(compare=False)
     model: str = field(default="", compare=False)
+    tenant: str | None = field(default=None, compare=False)
+    cost_s: float = field(default=0.0, compare=False)
     live: bool = field(default=True, compare=False)
     queued: bool = field(default=True, compare=False)
 
@@ -56,7 +61,7 @@ class QueueFull(Exception):
 
 
 class WaitQueue:
-    __slots__ = ("_by_priority", "_enqueued", "_expired", "_heap", "_live", "_removed",
+    __slots__ = ("_by_model", "_by_priority", "_enqueued", "_expired", "_heap", "_live", "_removed",
                  "_seq", "max_length")
 
     def __init__(self, max_length: int = DEFAULT_MAX_LENGTH) -> None:
@@ -65,6 +70,7 @@ class WaitQueue:
         self._seq = itertools.count()
         self._live = 0
         self._by_priority: dict[int, int] = {}
+        self._by_model: dict[str, int] = {}  # bounded: a key per model with live waiters
         self._enqueued = 0
         self._expired = 0
         self._removed = 0
@@ -75,10 +81,13 @@ class WaitQueue:
     def __repr__(self) -> str:
         return f"<WaitQueue live={self._live} heap={len(self._heap)}>"
 
-    def push(self, priority: int, deadline: float, now: float, model: str = "") -> Ticket:
+    def push(self, priority: int, deadline: float, now: float, model: str = "", *,
+             tag: float = 0.0, tenant: str | None = None, cost_s: float = 0.0) -> Ticket:
+        """Enqueue a request; ``tag`` orders it inside its class (0: by arrival), ``tenant``
+        and ``cost_s`` (its estimated GPU-seconds) are carried for the caller."""
         if self._live >= self.max_length:
             raise QueueFull(f"wait queue holds {self._live} requests")
-        ticket = Ticket(priority, next(self._seq), deadline, now, model)
+        ticket = Ticket(priority, tag, next(self._seq), deadline, now, model, tenant, cost_s)
         heapq.heappush(self._heap, ticket)
         self._count(ticket, +1)
         self._enqueued += 1
@@ -86,7 +95,7 @@ class WaitQueue:
         return ticket
 
     def requeue(self, ticket: Ticket) -> None:
-        """Put a woken ticket back in its old place (same priority and arrival order)."""
+        """Put a woken ticket back in its old place (same priority, tag and arrival)."""
         if not ticket.live or ticket.queued:
             return
         ticket.queued = True
@@ -121,6 +130,10 @@ class WaitQueue:
         """How many live waiters a new request of ``priority`` would queue behind."""
         return sum(n for p, n in self._by_priority.items() if p <= priority)
 
+    def waiting_for(self, model: str) -> int:
+        """How many live waiters want ``model``."""
+        return self._by_model.get(model, 0)
+
     def statistics(self) -> WaitQueueStatistics:
         return WaitQueueStatistics(
             length=self._live,
@@ -131,6 +144,11 @@ class WaitQueue:
     def _count(self, ticket: Ticket, delta: int) -> None:
         self._live += delta
         self._by_priority[ticket.priority] = self._by_priority.get(ticket.priority, 0) + delta
+        n = self._by_model.get(ticket.model, 0) + delta
+        if n:
+            self._by_model[ticket.model] = n
+        else:
+            self._by_model.pop(ticket.model, None)
 
     def _compact(self) -> None:
         # Removed tickets are skipped lazily; rebuild when they outnumber live ones, so the

@@ -1,0 +1,284 @@
+"""Fair share of the GPUs between tenants, metered in GPU-seconds (pure).
+
+Two parts, both taking time and costs as arguments:
+
+* :class:`CostModel` — what one request costs the GPU, learned per (worker, model,
+  batch-size bucket). The gateway's own timing of each completed request gives the *shape*
+  (how the cost grows with the batch): the departure-based service time, ``done −
+  max(sent, the worker's previous completion)``, which is exact for a worker that executes
+  one request at a time and an underestimate where several execute at once. Triton's
+  counters between two scrapes give the *scale*: ``Δnv_inference_compute_infer_duration_us ×
+  Δnv_inference_exec_count / Δnv_inference_request_success`` is the GPU time the interval's
+  executions took (Triton counts an execution's compute time once per request in it), i.e.
+  per request ``G``; the (worker, model) scale is ``G`` over the gateway's mean estimate
+  for the requests it saw complete in the interval, smoothed and clipped. A request's cost is
+  estimated before dispatch (worker unknown: the mean over the workers that know the model)
+  and settled after, at the learned cost of the worker that ran it.
+* :class:`FairShare` — the tags of **start-time fair queuing** (Goyal, Vin and Cheng, 1996)
+  over those costs, plus each tenant's meter. A request of tenant ``i`` with estimated cost
+  ``c`` gets the start tag ``S = max(v − idle_credit_s, F_i)`` and moves the tenant's finish
+  tag to ``F_i = S + c / w_i``; the wait queue serves the lowest ``S`` inside each priority
+  band; ``v`` is the largest start tag handed a slot so far.
+
+Why start-time fair queuing, not a finish-time scheme (WFQ/WF²Q) or deficit round robin:
+
+* The order of a request does not depend on its *own* cost estimate, only on its tenant's
+  earlier requests, and an estimate that was wrong is corrected at settlement by moving the
+  tenant's finish tag (``F_i += (actual − estimated) / w_i``). Costs are estimates here
+  (learned, per bucket), so ordering by them as little as possible matters.
+* Its virtual time is the tag in service — no fluid reference system to simulate, which would
+  need the fleet's capacity in GPU-seconds per second, itself only an estimate.
+* It is work-conserving by construction (a tenant alone always has the lowest tag), and its
+  delay bound for a light tenant is one request of every other tenant ahead of it, the
+  floor for executions that cannot be interrupted. Deficit round robin needs a quantum at
+  least one maximal request large, and so delays a batch-1 tenant by whole quanta.
+* **Idle credit is bounded**: a tenant that was idle starts at ``v − idle_credit_s``, never
+  lower, however long it was away (its old finish tag is behind ``v``), so it may jump at most
+  ``idle_credit_s`` GPU-seconds of other tenants' queued work, never build a burst.
+
+``v`` and the tags are global over the priority bands: the queue orders by band first, so a
+tenant's critical traffic is still charged to its account.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_ITEM_COST_S = 0.001   # per batch item, before anything is learned
+DEFAULT_IDLE_CREDIT_S = 0.05  # GPU-seconds an idle tenant may jump ahead by
+DEFAULT_HALF_LIFE_S = 10.0    # the window of shares and Jain's index
+MAX_COST_KEYS = 4096          # (worker, model, bucket) entries; beyond it nothing new is learned
+MAX_TENANTS = 4096
+SCALE_BOUNDS = (0.05, 20.0)   # the counters' correction of the gateway's timings
+EWMA_ALPHA = 0.2
+ACTIVE_FRACTION = 0.01        # of the largest recent share: below it a tenant is not active
+
+
+def batch_bucket(batch: int) -> int:
+    """Power-of-two bucket of a batch size: 1 → 0, 2 → 1, 3–4 → 2, 5–8 → 3, …"""
+    return max(0, math.ceil(math.log2(max(1, batch))))
+
+
+def jain_index(values: list[float]) -> float:
+    """Jain's fairness index ``(Σx)² / (n·Σx²)``: 1 when all equal, 1/n when one has all;
+    1 for no values (nothing to be unfair about)."""
+    if not values:
+        return 1.0
+    total = sum(values)
+    squares = sum(x * x for x in values)
+    return total * total / (len(values) * squares) if squares > 0 else 1.0
+
+
+# ------------------------------------------------------------------ cost
+
+@dataclass(frozen=True, slots=True)
+class CostStatistics:
+    entries: int
+    scales: tuple[tuple[str, str, float], ...]  # (worker, model, counters' scale)
+    counter_intervals: int
+
+
+class CostModel:
+    """GPU-seconds per request, learned per (worker, model, batch bucket)."""
+
+    __slots__ = ("_counters", "_intervals", "_pending", "_scale", "_timing", "item_cost_s")
+
+    def __init__(self, item_cost_s: float = DEFAULT_ITEM_COST_S) -> None:
+        self.item_cost_s = item_cost_s
+        self._timing: dict[tuple[str, str, int], float] = {}
+        self._scale: dict[tuple[str, str], float] = {}
+        # completions seen since the last counter interval: (count, Σ estimate)
+        self._pending: dict[tuple[str, str], tuple[int, float]] = {}
+        self._counters: dict[tuple[str, str], tuple[float, float, float]] = {}
+        self._intervals = 0
+
+    def __repr__(self) -> str:
+        return f"<CostModel entries={len(self._timing)} scales={len(self._scale)}>"
+
+    def observe(self, worker: str, model: str, batch: int, service_s: float) -> None:
+        """The gateway's own timing of one completed request on ``worker``."""
+        if not service_s > 0 or not math.isfinite(service_s):
+            return
+        key = (worker, model, batch_bucket(batch))
+        old = self._timing.get(key)
+        if old is None:
+            if len(self._timing) >= MAX_COST_KEYS:
+                return
+            self._timing[key] = service_s
+        else:
+            self._timing[key] = old + EWMA_ALPHA * (service_s - old)
+        wm = (worker, model)
+        n, total = self._pending.get(wm, (0, 0.0))
+        self._pending[wm] = (n + 1, total + self._timing[key])
+
+    def on_counters(self, worker: str, model: str, compute_infer_us: float,
+                    exec_count: float, success: float) -> None:
+        """Triton's cumulative counters for (``worker``, ``model``) at one scrape."""
+        wm = (worker, model)
+        prev = self._counters.get(wm)
+        if prev is None and len(self._counters) >= MAX_COST_KEYS:
+            return
+        self._counters[wm] = (compute_infer_us, exec_count, success)
+        if prev is None:
+            self._pending.pop(wm, None)
+            return
+        d_compute = compute_infer_us - prev[0]
+        d_exec = exec_count - prev[1]
+        d_success = success - prev[2]
+        n, estimated = self._pending.pop(wm, (0, 0.0))
+        if d_compute <= 0 or d_exec <= 0 or d_success <= 0 or n == 0 or estimated <= 0:
+            return  # idle, restarted (counters went back) or nothing of ours: learn nothing
+        per_request_s = d_compute / 1e6 * (d_exec / d_success) / d_success
+        measured = per_request_s * n / estimated
+        lo, hi = SCALE_BOUNDS
+        measured = min(hi, max(lo, measured))
+        old = self._scale.get(wm)
+        self._scale[wm] = measured if old is None else old + EWMA_ALPHA * (measured - old)
+        self._intervals += 1
+
+    def cost(self, worker: str, model: str, batch: int) -> float:
+        """GPU-seconds of one request of ``batch`` on ``worker``."""
+        base = self._timing_for(worker, model, batch)
+        if base is None:
+            return self.item_cost_s * max(1, batch)
+        return base * self._scale.get((worker, model), 1.0)
+
+    def estimate(self, model: str, batch: int) -> float:
+        """Before dispatch (worker unknown): the mean over the workers that know ``model``."""
+        costs = [self.cost(w, m, batch) for (w, m) in self._workers_of(model)]
+        return sum(costs) / len(costs) if costs else self.item_cost_s * max(1, batch)
+
+    def forget_worker(self, worker: str) -> None:
+        self._timing = {k: v for k, v in self._timing.items() if k[0] != worker}
+        self._scale = {k: v for k, v in self._scale.items() if k[0] != worker}
+        self._pending = {k: v for k, v in self._pending.items() if k[0] != worker}
+        self._counters = {k: v for k, v in self._counters.items() if k[0] != worker}
+
+    def statistics(self) -> CostStatistics:
+        return CostStatistics(
+            entries=len(self._timing),
+            scales=tuple(sorted((w, m, s) for (w, m), s in self._scale.items())),
+            counter_intervals=self._intervals)
+
+    def _workers_of(self, model: str) -> set[tuple[str, str]]:
+        return {(w, m) for (w, m, _) in self._timing if m == model}
+
+    def _timing_for(self, worker: str, model: str, batch: int) -> float | None:
+        bucket = batch_bucket(batch)
+        exact = self._timing.get((worker, model, bucket))
+        if exact is not None:
+            return exact
+        # Not seen yet: the nearest known bucket, scaled by the batch ratio towards it.
+        known = [(b, s) for (w, m, b), s in self._timing.items() if w == worker and m == model]
+        if not known:
+            return None
+        b, s = min(known, key=lambda bs: abs(bs[0] - bucket))
+        return s * 2.0 ** (bucket - b)
+
+
+# ------------------------------------------------------------------ fair queuing
+
+@dataclass(slots=True)
+class TenantAccount:
+    weight: float = 1.0
+    finish_tag: float = 0.0
+    gpu_s: float = 0.0          # settled, since start
+    recent_gpu_s: float = 0.0   # decayed with half_life_s
+    recent_at: float = 0.0
+    requests: int = 0
+    queued_s: float = 0.0       # total waiting for a slot
+    queued_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TenantShare:
+    tenant: str
+    weight: float
+    gpu_s: float
+    recent_gpu_s: float
+    share: float                 # of the recent GPU-seconds of all tenants
+    requests: int
+    mean_queue_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FairShareStatistics:
+    virtual_time: float
+    tenants: tuple[TenantShare, ...]
+    jain_index: float            # over active tenants, weight-normalised recent GPU-seconds
+
+
+class FairShare:
+    """Start-time fair queuing tags and the per-tenant GPU-second meter."""
+
+    __slots__ = ("_accounts", "half_life_s", "idle_credit_s", "virtual_time")
+
+    def __init__(self, idle_credit_s: float = DEFAULT_IDLE_CREDIT_S,
+                 half_life_s: float = DEFAULT_HALF_LIFE_S) -> None:
+        self.idle_credit_s = idle_credit_s
+        self.half_life_s = half_life_s
+        self.virtual_time = 0.0
+        self._accounts: dict[str, TenantAccount] = {}
+
+    def __repr__(self) -> str:
+        return f"<FairShare v={self.virtual_time:.6f} tenants={len(self._accounts)}>"
+
+    def _account(self, tenant: str, weight: float) -> TenantAccount | None:
+        acct = self._accounts.get(tenant)
+        if acct is None:
+            if len(self._accounts) >= MAX_TENANTS:
+                return None
+            acct = self._accounts[tenant] = TenantAccount(weight=weight)
+        acct.weight = weight
+        return acct
+
+    def tag(self, tenant: str, weight: float, cost_s: float) -> float:
+        """Start tag of a new request of ``tenant`` costing ``cost_s`` (estimated)."""
+        acct = self._account(tenant, weight)
+        start = max(self.virtual_time - self.idle_credit_s,
+                    acct.finish_tag if acct is not None else self.virtual_time)
+        if acct is not None:
+            acct.finish_tag = start + cost_s / weight
+        return start
+
+    def started(self, tag: float) -> None:
+        """A request with start tag ``tag`` got its slot."""
+        if tag > self.virtual_time:
+            self.virtual_time = tag
+
+    def settle(self, tenant: str, weight: float, estimated_s: float, actual_s: float,
+               queued_s: float, now: float) -> None:
+        """A request finished: charge its actual cost, correct the finish tag by the
+        estimate's error, and meter its queueing delay."""
+        acct = self._account(tenant, weight)
+        if acct is None:
+            return
+        acct.finish_tag += (actual_s - estimated_s) / weight
+        self._decay(acct, now)
+        acct.recent_gpu_s += actual_s
+        acct.gpu_s += actual_s
+        acct.requests += 1
+        acct.queued_s += queued_s
+        acct.queued_requests += 1
+
+    def _decay(self, acct: TenantAccount, now: float) -> None:
+        if now > acct.recent_at:
+            acct.recent_gpu_s *= 0.5 ** ((now - acct.recent_at) / self.half_life_s)
+            acct.recent_at = now
+
+    def statistics(self, now: float) -> FairShareStatistics:
+        for acct in self._accounts.values():
+            self._decay(acct, now)
+        total = sum(a.recent_gpu_s for a in self._accounts.values())
+        largest = max((a.recent_gpu_s / a.weight for a in self._accounts.values()), default=0.0)
+        active = [a.recent_gpu_s / a.weight for a in self._accounts.values()
+                  if largest > 0 and a.recent_gpu_s / a.weight >= ACTIVE_FRACTION * largest]
+        return FairShareStatistics(
+            virtual_time=self.virtual_time,
+            tenants=tuple(TenantShare(
+                tenant=name, weight=a.weight, gpu_s=a.gpu_s, recent_gpu_s=a.recent_gpu_s,
+                share=a.recent_gpu_s / total if total > 0 else 0.0, requests=a.requests,
+                mean_queue_s=a.queued_s / a.queued_requests if a.queued_requests else 0.0)
+                for name, a in sorted(self._accounts.items())),
+            jain_index=jain_index(active))
