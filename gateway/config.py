@@ -304,6 +304,9 @@ class TenantConfig:
     priority: Literal["critical", "standard", "sheddable"] = opt(
         "standard", "Default priority class of the tenant's requests.")
     rate_limit: BucketConfig | None = opt(None, "Token bucket for this tenant.")
+    weight: float = opt(1.0, "Share of the GPU time this tenant gets under contention, "
+                        "relative to the other tenants' weights (anonymous traffic: 1).",
+                        check(lambda v: 0 < v <= 1e6, "a number in (0, 1000000]"))
 
     def __post_init__(self) -> None:
         issues = []
@@ -329,6 +332,12 @@ class QueueConfig:
                                    fraction())
     shed_standard_at: float = opt(0.9, "Queue fill at which standard requests are refused; "
                                   "at least shed_sheddable_at.", fraction())
+    order: Literal["fair", "fifo"] = opt("fair", "Order inside a priority class: fair "
+                                         "(tenants' weighted share of GPU-seconds, start-time "
+                                         "fair queuing) or fifo (arrival).")
+    idle_credit_s: float = opt(0.05, "fair: GPU-seconds of other tenants' queued work a "
+                               "tenant back from idle may go ahead of, at most.",
+                               non_negative())
 
     def __post_init__(self) -> None:
         if self.shed_sheddable_at > self.shed_standard_at:

@@ -140,7 +140,7 @@ def test_real_cpu_only_page() -> None:
     assert raw.samples_skipped == 0
     assert raw.models == {"simple": ModelCounters(
         pending=0, success=5, failure=0, inference_count=10, exec_count=5,
-        request_duration_us=22781, queue_duration_us=190)}
+        request_duration_us=22781, queue_duration_us=190, compute_infer_us=22190)}
     signals = derive_signals(None, raw, scraped_at=100.0, prev_at=None)
     assert not signals.has_gpu
     assert signals.free_memory_bytes == 0.0
