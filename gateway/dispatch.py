@@ -40,11 +40,13 @@ from gateway.errors import (
     Rejected,
     UpstreamTimeout,
 )
+from gateway.fairshare import CostModel, FairShare, tenant_label
 from gateway.fleet import Fleet
 from gateway.ratelimit import RateLimiter
 from gateway.redis_store import RedisStore
 from gateway.requesthead import RequestHead
 from gateway.retrybudget import RetryBudget, RetryVerdict, decide_retry
+from gateway.signals import RawMetrics
 from gateway.sticky import StickyTable
 from gateway.types import ModelKey, NoRoute, Priority, Route, WorkerId
 from gateway.upstream import Headers, Response, UpstreamFailure
@@ -77,6 +79,8 @@ class Call:
     cost: int = 1
     stream: bool = False
     head: RequestHead | None = None     # infer requests: the head, read once by the proxy
+    fair_tag: float | None = None       # start-time fair queuing tag, set once per call
+    cost_s: float = 0.0                 # estimated GPU-seconds (gateway.fairshare)
 
 
 @dataclass(slots=True)
@@ -88,6 +92,9 @@ class Lease:
     attempts: int
     done: bool = False
     queued_s: float = 0.0  # waiting for a slot (the queue), all attempts together
+    tenant: str | None = None
+    batch_size: int = 1
+    cost_s: float = 0.0    # estimated GPU-seconds, settled by finish()
 
 
 class Dispatcher:
@@ -120,8 +127,15 @@ class Dispatcher:
         # admission.adaptive: one gradient limit per fleet member (pruned by the table sync)
         self.adaptive: dict[WorkerId, AdaptiveLimit] = {}
         self.in_flight_total = 0
+        # Fair share (gateway.fairshare): GPU-second costs and start-time fair queuing tags.
+        self.costs = CostModel()
+        self.fair = FairShare(idle_credit_s=cfg.admission.queue.idle_credit_s)
+        self._last_done: dict[WorkerId, float] = {}
+        self._counters_at: dict[WorkerId, float | None] = {}
         # Set by the metrics exporter: (model, seconds from enqueue to leaving the queue).
         self.on_queue_wait: Callable[[str, float], None] | None = None
+        # Set by the batching gateway: (model) after a request of it ended (a slot freed).
+        self.on_release: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return (f"<Dispatcher queued={len(self.queue)} sticky={len(self.sticky)} "
@@ -135,6 +149,7 @@ class Dispatcher:
         self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store)
         self.retry_budget.reconfigure(cfg.admission.retry)
         self.router = routing.Router(cfg.routing, cfg.models, rng=self.rng)
+        self.fair.idle_credit_s = cfg.admission.queue.idle_credit_s
 
     def attach(self, table: routing.RoutingTable, load: routing.LoadSource) -> None:
         self.table = table
@@ -174,7 +189,8 @@ class Dispatcher:
                 continue
             if call.sequence_id is not None:
                 self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
-            return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s)
+            return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s,
+                         tenant=call.tenant, batch_size=call.batch_size, cost_s=call.cost_s)
 
     # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
     async def admit(self, call: Call) -> None:
@@ -240,6 +256,8 @@ class Dispatcher:
         if ok is None:
             ok = lease.response.status not in WORKER_FAILURE_STATUSES
         self._end(lease.worker, lease.model, lease.started, ok=ok)
+        if ok:
+            self._settle(lease)
 
     def _end(self, worker: Worker, model: str, started: float, *, ok: bool | None) -> None:
         """``ok`` None: the attempt was abandoned, neither success nor failure."""
@@ -261,6 +279,8 @@ class Dispatcher:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
                                         else 0.9 * self.service_time_ewma_s + 0.1 * latency)
         self.wake_waiters(1)
+        if self.on_release is not None:  # after the queue's waiter took its slot
+            self.on_release(model)
 
     def effective_slots(self, worker: Worker) -> int:
         """The worker's slot limit, lowered to its adaptive concurrency limit when
@@ -278,9 +298,49 @@ class Dispatcher:
         return limit
 
     def forget_worker(self, worker: WorkerId) -> None:
-        """A worker left the fleet: drop its adaptive limit and sticky sequences."""
+        """A worker left the fleet: drop its adaptive limit, sticky sequences and costs."""
         self.adaptive.pop(worker, None)
         self.sticky.forget_worker(worker)
+        self.costs.forget_worker(worker)
+        self._last_done.pop(worker, None)
+        self._counters_at.pop(worker, None)
+
+    # fair share ---------------------------------------------------------------------------
+    @property
+    def is_fair(self) -> bool:
+        return self.cfg.admission.queue.order == "fair"
+
+    def tenant_weight(self, tenant: str | None) -> float:
+        found = self.cfg.admission.tenants.get(tenant) if tenant is not None else None
+        return found.weight if found is not None else 1.0
+
+    def _tag(self, call: Call) -> float:
+        """The call's start tag (once per call, whatever its retries): its cost estimated
+        from the model and batch size, before the worker is known."""
+        if call.fair_tag is None:
+            call.cost_s = self.costs.estimate(call.key.name, call.batch_size)
+            call.fair_tag = (self.fair.tag(tenant_label(call.tenant),
+                                           self.tenant_weight(call.tenant), call.cost_s)
+                             if self.is_fair else 0.0)
+        return call.fair_tag
+
+    def _settle(self, lease: Lease) -> None:
+        """A request completed: learn its cost (the gateway's timing, and Triton's counters
+        when a scrape came in since), charge its tenant the cost of the worker it ran on."""
+        now = self.clock()
+        worker = lease.worker
+        service_s = now - max(lease.started, self._last_done.get(worker.id, 0.0))
+        self._last_done[worker.id] = now
+        self.costs.observe(worker.id, lease.model, lease.batch_size, service_s)
+        if worker.raw_metrics_at != self._counters_at.get(worker.id) \
+                and isinstance(worker.raw_metrics, RawMetrics):
+            self._counters_at[worker.id] = worker.raw_metrics_at
+            for model, c in list(worker.raw_metrics.models.items())[:64]:
+                self.costs.on_counters(worker.id, model, c.compute_infer_us, c.exec_count,
+                                       c.success)
+        actual_s = self.costs.cost(worker.id, lease.model, lease.batch_size)
+        self.fair.settle(tenant_label(lease.tenant), self.tenant_weight(lease.tenant),
+                         lease.cost_s, actual_s, lease.queued_s, now)
 
     # routing + queueing -------------------------------------------------------------------
     def pick(self, call: Call, exclude: set[WorkerId]) -> Route | NoRoute:
@@ -292,9 +352,18 @@ class Dispatcher:
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         ticket: Ticket | None = None
+        tag = self._tag(call)
         try:
             while True:
                 decision = self.pick(call, tried)
+                if isinstance(decision, Route) and ticket is None and self.is_fair \
+                        and self.queue.waiting_for(call.key.name):
+                    # Others wait for this model: a free slot goes to the best tag, not to
+                    # whoever arrives while the woken waiter is on its way (barging would
+                    # bypass the fair order exactly under contention).
+                    self._mark_saturated(True)
+                    ticket = await self._wait(call, None, wake_best=True)
+                    continue
                 if isinstance(decision, Route):
                     worker = self.fleet.workers[decision.worker]
                     now = self.clock()
@@ -302,6 +371,7 @@ class Dispatcher:
                         tried.add(worker.id)
                         continue
                     self._mark_saturated(False)
+                    self.fair.started(tag)
                     expected_s = worker.latency_ewma_s
                     if expected_s > 0 and call.deadline - now < expected_s:
                         # Sending would only spend GPU time on an answer nobody will read.
@@ -331,9 +401,11 @@ class Dispatcher:
         if self.on_queue_wait is not None:
             self.on_queue_wait(ticket.model, ticket.wait_s(self.clock()))
 
-    async def _wait(self, call: Call, ticket: Ticket | None) -> Ticket:
+    async def _wait(self, call: Call, ticket: Ticket | None, *,
+                    wake_best: bool = False) -> Ticket:
         """Wait for a slot; the first call enqueues (or refuses), later calls (woken, but
-        another request took the worker) keep the ticket's place."""
+        another request took the worker) keep the ticket's place. ``wake_best``: a slot is
+        free now, wake the best waiter (perhaps this one) for it."""
         now = self.clock()
         if ticket is None:
             view = QueueView(length=len(self.queue), ahead=self.queue.ahead_of(call.priority),
@@ -345,11 +417,14 @@ class Dispatcher:
             assert isinstance(decision, Wait)
             ticket = self.queue.push(int(call.priority),
                                      min(call.deadline, now + decision.max_wait_s), now,
-                                     call.key.name)
+                                     call.key.name, tag=call.fair_tag or 0.0,
+                                     tenant=call.tenant, cost_s=call.cost_s)
             self.counters["queued"] += 1
         else:
             self.queue.requeue(ticket)
         future = self._futures[ticket.seq] = asyncio.get_running_loop().create_future()
+        if wake_best:
+            self.wake_waiters(1)
         try:
             async with asyncio.timeout(max(0.0, ticket.deadline - now)):
                 await future
@@ -368,6 +443,24 @@ class Dispatcher:
             raise Overloaded("no worker slot became free in time; retry later",
                              retry_after_s=max(1.0, self._drain_estimate())) from None
         return ticket
+
+    def precheck(self, priority: Priority, deadline: float, now: float,
+                 arriving: int = 0) -> None:
+        """Refuse now what the queue would refuse, from what is known before the body is
+        read: while requests already wait (``arriving``: admitted by this gateway but not yet
+        at the queue), one that cannot be served before ``deadline`` — or that the full or
+        shedding queue would turn away — gets its answer at once. With nobody waiting it
+        passes: a slot may be free."""
+        waiting = len(self.queue) + arriving
+        if waiting == 0:
+            return
+        view = QueueView(length=waiting, ahead=self.queue.ahead_of(priority) + arriving,
+                         drain_rate_per_s=self.drain_rate(now),
+                         service_time_s=self.service_time_ewma_s)
+        decision = decide(view, priority, deadline - now, self.cfg.admission.queue)
+        if isinstance(decision, Rejected):
+            self.counters["refused_before_body"] += 1
+            raise decision
 
     def drain_rate(self, now: float) -> float:
         """Completions per second the queue can count on: the recent completion rate, or,

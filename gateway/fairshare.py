@@ -53,6 +53,11 @@ MAX_TENANTS = 4096
 SCALE_BOUNDS = (0.05, 20.0)   # the counters' correction of the gateway's timings
 EWMA_ALPHA = 0.2
 ACTIVE_FRACTION = 0.01        # of the largest recent share: below it a tenant is not active
+ANONYMOUS = "(anonymous)"     # the account of requests without a tenant (weight 1)
+
+
+def tenant_label(tenant: str | None) -> str:
+    return ANONYMOUS if tenant is None else tenant
 
 
 def batch_bucket(batch: int) -> int:

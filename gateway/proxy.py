@@ -83,6 +83,28 @@ _MAX_TIMEOUT_MS = 10**12  # ~32 years: longer deadlines mean "no deadline"
 log = logging.getLogger("gateway.proxy")
 
 
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _header_deadline_s(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """``X-Request-Timeout-Ms`` in seconds; None when absent; 400 unless a positive integer."""
+    raw = _header(headers, b"x-request-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        timeout_ms = int(raw)
+    except ValueError:
+        raise BadRequest("X-Request-Timeout-Ms must be an integer") from None
+    if timeout_ms <= 0:
+        raise BadRequest("X-Request-Timeout-Ms must be a positive number of milliseconds")
+    # Bounded: a 400-digit number of milliseconds is no float (and no deadline).
+    return min(timeout_ms, _MAX_TIMEOUT_MS) / 1000.0
+
+
 def _error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
@@ -181,20 +203,32 @@ class ProxyApp:
     async def _infer(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
                      rid: bytes) -> None:
         svc = self.service
-        # Health, /metrics and /status never queue behind a storm of inference requests.
-        await self.turnstile.enter()
+        # The deadline counts from arrival at the gateway: dated back by the loop's recent
+        # lateness (the turns the request's bytes waited before this code could run), and
+        # taken before the turnstile, whose wait is the gateway's too.
+        now = svc.clock()
+        arrived = now - svc.loop_lag.lag_s(now)
         cfg = svc.cfg
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         tenant, default_priority = svc.tenants.identify(headers)
         if tenant is None and cfg.admission.require_api_key:
             raise Unauthorized("missing or unknown API key")
+        header_deadline_s = _header_deadline_s(headers)
+        if header_deadline_s is not None:
+            # Herds are cheap to refuse: a request the queue cannot serve in time is refused
+            # from its headers, before its body is read or it waits for the turnstile.
+            svc.dispatcher.precheck(effective_priority(default_priority, _header(
+                headers, b"x-priority")), arrived + header_deadline_s, now,
+                arriving=self.turnstile.waiting)
+        # Health, /metrics and /status never queue behind a storm of inference requests.
+        await self.turnstile.enter()
         key = ModelKey(ep.model, ep.version)
         if ep.version or not svc.model_known(ep.model):
             await svc.resolve(key, Action.OTHER)
         svc.telemetry.arrival(ep.model)
         body = await _read_body(receive, cfg.upstream.max_body_bytes, scope)
         fwd: Headers = []
-        priority_h = timeout_h = ihcl = encoding = None
+        priority_h = ihcl = encoding = None
         for k, v in headers:
             if k in HOP_BY_HOP or k == _REQUEST_ID:
                 continue
@@ -202,7 +236,6 @@ class ProxyApp:
                 priority_h = v
                 continue
             if k == b"x-request-timeout-ms":
-                timeout_h = v
                 continue
             if k == b"inference-header-content-length":
                 ihcl = v
@@ -215,23 +248,16 @@ class ProxyApp:
         if ep.kind is Kind.INFER:
             head = read_head(body, ihcl, encoding, max_bytes=cfg.upstream.max_body_bytes,
                              need_peek=model_cfg.cost == "batch_size"
-                             or model_cfg.batching.enabled)
+                             or model_cfg.batching.enabled
+                             # fair share: a request's GPU cost goes by its batch size
+                             or bool(cfg.admission.tenants))
             if head.shared_memory:
                 raise SharedMemoryUnsupported(
                     "shared-memory tensors are host-local and not supported through the "
                     "gateway; send tensor data in the request body instead")
-        now = svc.clock()
         deadline_s = cfg.admission.queue.default_deadline_s
-        if timeout_h is not None:
-            try:
-                timeout_ms = int(timeout_h)
-            except ValueError:
-                raise BadRequest("X-Request-Timeout-Ms must be an integer") from None
-            if timeout_ms <= 0:
-                raise BadRequest("X-Request-Timeout-Ms must be a positive number of "
-                                 "milliseconds")
-            # Bounded: a 400-digit number of milliseconds is no float (and no deadline).
-            deadline_s = min(timeout_ms, _MAX_TIMEOUT_MS) / 1000.0
+        if header_deadline_s is not None:
+            deadline_s = header_deadline_s
         elif head is not None and head.timeout_us is not None:
             deadline_s = head.timeout_us / 1e6
         priority = effective_priority(default_priority, priority_h)
@@ -241,7 +267,7 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         call = Call(
             method="POST", target=target, headers=fwd, body=body, key=key, priority=priority,
-            tenant=tenant, deadline=now + deadline_s,
+            tenant=tenant, deadline=arrived + deadline_s,
             sequence_id=head.sequence_id if head else None,
             sequence_end=head.sequence_end if head else False,
             batch_size=batch, cost=batch if model_cfg.cost == "batch_size" else 1,
