@@ -149,7 +149,7 @@ def test_statistics_shares_jain_and_queueing_delay() -> None:
     a, b = st.tenants
     assert (a.tenant, b.tenant) == ("a", "b")
     assert a.recent_gpu_s == pytest.approx(1.5) and a.gpu_s == 3.0
-    assert (a.share, b.share) == (pytest.approx(0.75), pytest.approx(0.25))
+    assert a.share == pytest.approx(0.75) and b.share == pytest.approx(0.25)
     assert st.jain_index == pytest.approx(1.0)  # 3:1 on weights 3:1 is fair
     assert b.mean_queue_s == pytest.approx(0.2) and b.requests == 2
     fair.settle("c", 1.0, 0.0, 2.0, queued_s=0.0, now=10.0)  # c: twice b's normalised use
