@@ -115,6 +115,8 @@ class Dispatcher:
         self.router = routing.Router(cfg.routing, cfg.models, rng=self.rng)
         self.table = routing.RoutingTable()
         self.load: routing.LoadSource | None = None
+        # Peak-EWMA service time per (worker, model), for the expected-latency scorer.
+        self.service_times = routing.ServiceTimes()
         self.queue = WaitQueue()
         self._futures: dict[int, asyncio.Future[None]] = {}
         self.sticky = StickyTable()
@@ -265,6 +267,10 @@ class Dispatcher:
         latency = now - started
         worker.end(model, latency if ok else None)
         self.in_flight_total -= 1
+        if ok:
+            self.service_times.observe(worker.id, model, latency, now,
+                                       in_flight=worker.in_flight,
+                                       capacity=worker.capacity_units)
         if ok and self.cfg.admission.adaptive.enabled:
             # in flight when it ended, itself included: close to when it started
             self._adaptive_for(worker).on_sample(now, latency, worker.in_flight + 1)
@@ -301,6 +307,7 @@ class Dispatcher:
         """A worker left the fleet: drop its adaptive limit, sticky sequences and costs."""
         self.adaptive.pop(worker, None)
         self.sticky.forget_worker(worker)
+        self.service_times.forget(worker)
         self.costs.forget_worker(worker)
         self._last_done.pop(worker, None)
         self._counters_at.pop(worker, None)
@@ -348,7 +355,8 @@ class Dispatcher:
         if sticky is not None and sticky in exclude:
             sticky = None
         return self.router.decide(self.table, call.key, self.load, batch_size=call.batch_size,
-                                  sticky=sticky, exclude=exclude)
+                                  sticky=sticky, exclude=exclude, service=self.service_times,
+                                  now=self.clock())
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         ticket: Ticket | None = None

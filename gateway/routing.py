@@ -34,8 +34,33 @@ answer is ``NoRoute(saturated=True)`` so the shell queues instead of failing.
 Scorers, each in [0, 1], 1 best: memory = free / total (0.5 without GPU signals); queue =
 1 / (1 + (pending + in_flight) / slots) — scraped pending overlaps the gateway's own
 in-flight, which is deliberate: it is how other gateways' and clients' load shows; latency
-= fastest candidate's EWMA / this one's (0.5 when unknown). They are combined with the
-weights of ``RoutingConfig.weights`` or the model's own ``ModelConfig.weights``.
+= fastest candidate's EWMA / this one's (0.5 when unknown); expected latency = the best
+candidate's expected completion time / this one's. They are combined with the weights of
+``RoutingConfig.weights`` or the model's own ``ModelConfig.weights`` (default memory 1,
+queue 2, expected latency 4: the expected time decides, the queue breaks its ties below
+capacity toward the less loaded worker, memory leans toward roomier GPUs).
+
+Expected latency (the default's main scorer). The expected completion time of this request
+on a worker is its service time for the model × max(1, (work ahead + 1) / capacity): work
+ahead = the gateway's live in-flight there + the worker's queue the gateway did not send
+(scraped pending beyond the gateway's in-flight at the scrape); capacity = the requests the
+worker executes at once, learned from its model configs (``capacity_units``; else its
+slots). Below capacity a request runs at once and takes one service time; above, it waits
+for the ones ahead to drain at capacity / service time per second. Triton's own queue time
+for the model (fresh scrape) can only raise the predicted wait, by half the gap: queueing
+the gateway cannot see (other clients, other models on the GPU) counts, and an idle worker's
+last-interval figure costs it little. The service time is :class:`ServiceTimes`' peak EWMA
+per (worker, model) — the gateway's own measurement, Finagle's and Linkerd's "peak EWMA":
+a slower sample replaces the estimate at once, faster ones pull it down with time constant
+``SERVICE_DECAY_S``; each sample is first divided by the same max(1, (ahead + 1) /
+capacity) factor, so queueing inside the worker is not counted twice. A worker with no
+request of the model in flight sees its estimate decay toward zero with the same time
+constant, so a worker judged slow is re-measured now and then — one probe, since a worker
+with a request in flight is judged by its undecayed estimate. A cold worker (no sample yet)
+is assumed as fast as the fastest measured candidate of the decision, and ``PROBE_PENALTY``
+× that while its first request is in flight: it gets a probe, then a share by its
+measurement. Without a ``ServiceTimes`` (snapshot-only callers) the snapshot's per-worker
+``latency_ewma_s`` stands in.
 
 Pickers: ``p2c`` draws candidates at random (``choices`` of them, filtered as drawn; a
 bounded number of draws, then an exact scan of the pool level) and takes the best score.
@@ -71,6 +96,7 @@ passes the filters, whatever its pool; otherwise a normal pick.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
@@ -92,6 +118,12 @@ NEUTRAL_SCORE: Final = 0.5
 DRAWS_PER_CHOICE: Final = 4  # P2C draws up to this many × k (at least MIN_DRAWS) ...
 MIN_DRAWS: Final = 8
 MAX_DRAWS: Final = 64        # ... and on to this many while none fit, then scans the level
+
+SERVICE_DECAY_S: Final = 1.0    # peak-EWMA time constant (decay after a peak, when idle)
+PROBE_PENALTY: Final = 4.0      # a cold worker's service × this while its probe is in flight
+MAX_MODELS_PER_WORKER: Final = 64   # service-time estimates kept per worker (stalest go)
+MAX_SERVICE_WORKERS: Final = 65_536  # workers with estimates (oldest go; the shell forgets)
+MIN_SERVICE_S: Final = 1e-6
 
 DROP_NOT_READY: Final = "not ready"
 DROP_NO_MODEL: Final = "model not ready"
@@ -183,18 +215,124 @@ def latency_score(latency_s: float, fastest_s: float) -> float:
     return min(1.0, fastest_s / latency_s)
 
 
-Weights = tuple[float, float, float]  # memory, queue, latency — normalised to sum 1
+def expected_completion_s(service_s: float, ahead: float, capacity: int,
+                          triton_queue_s: float = 0.0) -> float:
+    """Expected completion time of one more request on a worker (module doc): one service
+    time, plus the wait for the ``ahead`` requests to drain when they fill its capacity;
+    Triton's measured queue time raises the wait by half of what it exceeds it by."""
+    service_s = max(MIN_SERVICE_S, service_s)
+    wait = service_s * max(0.0, (ahead + 1.0) / max(1, capacity) - 1.0)
+    if triton_queue_s > wait:
+        wait += (triton_queue_s - wait) / 2
+    return service_s + wait
+
+
+def expected_latency_score(expected_s: float, best_s: float) -> float:
+    if expected_s <= 0 or best_s <= 0:
+        return NEUTRAL_SCORE
+    return min(1.0, best_s / expected_s)
+
+
+# memory, queue, latency, expected latency — normalised to sum 1
+Weights = tuple[float, float, float, float]
 
 
 def normalised_weights(weights: WeightsConfig) -> Weights:
-    total = weights.memory + weights.queue + weights.latency
+    total = weights.memory + weights.queue + weights.latency + weights.expected_latency
     if total <= 0:
-        return (0.0, 0.0, 0.0)
-    return (weights.memory / total, weights.queue / total, weights.latency / total)
+        return (0.0, 0.0, 0.0, 0.0)
+    return (weights.memory / total, weights.queue / total, weights.latency / total,
+            weights.expected_latency / total)
 
 
-def combined_score(weights: Weights, memory: float, queue: float, latency: float) -> float:
-    return weights[0] * memory + weights[1] * queue + weights[2] * latency
+def combined_score(weights: Weights, memory: float, queue: float, latency: float,
+                   expected: float = NEUTRAL_SCORE) -> float:
+    return (weights[0] * memory + weights[1] * queue + weights[2] * latency
+            + weights[3] * expected)
+
+
+# ---------------------------------------------------------------- service times
+
+@dataclass(frozen=True, slots=True)
+class ServiceTimesStatistics:
+    workers: int
+    estimates: int      # (worker, model) pairs
+    samples: int
+    evicted: int
+
+
+class ServiceTimes:
+    """Peak-EWMA service time per (worker, model), fed by the shell with every successful
+    request's latency and read by the router (module doc). Pure: time is an argument.
+
+    Bounded: ``MAX_MODELS_PER_WORKER`` estimates per worker (the stalest is dropped),
+    ``MAX_SERVICE_WORKERS`` workers (the oldest is dropped); :meth:`forget` a worker that
+    left the fleet."""
+
+    __slots__ = ("_by_worker", "_evicted", "_samples")
+
+    def __init__(self) -> None:
+        # worker -> model -> [estimate_s, time of the last sample]
+        self._by_worker: dict[WorkerId, dict[str, list[float]]] = {}
+        self._samples = 0
+        self._evicted = 0
+
+    def observe(self, worker: WorkerId, model: str, latency_s: float, now: float, *,
+                in_flight: int = 0, capacity: int = 1) -> None:
+        """One completed request: ``latency_s`` from send to response; ``in_flight`` = the
+        other requests on the worker when it ended (≈ those ahead of it when it began)."""
+        if not latency_s >= 0.0 or latency_s == float("inf"):
+            return
+        sample = latency_s / max(1.0, (in_flight + 1) / max(1, capacity))
+        self._samples += 1
+        models = self._by_worker.get(worker)
+        if models is None:
+            if len(self._by_worker) >= MAX_SERVICE_WORKERS:
+                del self._by_worker[next(iter(self._by_worker))]
+                self._evicted += 1
+            models = self._by_worker[worker] = {}
+        cell = models.get(model)
+        if cell is None:
+            if len(models) >= MAX_MODELS_PER_WORKER:
+                stalest = min(models, key=lambda m: models[m][1])
+                del models[stalest]
+                self._evicted += 1
+            models[model] = [sample, now]
+            return
+        value, stamp = cell
+        if sample >= value:
+            cell[0] = sample   # peak: a slower sample counts at once
+        else:
+            w = math.exp(-max(0.0, now - stamp) / SERVICE_DECAY_S)
+            cell[0] = value * w + sample * (1.0 - w)
+        cell[1] = max(stamp, now)
+
+    def estimate(self, worker: WorkerId, model: str, now: float, *,
+                 probing: bool = False) -> float | None:
+        """The service-time estimate now; None = cold (never measured). ``probing``: a
+        request of the model is in flight there — no idle decay (module doc)."""
+        models = self._by_worker.get(worker)
+        if models is None:
+            return None
+        cell = models.get(model)
+        if cell is None:
+            return None
+        value, stamp = cell
+        if probing or now <= stamp:
+            return value
+        return value * math.exp(-(now - stamp) / SERVICE_DECAY_S)
+
+    def forget(self, worker: WorkerId) -> None:
+        self._by_worker.pop(worker, None)
+
+    def statistics(self) -> ServiceTimesStatistics:
+        return ServiceTimesStatistics(len(self._by_worker),
+                                      sum(len(m) for m in self._by_worker.values()),
+                                      self._samples, self._evicted)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return f"<ServiceTimes workers={s.workers} estimates={s.estimates} samples={s.samples}>"
 
 
 # ---------------------------------------------------------------- live load
@@ -268,9 +406,9 @@ class InFlightCounters:
 class _Entry:
     """One worker as the router sees it between rebuilds (figures precomputed)."""
 
-    __slots__ = ("executing_then", "free_bytes", "has_gpu", "id", "idle_free", "in_flight",
-                 "in_flight_model", "latency_s", "memory_score", "pending", "priority",
-                 "share", "slots", "snapshot")
+    __slots__ = ("ahead_extra", "capacity", "executing_then", "free_bytes", "has_gpu", "id",
+                 "idle_free", "in_flight", "in_flight_model", "latency_s", "memory_score",
+                 "pending", "priority", "share", "slots", "snapshot")
 
     def __init__(self, snapshot: WorkerSnapshot) -> None:
         self.refresh(snapshot)
@@ -293,6 +431,11 @@ class _Entry:
         self.memory_score = memory_score(sig)
         self.latency_s = s.latency_ewma_s
         self.share = min(1.0, max(0.0, s.traffic_share))
+        self.capacity = s.capacity_units if s.capacity_units > 0 else max(1, s.slots)
+        # The worker's queue the gateway did not send (other clients): work ahead beyond
+        # the gateway's own in-flight. Without the in-flight at the scrape, all of it.
+        self.ahead_extra = (self.pending if sig is None or sig.in_flight_at_scrape is None
+                            else max(0.0, self.pending - sig.in_flight_at_scrape))
 
 
 def _plain_models(s: WorkerSnapshot) -> frozenset[str]:
@@ -431,13 +574,16 @@ _OK, _BUSY, _FULL, _NO_MEMORY, _NO_VERSION = range(5)
 class _Query:
     """One decision's inputs, gathered once."""
 
-    __slots__ = ("exclude", "key", "load", "name", "need_bytes", "saturation_queue",
-                 "versioned", "weights")
+    __slots__ = ("exclude", "key", "load", "name", "need_bytes", "now", "saturation_queue",
+                 "service", "versioned", "weights")
 
     def __init__(self, key: ModelKey, load: LoadSource | None, need_bytes: float,
                  saturation_queue: float, weights: Weights,
-                 exclude: AbstractSet[WorkerId] = frozenset()) -> None:
+                 exclude: AbstractSet[WorkerId] = frozenset(),
+                 service: ServiceTimes | None = None, now: float = 0.0) -> None:
         self.exclude = exclude
+        self.service = service
+        self.now = now
         self.key = key
         self.name = key.name
         self.versioned = bool(key.version)
@@ -542,9 +688,12 @@ class Router:
     def decide(self, table: RoutingTable, key: ModelKey, load: LoadSource | None = None, *,
                batch_size: int = 1, learned_bytes_per_request: float | None = None,
                sticky: WorkerId | None = None,
-               exclude: AbstractSet[WorkerId] = frozenset()) -> Decision:
+               exclude: AbstractSet[WorkerId] = frozenset(),
+               service: ServiceTimes | None = None, now: float = 0.0) -> Decision:
         """Route one request for ``key``; ``load`` gives live in-flight counts (module doc).
-        ``exclude``: workers that already failed this request (a retry goes elsewhere)."""
+        ``exclude``: workers that already failed this request (a retry goes elsewhere).
+        ``service``: the measured service times, read at ``now`` (expected-latency scorer;
+        without it the snapshots' latency EWMA stands in)."""
         counts = self._counts
         counts["decisions"] += 1
         levels = table._levels_for(key.name)
@@ -553,7 +702,7 @@ class Router:
         per_request = self._model_need.get(key.name) or learned_bytes_per_request or 0.0
         need = per_request * batch_size if batch_size > 1 else per_request
         q = _Query(key, load, need, self._config.saturation_queue,
-                   self._model_weights.get(key.name, self._weights), exclude)
+                   self._model_weights.get(key.name, self._weights), exclude, service, now)
         if sticky is not None:
             routed = self._sticky(table, sticky, q)
             if routed is not None:
@@ -761,14 +910,20 @@ class Router:
               indices: Iterable[int]) -> tuple[int, float]:
         """Index and score of the best among ``indices``; ties broken at random."""
         rnd = self._rng.random
-        wm, wq, wl = q.weights
-        fastest = min((e.latency_s for e in ok if e.latency_s > 0), default=0.0)
+        wm, wq, wl, we = q.weights
+        fastest = min((e.latency_s for e in ok if e.latency_s > 0), default=0.0) if wl else 0.0
+        if we:
+            indices = list(indices)
+            expected = self._expected(ok, ok_in_flight, q, indices)
+            best_expected = min(expected.values())
         best_i, best, ties = -1, -1.0, 0
         for i in indices:
             e = ok[i]
             score = (wm * e.memory_score
                      + wq * queue_score(e.pending, ok_in_flight[i], e.slots)
-                     + (wl * latency_score(e.latency_s, fastest) if wl else 0.0))
+                     + (wl * latency_score(e.latency_s, fastest) if wl else 0.0)
+                     + (we * expected_latency_score(expected[i], best_expected) if we
+                        else 0.0))
             if score > best:
                 best_i, best, ties = i, score, 1
             elif score == best:
@@ -776,6 +931,35 @@ class Router:
                 if rnd() * ties < 1.0:
                     best_i = i
         return best_i, best
+
+    def _expected(self, ok: list[_Entry], ok_in_flight: list[int], q: _Query,
+                  indices: list[int]) -> dict[int, float]:
+        """Expected completion time of this request on each candidate (module doc)."""
+        service, now, name = q.service, q.now, q.name
+        measured: dict[int, float] = {}
+        probing: dict[int, bool] = {}
+        for i in indices:
+            e = ok[i]
+            running = self._model_in_flight(e, q) > 0
+            probing[i] = running
+            if service is not None:
+                s = service.estimate(e.id, name, now, probing=running)
+                if s is not None:
+                    measured[i] = s
+            elif e.latency_s > 0:
+                measured[i] = e.latency_s
+        cold = min(measured.values(), default=1.0)
+        out: dict[int, float] = {}
+        for i in indices:
+            e = ok[i]
+            s = measured.get(i)
+            if s is None:
+                s = cold * PROBE_PENALTY if probing[i] else cold
+            sig = e.snapshot.signals
+            model = sig.models.get(name) if sig is not None else None
+            out[i] = expected_completion_s(s, ok_in_flight[i] + e.ahead_extra, e.capacity,
+                                           model.queue_time_s if model is not None else 0.0)
+        return out
 
     # -- outcomes
 
@@ -803,7 +987,7 @@ class Router:
         if score < 0:  # not scored by a picker: latency judged against itself
             score = combined_score(q.weights, e.memory_score,
                                    queue_score(e.pending, in_flight, e.slots),
-                                   latency_score(e.latency_s, e.latency_s))
+                                   latency_score(e.latency_s, e.latency_s), 1.0)
         return Route(e.id, reason, score)
 
     def _refuse(self, reason: str, saturated: bool) -> NoRoute:
@@ -828,8 +1012,10 @@ def route(snapshots: Iterable[WorkerSnapshot], key: ModelKey, config: RoutingCon
           rng: random.Random, models: Mapping[str, ModelConfig] | None = None,
           load: LoadSource | None = None, batch_size: int = 1,
           learned_bytes_per_request: float | None = None,
-          sticky: WorkerId | None = None) -> Decision:
+          sticky: WorkerId | None = None, service: ServiceTimes | None = None,
+          now: float = 0.0) -> Decision:
     """One-shot decision over a list of snapshots (builds a table; for tests and tools)."""
     return Router(config, models, rng=rng).decide(
         RoutingTable(snapshots), key, load, batch_size=batch_size,
-        learned_bytes_per_request=learned_bytes_per_request, sticky=sticky)
+        learned_bytes_per_request=learned_bytes_per_request, sticky=sticky,
+        service=service, now=now)

@@ -115,6 +115,7 @@ class WorkerSnapshot:
     breaker_allows: bool = True
     traffic_share: float = 1.0     # slow start: 0..1
     latency_ewma_s: float = 0.0
+    capacity_units: int = 0        # requests it executes at once, learned (0: use slots)
 
     def has_model(self, key: ModelKey) -> bool:
         """``models_ready`` holds ``name``, ``name/<version>`` for versions a worker listed,

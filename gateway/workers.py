@@ -211,4 +211,5 @@ class Worker:
             breaker_allows=breaker_allows,
             traffic_share=traffic_share,
             latency_ewma_s=self.latency_ewma_s,
+            capacity_units=self.capacity_units,
         )

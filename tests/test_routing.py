@@ -179,9 +179,9 @@ def test_latency_score(latency: float, fastest: float, expected: float) -> None:
 
 
 @pytest.mark.parametrize(("weights", "expected"), [
-    (WeightsConfig(), (1 / 3, 2 / 3, 0.0)),
-    (WeightsConfig(memory=0, queue=0, latency=0), (0.0, 0.0, 0.0)),
-    (WeightsConfig(memory=1, queue=1, latency=2), (0.25, 0.25, 0.5)),
+    (WeightsConfig(), (1 / 7, 2 / 7, 0.0, 4 / 7)),
+    (WeightsConfig(memory=0, queue=0, latency=0, expected_latency=0), (0.0, 0.0, 0.0, 0.0)),
+    (WeightsConfig(memory=1, queue=1, latency=2, expected_latency=0), (0.25, 0.25, 0.5, 0.0)),
 ])
 def test_normalised_weights(weights: WeightsConfig, expected: tuple[float, ...]) -> None:
     assert normalised_weights(weights) == pytest.approx(expected)
@@ -201,7 +201,8 @@ def test_per_model_weights_override() -> None:
     table = RoutingTable(fleet)
     default = router(picker="full_scan")
     assert routed(default.decide(table, M)).worker == "idle"
-    memory_only = ModelConfig(weights=WeightsConfig(memory=1, queue=0, latency=0))
+    memory_only = ModelConfig(weights=WeightsConfig(memory=1, queue=0, latency=0,
+                                                    expected_latency=0))
     override = router(picker="full_scan", models={"m": memory_only})
     assert routed(override.decide(table, M)).worker == "roomy"
 
@@ -209,7 +210,8 @@ def test_per_model_weights_override() -> None:
 def test_latency_scorer_prefers_fastest() -> None:
     fleet = [worker("slow", latency_s=0.08), worker("fast", latency_s=0.01),
              worker("unknown", latency_s=0.0)]
-    r = router(picker="full_scan", weights=WeightsConfig(memory=0, queue=0, latency=1))
+    r = router(picker="full_scan", weights=WeightsConfig(memory=0, queue=0, latency=1,
+                                                         expected_latency=0))
     assert routed(r.decide(RoutingTable(fleet), M)).worker == "fast"
 
 
