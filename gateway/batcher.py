@@ -1,6 +1,8 @@
 """The async shell of gateway-side batching: a :class:`Batcher` per model gathers compatible
-requests and sends each batch as one request (the rules — compatibility keys, planning,
-merging and splitting — are the pure :mod:`gateway.batching`).
+requests and sends each batch as one request (the rules — compatibility keys, when a batch
+closes, merging and splitting — are the pure :mod:`gateway.batching`). The shell only keeps
+the open batches, asks :func:`~gateway.batching.plan_closes` what to send on each arrival,
+freed instance and wake-up, and carries the plan out.
 """
 
 from __future__ import annotations
@@ -13,17 +15,22 @@ from gateway.batching import (
     _SIZE_BUCKETS,
     DEFAULT_MAX_OPEN_BATCHES,
     DEFAULT_MAX_WAITING_REQUESTS,
+    FLUSH_REASONS,
     BatcherStatistics,
     BatchKey,
     BatchMeta,
     BatchRecord,
+    CloseRule,
+    FleetCounts,
     FlushReason,
     Headers,
     HttpReply,
-    PendingItem,
+    InstanceView,
     UpstreamReply,
+    Waiting,
+    instance_view,
     merge,
-    plan_batches,
+    plan_closes,
     replies_for,
     request_rows,
     request_size_bytes,
@@ -41,7 +48,7 @@ Send = Callable[[BatchKey, bytes, Headers, BatchMeta], Awaitable[UpstreamReply]]
 
 class _Member:
     __slots__ = ("arrived_at", "deadline", "future", "priority", "request", "rows",
-                 "size_bytes", "tenant")
+                 "size_bytes", "tenant", "waiting")
 
     def __init__(self, request: InferRequest, future: asyncio.Future[HttpReply],
                  arrived_at: float, priority: int = 1, deadline: float = float("inf"),
@@ -54,14 +61,7 @@ class _Member:
         self.size_bytes = request_size_bytes(request)
         self.future = future
         self.arrived_at = arrived_at
-
-
-class _OpenBatch:
-    __slots__ = ("members", "timer")
-
-    def __init__(self) -> None:
-        self.members: list[_Member] = []
-        self.timer: asyncio.TimerHandle | None = None
+        self.waiting = Waiting(self.rows, self.size_bytes, arrived_at, priority, deadline)
 
 
 class Batcher:
@@ -72,23 +72,32 @@ class Batcher:
     for ``accept-encoding: identity``; a body the client decompressed by itself must not keep
     its ``content-encoding`` header). It may raise a :class:`GatewayError`; any other
     exception becomes a 502 for every member. ``submit`` raises :class:`Overloaded` when the
-    batcher is full or closed."""
+    batcher is full or closed.
 
-    __slots__ = ("_batches_sent", "_cancelled", "_clock", "_closed", "_failed", "_flushes",
-                 "_max_open_batches", "_max_waiting", "_on_batch", "_open", "_rejected",
-                 "_requests_sent", "_rows_sent", "_send", "_size_counts", "_tasks", "_waiting",
-                 "flush_when_idle", "max_batch_size", "max_bytes", "max_delay_s")
+    ``fleet()`` counts the model's instances (free, busy, total) on its eligible workers;
+    the owner calls :meth:`instance_freed` whenever a request of the model ends. Without
+    ``fleet`` instances never run out and batches close on the timer (and when idle or
+    full). When to close is decided by :func:`~gateway.batching.plan_closes`."""
+
+    __slots__ = ("_batches_sent", "_cancelled", "_clock", "_closed", "_failed", "_fleet",
+                 "_flushes", "_freed_at", "_max_open_batches", "_max_waiting", "_on_batch",
+                 "_open", "_plan_soon", "_rejected", "_requests_sent", "_rows_sent", "_send",
+                 "_sending", "_service_time_s", "_size_counts", "_tasks", "_timer",
+                 "_timer_at", "_waiting", "flush_when_idle", "max_batch_size", "max_bytes",
+                 "max_delay_s", "wait_for_instance")
 
     def __init__(self, send: Send, *, max_batch_size: int, max_delay_ms: float,
                  max_bytes: int, max_open_batches: int = DEFAULT_MAX_OPEN_BATCHES,
                  max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
                  clock: Callable[[], float] | None = None,
                  on_batch: Callable[[BatchRecord], None] | None = None,
-                 flush_when_idle: bool = False) -> None:
+                 flush_when_idle: bool = False, wait_for_instance: bool = True,
+                 fleet: Callable[[], FleetCounts | None] | None = None) -> None:
         if max_batch_size < 1 or max_bytes < 1 or max_delay_ms < 0:
             raise ValueError("max_batch_size and max_bytes must be positive, max_delay_ms >= 0")
         self._send = send
         self.flush_when_idle = flush_when_idle
+        self.wait_for_instance = wait_for_instance
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
         self.max_bytes = max_bytes
@@ -96,9 +105,16 @@ class Batcher:
         self._max_waiting = max_waiting_requests
         self._clock = clock
         self._on_batch = on_batch
-        self._open: dict[BatchKey, _OpenBatch] = {}
+        self._fleet = fleet
+        self._open: dict[BatchKey, list[_Member]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting = 0  # members whose reply is not set yet (open or in flight)
+        self._sending = 0  # batches handed to send() that have not come back
+        self._freed_at = float("-inf")
+        self._service_time_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._plan_soon: asyncio.Handle | None = None
         self._closed = False
         self._batches_sent = 0
         self._requests_sent = 0
@@ -106,19 +122,21 @@ class Batcher:
         self._failed = 0
         self._cancelled = 0
         self._rejected = 0
-        self._flushes: dict[str, int] = {"full": 0, "timer": 0, "flush": 0, "idle": 0}
+        self._flushes: dict[str, int] = dict.fromkeys(FLUSH_REASONS, 0)
         self._size_counts = [0] * (len(_SIZE_BUCKETS) + 1)
 
     @classmethod
     def from_config(cls, config: BatchingConfig, send: Send, *, model_max_batch_size: int,
                     clock: Callable[[], float] | None = None,
-                    on_batch: Callable[[BatchRecord], None] | None = None) -> Batcher:
+                    on_batch: Callable[[BatchRecord], None] | None = None,
+                    fleet: Callable[[], FleetCounts | None] | None = None) -> Batcher:
         limit = model_max_batch_size
         if config.max_batch_size is not None:
             limit = min(limit, config.max_batch_size) if limit > 0 else config.max_batch_size
         return cls(send, max_batch_size=max(1, limit), max_delay_ms=config.max_delay_ms,
                    max_bytes=config.max_bytes, clock=clock, on_batch=on_batch,
-                   flush_when_idle=config.flush_when_idle)
+                   flush_when_idle=config.flush_when_idle,
+                   wait_for_instance=config.wait_for_instance, fleet=fleet)
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -139,12 +157,9 @@ class Batcher:
             raise Overloaded("batcher full" if not self._closed else "batcher closed")
         loop = asyncio.get_running_loop()
         member = _Member(request, loop.create_future(), self._now(), priority, deadline, tenant)
-        batch = self._open.get(key)
-        if batch is None:
-            batch = self._open[key] = _OpenBatch()
-        batch.members.append(member)
+        self._open.setdefault(key, []).append(member)
         self._waiting += 1
-        self._replan(key, batch)
+        self._plan()
         try:
             return await member.future
         except asyncio.CancelledError:
@@ -152,58 +167,80 @@ class Batcher:
             self._withdraw(key, member)
             raise
 
+    def instance_freed(self) -> None:
+        """A request of the model ended, so an instance may be free: plan again once the
+        current callback is over (the batch that just ended has then left ``send``)."""
+        self._freed_at = self._now()
+        if self._plan_soon is None and self._open:
+            self._plan_soon = asyncio.get_running_loop().call_soon(self._planned_soon)
+
+    def _planned_soon(self) -> None:
+        self._plan_soon = None
+        self._plan()
+
     def flush(self, key: BatchKey | None = None) -> None:
         """Send the open batch of ``key`` (of every key when None) now."""
         for k in [key] if key is not None else list(self._open):
-            batch = self._open.get(k)
-            if batch is not None:
-                self._dispatch(k, batch, len(batch.members), "flush")
+            members = self._open.get(k)
+            if members:
+                self._dispatch(k, list(members), "flush")
 
     def flush_due(self, now: float) -> None:
         """Send every open batch whose first member has waited ``max_delay_ms`` by ``now``."""
-        for k, batch in list(self._open.items()):
-            if batch.members and now - batch.members[0].arrived_at >= self.max_delay_s:
-                self._dispatch(k, batch, len(batch.members), "timer")
+        for k, members in list(self._open.items()):
+            if members and now - members[0].arrived_at >= self.max_delay_s:
+                self._dispatch(k, list(members), "timer")
 
-    def _replan(self, key: BatchKey, batch: _OpenBatch) -> None:
-        items = [PendingItem(key, m.rows, m.size_bytes) for m in batch.members]
-        for plan in plan_batches(items, self.max_batch_size, self.max_bytes):
-            if not plan.is_ready:
-                break
-            self._dispatch(key, batch, len(plan.members), "full")
-        if (self.flush_when_idle and batch.members and not self._tasks
-                and self._open.get(key) is batch):
-            # Nothing of this model is in flight: waiting would only add latency (a lone
-            # caller at low load). While batches are in flight, members gather for up to
-            # max_delay_ms, so batches grow with load.
-            self._dispatch(key, batch, len(batch.members), "idle")
+    def view(self) -> InstanceView:
+        """What the close planner knows about the model's instances now."""
+        counts = self._fleet() if self._fleet is not None else None
+        return instance_view(counts, own_in_flight=self._sending, freed_at=self._freed_at,
+                             service_time_s=self._service_time_s)
+
+    def _plan(self) -> None:
+        if not self._open:
+            self._set_timer(None)
             return
-        self._arm_timer(key, batch)
+        rule = CloseRule(self.max_batch_size, self.max_bytes, self.max_delay_s,
+                         send_when_idle=self.flush_when_idle,
+                         wait_for_instance=self.wait_for_instance)
+        now = self._now()
+        plan = plan_closes({k: [m.waiting for m in ms] for k, ms in self._open.items()},
+                           self.view(), rule, now)
+        batches = [(c.key, [self._open[c.key][i] for i in c.members], c.reason)
+                   for c in plan.closes]  # indices refer to the lists as planned
+        for key, members, reason in batches:
+            self._dispatch(key, members, reason)
+        self._set_timer(plan.wake_at if self._open else None)
 
-    def _arm_timer(self, key: BatchKey, batch: _OpenBatch) -> None:
-        if not batch.members or batch.timer is not None:
+    def _set_timer(self, at: float | None) -> None:
+        if at == self._timer_at and self._timer is not None:
             return
-        delay_s = max(0.0, batch.members[0].arrived_at + self.max_delay_s - self._now())
-        batch.timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer, key, batch)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = float("inf") if at is None else at
+        if at is not None:
+            delay_s = max(0.0, at - self._now())
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
 
-    def _on_timer(self, key: BatchKey, batch: _OpenBatch) -> None:
-        batch.timer = None
-        if self._open.get(key) is batch and batch.members:
-            self._dispatch(key, batch, len(batch.members), "timer")
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._plan()
 
-    def _dispatch(self, key: BatchKey, batch: _OpenBatch, count: int,
-                  reason: FlushReason) -> None:
-        """Send the first ``count`` members of an open batch."""
-        members, batch.members = batch.members[:count], batch.members[count:]
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        if batch.members:
-            self._arm_timer(key, batch)
-        elif self._open.get(key) is batch:
-            del self._open[key]
+    def _dispatch(self, key: BatchKey, members: list[_Member], reason: FlushReason) -> None:
+        """Send ``members`` (taken out of the open batch of ``key``) as one batch."""
         if not members:
             return
+        open_ = self._open.get(key)
+        if open_ is not None:
+            taken = {id(m) for m in members}
+            open_[:] = [m for m in open_ if id(m) not in taken]
+            if not open_:
+                del self._open[key]
+        if not self._open:
+            self._set_timer(None)
         rows = sum(m.rows for m in members)
         size = sum(m.size_bytes for m in members)
         self._batches_sent += 1
@@ -212,39 +249,49 @@ class Batcher:
         self._flushes[reason] += 1
         self._size_counts[_size_bucket(len(members))] += 1
         if self._on_batch is not None:
+            oldest = min(m.arrived_at for m in members)
             record = BatchRecord(key, len(members), rows, size, rows / self.max_batch_size,
-                                 reason, self._now() - members[0].arrived_at)
+                                 reason, self._now() - oldest)
             try:
                 self._on_batch(record)
             except Exception:
                 log.exception("batch metrics hook failed")
+        self._sending += 1
         task = asyncio.get_running_loop().create_task(self._run(key, members))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _withdraw(self, key: BatchKey, member: _Member) -> None:
-        batch = self._open.get(key)
-        if batch is not None and member in batch.members:
-            batch.members.remove(member)
+        members = self._open.get(key)
+        if members is not None and member in members:
+            members.remove(member)
             self._waiting -= 1
-            if not batch.members:
-                if batch.timer is not None:
-                    batch.timer.cancel()
+            if not members:
                 del self._open[key]
+            if not self._open:
+                self._set_timer(None)
 
     async def _run(self, key: BatchKey, members: list[_Member]) -> None:
         if all(m.future.done() for m in members):  # every caller has gone: skip the work
             self._waiting -= len(members)
+            self._sent_back(None)
             return
         requests = [m.request for m in members]
         replies: list[HttpReply] | None = None
+        sending = True
         try:
             try:
                 encoded = encode_infer_request(merge(requests), binary=True)
                 headers = [*encoded.headers(), (b"accept-encoding", b"identity")]
                 meta = BatchMeta.of([(m.priority, m.deadline, m.tenant) for m in members],
                                     rows=sum(m.rows for m in members))
-                status, reply_headers, body = await self._send(key, encoded.body, headers, meta)
+                started = self._now()
+                try:
+                    status, reply_headers, body = await self._send(key, encoded.body,
+                                                                   headers, meta)
+                finally:
+                    sending = False
+                    self._sent_back(self._now() - started)
                 replies = replies_for(requests, status, reply_headers, body)
             except GatewayError as exc:
                 replies = [HttpReply.from_error(exc)] * len(members)
@@ -255,12 +302,22 @@ class Batcher:
             if replies[0].status != 200:
                 self._failed += 1
         finally:
+            if sending:  # merging failed before the send
+                self._sent_back(None)
             if replies is None:  # cancelled (batcher closing): nobody may hang
                 replies = [HttpReply.from_error(UpstreamError("batcher closed"))] * len(members)
             for member, reply in zip(members, replies, strict=True):
                 self._waiting -= 1
                 if not member.future.done():
                     member.future.set_result(reply)
+
+    def _sent_back(self, took_s: float | None) -> None:
+        self._sending -= 1
+        if took_s is not None:
+            # The planner's expected service time: send → reply of a whole batch, queueing
+            # at the worker included (what a member's deadline has to cover).
+            self._service_time_s = (took_s if self._service_time_s == 0.0
+                                    else 0.8 * self._service_time_s + 0.2 * took_s)
 
     async def aclose(self, timeout_s: float = 30.0) -> None:
         """Refuse new members, send what is open, wait up to ``timeout_s`` for batches in
@@ -291,12 +348,14 @@ class Batcher:
             size_counts=tuple(zip(bounds, self._size_counts, strict=True)),
             mean_fill_ratio=self._rows_sent / (sent * self.max_batch_size) if sent else 0.0,
             mean_batch_size=self._requests_sent / sent if sent else 0.0,
+            service_time_s=self._service_time_s,
         )
 
     def __repr__(self) -> str:
         return (f"Batcher(max_batch_size={self.max_batch_size}, "
                 f"max_delay_ms={self.max_delay_s * 1000:g}, max_bytes={self.max_bytes}, "
-                f"open={len(self._open)}, waiting={self._waiting}, in_flight={len(self._tasks)})")
+                f"open={len(self._open)}, waiting={self._waiting}, in_flight={len(self._tasks)}, "
+                f"wait_for_instance={self.wait_for_instance})")
 
 
 def _size_bucket(members: int) -> int:

@@ -1,6 +1,11 @@
 """The batched path: infer requests of a model that batches gather in a per-model
 :class:`~gateway.batching.Batcher` and go to a worker as one merged request.
 
+A batch waits for an instance, not only a timer: :meth:`BatchingGateway.instance_counts`
+tells each batcher how many of its model's instances are free (the gateway's in-flight
+count per worker against the instances in the model's config), and the dispatcher's release
+hook (:meth:`BatchingGateway.instance_freed`) wakes it when one frees.
+
 Each member keeps its own priority, tenant and deadline: members are charged to the rate
 limits one by one, the merged batch is dispatched with the most urgent member's priority and
 the latest member deadline, and a member whose own deadline passes stops waiting (504) and
@@ -17,11 +22,14 @@ from gateway.batching import (
     BatchKey,
     BatchMeta,
     BatchRecord,
+    FleetCounts,
     HttpReply,
     NotBatchable,
     compatibility_key,
 )
+from gateway.breaker import BreakerState
 from gateway.config import GatewayConfig
+from gateway.discovery import ModelFacts, model_facts
 from gateway.dispatch import Call, Dispatcher
 from gateway.errors import UpstreamTimeout
 from gateway.tensors import parse_infer_request
@@ -34,7 +42,7 @@ MAX_BATCHERS = 1024  # one per model that batches; model names come from the fle
 
 class BatchingGateway:
     __slots__ = ("_any_worker_with", "_cfg", "_clock", "_dispatcher", "_get_json",
-                 "_on_batch", "batchers", "model_max_batch")
+                 "_on_batch", "batchers", "model_facts")
 
     def __init__(self, cfg: Callable[[], GatewayConfig], dispatcher: Dispatcher, *,
                  any_worker_with: Callable[[ModelKey], Worker | None],
@@ -48,30 +56,52 @@ class BatchingGateway:
         self._clock = clock
         self._on_batch = on_batch
         self.batchers: dict[str, Batcher] = {}
-        self.model_max_batch: dict[str, int] = {}
+        self.model_facts: dict[str, ModelFacts] = {}
 
     def __repr__(self) -> str:
         return f"<BatchingGateway batchers={len(self.batchers)}>"
 
     async def max_batch_size(self, model: str) -> int:
-        """The model's ``max_batch_size`` from its config on a worker (cached; 0 = the model
-        does not batch, or no worker could tell)."""
-        cached = self.model_max_batch.get(model)
-        if cached is not None:
-            return cached
+        """The model's ``max_batch_size`` from its config on a worker (cached with the rest of
+        the config's facts; 0 = the model does not batch, or no worker could tell)."""
+        facts = self.model_facts.get(model)
+        if facts is not None:
+            return 0 if facts.decoupled else facts.max_batch_size
         worker = self._any_worker_with(ModelKey(model))
         if worker is None:
             return 0
         status, doc = await self._get_json(worker, f"/v2/models/{model}/config")
-        size = 0
-        if status == 200 and isinstance(doc, dict):
-            raw = doc.get("max_batch_size", 0)
-            decoupled = isinstance(doc.get("model_transaction_policy"), dict) and bool(
-                doc["model_transaction_policy"].get("decoupled"))
-            size = 0 if decoupled or not isinstance(raw, int) else raw
-            if len(self.model_max_batch) < MAX_BATCHERS:
-                self.model_max_batch[model] = size
-        return size
+        facts = model_facts(doc) if status == 200 else None
+        if facts is None:
+            return 0
+        if len(self.model_facts) < MAX_BATCHERS:
+            self.model_facts[model] = facts
+        return 0 if facts.decoupled else facts.max_batch_size
+
+    def instance_counts(self, model: str) -> FleetCounts:
+        """The model's instances on its eligible workers (serving, model ready, breaker not
+        open) and the gateway's requests of the model in flight there. Instances per worker
+        come from the model's config (``instance_group``; one when unknown)."""
+        facts = self.model_facts.get(model)
+        per_worker = facts.instances if facts is not None else 1
+        now = self._clock()
+        free = busy = total = 0
+        breakers = self._dispatcher.breakers
+        for w in self._dispatcher.fleet.routable():
+            if model not in w.models_ready or (
+                    w.id in breakers and breakers.state(w.id, now) is BreakerState.OPEN):
+                continue
+            n = w.in_flight_by_model.get(model, 0)
+            total += per_worker
+            busy += n
+            free += max(0, per_worker - n)
+        return FleetCounts(free, busy, total)
+
+    def instance_freed(self, model: str) -> None:
+        """The dispatcher's release hook: a request of ``model`` ended."""
+        batcher = self.batchers.get(model)
+        if batcher is not None:
+            batcher.instance_freed()
 
     async def submit(self, call: Call) -> HttpReply | None:
         """Try the batched path; None = not batchable, dispatch ``call`` as it is."""
@@ -90,8 +120,10 @@ class BatchingGateway:
             if len(self.batchers) >= MAX_BATCHERS:
                 return None
             cfg = self._cfg().model(key.name).batching
-            batcher = self.batchers[key.name] = Batcher.from_config(
-                cfg, self._send_batch, model_max_batch_size=model_max, on_batch=self._on_batch)
+            name = key.name
+            batcher = self.batchers[name] = Batcher.from_config(
+                cfg, self._send_batch, model_max_batch_size=model_max, clock=self._clock,
+                on_batch=self._on_batch, fleet=lambda: self.instance_counts(name))
         request = parse_infer_request(head.body, head.header_length)
         await self._dispatcher.limiter.admit(call.tenant, key.name, call.cost)
         left_s = call.deadline - self._clock()

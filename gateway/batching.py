@@ -14,14 +14,36 @@ Rules (Triton's own dynamic-batching rules, applied before the request reaches a
   lengths, so this holds for them too); every output is asked for in binary. Split = slice
   each output by rows; each member gets only the outputs it named (all when it named none),
   each in the encoding it asked for, with its own ``id``. An error fans out to every member.
-* Planning is next-fit in arrival order per key: a batch closes when the next request would
-  push it past ``max_batch_size`` rows or ``max_bytes`` of tensor data, or when it reaches
-  either limit. A single request above a limit travels alone.
+* Planning is next-fit per key, most urgent member first (priority, then arrival): a batch
+  is full when the next request would push it past ``max_batch_size`` rows or ``max_bytes``
+  of tensor data, or when it reaches either limit. A single request above a limit travels
+  alone.
 
-The pure core (:func:`compatibility_key`, :func:`plan_batches`, :func:`merge`, :func:`split`,
-:func:`render_response`) does no I/O and reads no clock. :class:`Batcher` is the async shell:
-it gathers members for ``max_delay_ms`` from the first member's arrival, sends each batch
-through an injected ``send`` coroutine and hands every member its own reply.
+When a batch that is not full closes (:func:`plan_closes`, time and the fleet as arguments):
+
+* **full** — at once, whatever the fleet does (waiting cannot make it larger).
+* **deadline** — when ``now`` reaches its earliest member deadline minus the expected
+  service time of a batch: later it could no longer be answered in time.
+* **idle** — at once when nothing of the model is in flight and no instance freed within the
+  last ``max_delay_ms`` (a lone caller at low load pays no delay).
+* **held** — while every eligible instance of the model is busy (the gateway's own in-flight
+  count against the instances learned from the model's config), the batch keeps filling;
+  an instance freeing wakes the planner. Held at most ``max_delay_ms`` plus
+  ``HOLD_SERVICE_TIMES`` service times (``HOLD_MIN_S`` at least), a safety bound for a
+  count that never drops.
+* **timer** — while an instance is free, ``max_delay_ms`` after its first member arrived or
+  the instance freed, whichever is later: the callers answered by the batch that just
+  finished get that long to come back, so a closed loop converges to full batches instead
+  of alternating between a lone request and the rest.
+
+Free instances go to ready batches in order: most urgent member first, then the largest
+batch, then the oldest. With ``wait_for_instance`` off (or no fleet to ask) the timer runs
+from the first member's arrival only, whatever the instances do.
+
+The pure core (:func:`compatibility_key`, :func:`plan_batches`, :func:`plan_closes`,
+:func:`merge`, :func:`split`, :func:`render_response`) does no I/O and reads no clock.
+:class:`~gateway.batcher.Batcher` is the async shell: it carries out the plans, sends each
+batch through an injected ``send`` coroutine and hands every member its own reply.
 """
 
 from __future__ import annotations
@@ -30,7 +52,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,7 +87,13 @@ DEFAULT_MAX_WAITING_REQUESTS = 4096
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-FlushReason = Literal["full", "timer", "flush", "idle"]
+FlushReason = Literal["full", "timer", "flush", "idle", "deadline", "held"]
+FLUSH_REASONS: tuple[FlushReason, ...] = ("full", "timer", "flush", "idle", "deadline", "held")
+# A batch held for busy instances goes after max_delay plus this many service times at most
+# (at least HOLD_MIN_S: the service time is unknown until a batch has come back).
+HOLD_SERVICE_TIMES = 4.0
+HOLD_MIN_S = 0.1
+UNLIMITED_INSTANCES = 1 << 30
 Headers = list[tuple[bytes, bytes]]
 UpstreamReply = tuple[int, HeadersLike, bytes]
 
@@ -178,6 +206,67 @@ class BatcherStatistics:
     size_counts: tuple[tuple[int, int], ...] = ()  # (members ≤ bound, batches); last bound = rest
     mean_fill_ratio: float = 0.0
     mean_batch_size: float = 0.0
+    service_time_s: float = 0.0  # expected time a batch takes (EWMA of send → reply)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """One member of an open batch, as the close planner sees it (monotonic seconds)."""
+
+    rows: int
+    size_bytes: int
+    arrived_at: float
+    priority: int = 1
+    deadline: float = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCounts:
+    """The model's instances on its eligible workers (serving, model ready, breaker not
+    open), counted by the gateway: ``busy`` requests of the model in flight there."""
+
+    free: int
+    busy: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """What the close planner knows about the model's instances at ``now``: how many are
+    free for this batcher, how many requests of the model are in flight, when one last
+    freed (``-inf``: never) and how long a batch is expected to take (0: unknown)."""
+
+    free: int
+    in_flight: int
+    freed_at: float = float("-inf")
+    service_time_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRule:
+    max_batch_size: int
+    max_bytes: int
+    max_delay_s: float
+    send_when_idle: bool = True
+    wait_for_instance: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Send these members (indices into the key's waiting list) as one batch now."""
+
+    key: BatchKey
+    members: tuple[int, ...]
+    reason: FlushReason
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePlan:
+    """The batches to send now, and when to plan again if nothing happens before
+    (None: only an arrival or a freed instance can change anything)."""
+
+    closes: tuple[Close, ...]
+    wake_at: float | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +378,91 @@ def plan_batches(pending: Sequence[PendingItem], max_batch_size: int,
         out.append(BatchPlan(pending[members[0]].key, tuple(members), rows, size,
                              is_ready=full or slot not in last))
     return out
+
+
+def instance_view(counts: FleetCounts | None, *, own_in_flight: int, freed_at: float,
+                  service_time_s: float) -> InstanceView:
+    """Combine the fleet's counts with the batcher's own batches in flight: a batch already
+    sent may not have reached a worker yet (it waits for the dispatcher), but it will take
+    an instance. ``counts`` None (no fleet to ask): instances never run out."""
+    if counts is None:
+        return InstanceView(UNLIMITED_INSTANCES, own_in_flight, freed_at, service_time_s)
+    free = max(0, min(counts.free, counts.total - own_in_flight))
+    return InstanceView(free, max(counts.busy, own_in_flight), freed_at, service_time_s)
+
+
+def _pack(waiting: Sequence[Waiting], max_batch_size: int,
+          max_bytes: int) -> list[tuple[list[int], int, int]]:
+    """Next-fit over the members in priority order: (members, rows, bytes) per batch."""
+    order = sorted(range(len(waiting)),
+                   key=lambda i: (waiting[i].priority, waiting[i].arrived_at, i))
+    chunks: list[tuple[list[int], int, int]] = []
+    members: list[int] = []
+    rows = size = 0
+    for i in order:
+        w = waiting[i]
+        if members and (rows + w.rows > max_batch_size or size + w.size_bytes > max_bytes):
+            chunks.append((members, rows, size))
+            members, rows, size = [], 0, 0
+        members.append(i)
+        rows += w.rows
+        size += w.size_bytes
+    if members:
+        chunks.append((members, rows, size))
+    return chunks
+
+
+def plan_closes(open_batches: Mapping[BatchKey, Sequence[Waiting]], view: InstanceView,
+                rule: CloseRule, now: float) -> ClosePlan:
+    """Which open batches to send at ``now`` (the rules are in the module docstring)."""
+    closes: list[Close] = []
+    free = view.free
+    in_flight = view.in_flight
+    freed_at = view.freed_at if rule.wait_for_instance else float("-inf")
+    # (priority, -rows, first arrival, due, members, key) of the batches that are not full
+    partial: list[tuple[int, int, float, float, tuple[int, ...], BatchKey]] = []
+    for key, waiting in open_batches.items():
+        chunks = _pack(waiting, rule.max_batch_size, rule.max_bytes)
+        for index, (members, rows, size) in enumerate(chunks):
+            mine = [waiting[i] for i in members]
+            due = min(m.deadline for m in mine) - view.service_time_s
+            reason: FlushReason | None = None
+            if (index < len(chunks) - 1 or rows >= rule.max_batch_size
+                    or size >= rule.max_bytes):
+                reason = "full"
+            elif now >= due:
+                reason = "deadline"
+            if reason is None:
+                partial.append((min(m.priority for m in mine), -rows,
+                                min(m.arrived_at for m in mine), due, tuple(members), key))
+                continue
+            closes.append(Close(key, tuple(members), reason))
+            free -= 1
+            in_flight += 1
+    wake_at = float("inf")
+    partial.sort(key=lambda p: p[:3])
+    for _, _, first, due, members_, key in partial:
+        if in_flight <= 0 and (free <= 0 or (rule.send_when_idle
+                                              and now - freed_at >= rule.max_delay_s)):
+            closes.append(Close(key, members_, "idle"))
+        elif rule.wait_for_instance and free <= 0:
+            hold_until = first + rule.max_delay_s + max(
+                HOLD_MIN_S, HOLD_SERVICE_TIMES * view.service_time_s)
+            if now < hold_until:
+                wake_at = min(wake_at, hold_until, due)
+                continue
+            closes.append(Close(key, members_, "held"))
+        else:
+            ready_at = max(first, freed_at) + rule.max_delay_s
+            if in_flight <= 0 and rule.send_when_idle:  # idle by then: see above
+                ready_at = min(ready_at, freed_at + rule.max_delay_s)
+            if now < ready_at:
+                wake_at = min(wake_at, ready_at, due)
+                continue
+            closes.append(Close(key, members_, "timer"))
+        free -= 1
+        in_flight += 1
+    return ClosePlan(tuple(closes), wake_at if wake_at != float("inf") else None)
 
 
 def merge(requests: Sequence[InferRequest]) -> InferRequest:
@@ -410,8 +584,9 @@ def replies_for(members: Sequence[InferRequest], status: int, headers: HeadersLi
 
 
 __all__ = [
-    "BatchKey", "BatchMeta", "BatchPlan", "BatchRecord", "BatcherStatistics", "HttpReply",
-    "NotBatchable", "PendingItem", "batch_rows", "compatibility_key", "error_reply", "merge",
-    "plan_batches", "prepare", "render_response", "replies_for", "request_rows",
-    "request_size_bytes", "split",
+    "BatchKey", "BatchMeta", "BatchPlan", "BatchRecord", "BatcherStatistics", "Close",
+    "ClosePlan", "CloseRule", "FleetCounts", "HttpReply", "InstanceView", "NotBatchable",
+    "PendingItem", "Waiting", "batch_rows", "compatibility_key", "error_reply",
+    "instance_view", "merge", "plan_batches", "plan_closes", "prepare", "render_response",
+    "replies_for", "request_rows", "request_size_bytes", "split",
 ]

@@ -23,14 +23,20 @@ from gateway.batching import (
     BatchKey,
     BatchMeta,
     BatchRecord,
+    CloseRule,
+    FleetCounts,
     Headers,
     HttpReply,
+    InstanceView,
     NotBatchable,
     PendingItem,
     UpstreamReply,
+    Waiting,
     compatibility_key,
+    instance_view,
     merge,
     plan_batches,
+    plan_closes,
     prepare,
     render_response,
     replies_for,
@@ -329,6 +335,134 @@ def test_plan_table() -> None:
         (a, (0, 2), True), (b, (1,), False), (a, (3,), True), (a, (4,), True)]
     by_bytes = plan_batches([PendingItem(a, 1, 60), PendingItem(a, 1, 60)], 8, 100)
     assert [p.members for p in by_bytes] == [(0,), (1,)]
+
+
+# ---------------------------------------------------------------- when a batch closes
+
+RULE = CloseRule(max_batch_size=8, max_bytes=1 << 20, max_delay_s=0.002)
+BUSY = InstanceView(free=0, in_flight=1, freed_at=0.0, service_time_s=0.010)
+FREED_AT_1 = InstanceView(free=1, in_flight=0, freed_at=1.0, service_time_s=0.010)
+IDLE = InstanceView(free=1, in_flight=0, freed_at=float("-inf"))
+ONE_FREE_OF_TWO = InstanceView(free=1, in_flight=1, freed_at=0.5, service_time_s=0.010)
+
+
+def _w(n: int, at: float = 0.0, rows: int = 1, priority: int = 1,
+       deadline: float = float("inf")) -> list[Waiting]:
+    return [Waiting(rows, 16, at, priority, deadline) for _ in range(n)]
+
+
+# (what, waiting members of one key, view, rule, now, expected closes [(members, reason)],
+#  expected wake-up)
+CLOSE_TABLE: list[tuple[str, list[Waiting], InstanceView, CloseRule, float,
+                        list[tuple[int, str]], float | None]] = [
+    ("a lone request to an idle fleet goes at once",
+     _w(1, at=5.0), IDLE, RULE, 5.0, [(1, "idle")], None),
+    ("idle, but an instance freed 1 ms ago: its callers get max_delay to come back",
+     _w(1, at=1.001), FREED_AT_1, RULE, 1.001, [], 1.002),
+    ("... and then the batch goes (nothing came in flight meanwhile)",
+     _w(5, at=1.001), FREED_AT_1, RULE, 1.002, [(5, "idle")], None),
+    ("every instance busy: the batch is held past max_delay",
+     _w(3, at=0.0), BUSY, RULE, 0.005, [], 0.102),
+    ("held, up to max_delay + max(4 service times, 100 ms) (a count that never drops)",
+     _w(3, at=0.0), BUSY, RULE, 0.103, [(3, "held")], None),
+    ("... 4 service times when that is longer",
+     _w(3, at=0.0), InstanceView(0, 1, 0.0, 0.5), RULE, 1.0, [], 2.002),
+    ("a full batch goes at once, busy or not",
+     _w(8, at=0.0), BUSY, RULE, 0.0, [(8, "full")], None),
+    ("full batches go, the rest is held",
+     _w(11, at=0.0), BUSY, RULE, 0.0, [(8, "full")], 0.102),
+    ("the earliest deadline minus the service time sends a held batch",
+     [*_w(2), *_w(1, deadline=0.020)], BUSY, RULE, 0.010, [(3, "deadline")], None),
+    ("... not before: wake up at that moment",
+     [*_w(2), *_w(1, deadline=0.020)], BUSY, RULE, 0.005, [], 0.010),
+    ("an instance free while others run: max_delay from the first member",
+     _w(2, at=1.0), ONE_FREE_OF_TWO, RULE, 1.001, [], 1.002),
+    ("... then the timer",
+     _w(2, at=1.0), ONE_FREE_OF_TWO, RULE, 1.002, [(2, "timer")], None),
+    ("wait_for_instance off: the timer alone, busy or not",
+     _w(2, at=0.0), BUSY, CloseRule(8, 1 << 20, 0.002, wait_for_instance=False), 0.002,
+     [(2, "timer")], None),
+    ("flush_when_idle off: an idle fleet waits max_delay",
+     _w(1, at=5.0), IDLE, CloseRule(8, 1 << 20, 0.002, send_when_idle=False), 5.0, [], 5.002),
+    ("no eligible instance and nothing in flight: nothing will wake it, send",
+     _w(2, at=0.0), InstanceView(free=0, in_flight=0), RULE, 0.0, [(2, "idle")], None),
+    ("the byte cap makes a batch full",
+     [Waiting(1, 600_000, 0.0), Waiting(1, 600_000, 0.0)], BUSY, RULE, 0.0,
+     [(1, "full")], 0.102),
+]
+
+
+@pytest.mark.parametrize(("what", "waiting", "view", "rule", "now", "closes", "wake_at"),
+                         CLOSE_TABLE, ids=[row[0] for row in CLOSE_TABLE])
+def test_close_table(what: str, waiting: list[Waiting], view: InstanceView, rule: CloseRule,
+                     now: float, closes: list[tuple[int, str]], wake_at: float | None) -> None:
+    key = _fake_key(0)
+    plan = plan_closes({key: waiting}, view, rule, now)
+    assert [(len(c.members), c.reason) for c in plan.closes] == closes
+    assert all(c.key == key for c in plan.closes)
+    if wake_at is None:
+        assert plan.wake_at is None
+    else:
+        assert plan.wake_at == pytest.approx(wake_at)
+
+
+def test_priority_order_inside_a_batch() -> None:
+    """More members than fit: the most urgent go in the first batch, arrival order next."""
+    waiting = [Waiting(1, 16, at, priority) for at, priority in
+               [(0.000, 2), (0.001, 2), (0.002, 0), (0.003, 1), (0.004, 0)]]
+    plan = plan_closes({_fake_key(0): waiting}, BUSY, CloseRule(3, 1 << 20, 0.002), 0.004)
+    assert [(c.members, c.reason) for c in plan.closes] == [((2, 4, 3), "full")]
+    assert plan.wake_at == pytest.approx(0.102)  # members 0 and 1 are held
+
+
+def test_a_freed_instance_goes_to_the_most_urgent_then_the_largest_batch() -> None:
+    a, b, c = _fake_key(0), _fake_key(1), _fake_key(2)
+    open_ = {a: _w(2, at=0.0), b: _w(5, at=0.001), c: _w(1, at=0.002, priority=0)}
+    view = InstanceView(free=2, in_flight=1, freed_at=0.0, service_time_s=0.010)
+    plan = plan_closes(open_, view, RULE, 0.010)
+    assert [(cl.key, len(cl.members), cl.reason) for cl in plan.closes] == [
+        (c, 1, "timer"), (b, 5, "timer")]
+    assert plan.wake_at == pytest.approx(0.102)  # a is held: both free instances are taken
+
+
+def test_instance_view_counts_batches_not_yet_at_a_worker() -> None:
+    # Two instances, one busy with another client's request, one batch of ours on its way.
+    view = instance_view(FleetCounts(free=1, busy=1, total=2), own_in_flight=1, freed_at=3.0,
+                         service_time_s=0.01)
+    assert view == InstanceView(free=1, in_flight=1, freed_at=3.0, service_time_s=0.01)
+    view = instance_view(FleetCounts(free=2, busy=0, total=2), own_in_flight=2, freed_at=3.0,
+                         service_time_s=0.01)
+    assert (view.free, view.in_flight) == (0, 2)
+    assert instance_view(None, own_in_flight=0, freed_at=0.0, service_time_s=0.0).free > 1000
+
+
+@PROPS
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 4), st.integers(0, 2),
+                          st.floats(0, 0.05)), max_size=30),
+       st.integers(0, 3), st.integers(0, 3), st.floats(0, 0.1), st.booleans())
+def test_plan_closes_properties(items: list[tuple[int, int, int, float]], free: int,
+                                in_flight: int, now: float, wait: bool) -> None:
+    """Every member is sent at most once; no merged batch exceeds the limits; full batches
+    always go; while every instance is busy only full, due or long-held batches go."""
+    open_: dict[BatchKey, list[Waiting]] = {}
+    for k, rows, priority, at in items:
+        open_.setdefault(_fake_key(k), []).append(Waiting(rows, 16 * rows, at, priority))
+    rule = CloseRule(6, 1 << 20, 0.002, wait_for_instance=wait)
+    view = InstanceView(free, in_flight, freed_at=0.0, service_time_s=0.01)
+    plan = plan_closes(open_, view, rule, now)
+    for key, waiting in open_.items():
+        sent = [i for c in plan.closes if c.key == key for i in c.members]
+        assert len(sent) == len(set(sent)) and set(sent) <= set(range(len(waiting)))
+        if sum(w.rows for w in waiting) >= rule.max_batch_size:
+            assert any(c.key == key and c.reason == "full" for c in plan.closes)
+    for close in plan.closes:
+        rows = sum(open_[close.key][i].rows for i in close.members)
+        if len(close.members) > 1:
+            assert rows <= rule.max_batch_size
+        if wait and free == 0 and in_flight > 0:
+            assert close.reason in ("full", "held", "deadline")
+    if plan.wake_at is not None:
+        assert plan.wake_at > now
 
 
 # ---------------------------------------------------------------- merge and split
@@ -835,9 +969,55 @@ async def test_merged_batch_carries_its_members_priority_and_deadline() -> None:
         seen.append(meta)
         return await upstream(key, body, headers, meta)
 
-    batcher = _batcher(send, max_batch_size=3)
+    batcher = _batcher(send, max_batch_size=3, clock=lambda: 0.0)
     members = [(_rows(1), 2, 10.0, "a"), (_rows(1), 0, 30.0, "b"), (_rows(1), 1, 20.0, None)]
     await asyncio.wait_for(asyncio.gather(*(
         batcher.submit(r, key_of(r), priority=p, deadline=d, tenant=t)
         for r, p, d, t in members)), 5)
-    assert seen == [BatchMeta(priority=0, deadline=30.0, tenants=("a", "b", None), rows=3)]
+    # Members sit in the batch in priority order (most urgent first).
+    assert seen == [BatchMeta(priority=0, deadline=30.0, tenants=("b", None, "a"), rows=3)]
+
+
+async def test_a_busy_instance_holds_the_batch_until_it_frees() -> None:
+    """One instance, busy with the first batch: newcomers keep joining the open batch long
+    after max_delay_ms (1 ms here), and the whole lot goes once the instance frees. With
+    ``wait_for_instance`` off the same callers leave on the 1 ms timer, in small batches."""
+
+    async def scenario(wait: bool) -> list[int]:
+        upstream = RefUpstream()
+        upstream.gate = asyncio.Event()
+        busy = [0]
+
+        async def send(key: BatchKey, body: bytes, headers: Headers,
+                       meta: BatchMeta) -> UpstreamReply:
+            busy[0] += 1  # what the dispatcher's in-flight count does
+            try:
+                return await upstream(key, body, headers, meta)
+            finally:
+                busy[0] -= 1
+                batcher.instance_freed()
+
+        batcher = _batcher(send, max_batch_size=8, max_delay_ms=1.0, flush_when_idle=True,
+                           wait_for_instance=wait,
+                           fleet=lambda: FleetCounts(max(0, 1 - busy[0]), busy[0], 1))
+        first = asyncio.create_task(batcher.submit(_rows(1, 0.0, "first"), key_of(_rows(1))))
+        await _settle()
+        assert batcher.statistics().flushes["idle"] == 1  # an idle fleet: sent at once
+        rest = []
+        for i in range(5):
+            rest.append(asyncio.create_task(
+                batcher.submit(_rows(1, float(i), f"r{i}"), key_of(_rows(1)))))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
+        if wait:
+            stats = batcher.statistics()
+            assert (stats.batches_sent, stats.open_batches, stats.waiting_requests) == (1, 1, 6)
+        upstream.gate.set()
+        replies = await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+        assert all(r.status == 200 for r in replies)
+        await batcher.aclose()
+        return [b.inputs[0].shape[0] for b in upstream.batches]
+
+    assert await scenario(wait=True) == [1, 5]
+    timer_only = await scenario(wait=False)
+    assert len(timer_only) == 6 and max(timer_only) == 1  # each alone, on the timer
