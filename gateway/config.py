@@ -267,12 +267,16 @@ class BatchingConfig:
     enabled: bool = opt(False, "Group concurrent small infer requests into one batch.")
     max_batch_size: int | None = opt(None, "Batch limit; default the model's max_batch_size.",
                                      positive())
-    max_delay_ms: float = opt(2.0, "How long the first request of a batch waits for others.",
-                              non_negative())
+    max_delay_ms: float = opt(2.0, "How long a batch waits for more members while an "
+                              "instance of the model is free.", non_negative())
     max_bytes: int = opt(16 * 1024 * 1024, "Byte cap of one merged request.", positive())
-    flush_when_idle: bool = opt(True, "Send at once when no batch of the model is in flight "
+    flush_when_idle: bool = opt(True, "Send at once when nothing of the model is in flight "
                                 "(no added latency at low load); otherwise gather for up "
                                 "to max_delay_ms.")
+    wait_for_instance: bool = opt(True, "While every instance of the model is busy, keep "
+                                  "filling the batch until one frees (or the batch is full, "
+                                  "or a member's deadline needs it sent); off: max_delay_ms "
+                                  "from the first member only.")
 
 
 @dataclass(frozen=True, slots=True)
