@@ -243,7 +243,7 @@ class WeightsConfig:
     queue: float = opt(2.0, "Weight of the queue scorer (pending + in-flight vs slots).",
                        non_negative())
     latency: float = opt(0.0, "Weight of the latency-EWMA scorer.", non_negative())
-    expected_latency: float = opt(4.0, "Weight of the expected-latency scorer: this request's "
+    expected_latency: float = opt(8.0, "Weight of the expected-latency scorer: this request's "
                                   "expected completion time on the worker (work ahead over "
                                   "its capacity × its peak-EWMA service time for the model) "
                                   "against the best candidate's.", non_negative())

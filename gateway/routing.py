@@ -37,8 +37,9 @@ in-flight, which is deliberate: it is how other gateways' and clients' load show
 = fastest candidate's EWMA / this one's (0.5 when unknown); expected latency = the best
 candidate's expected completion time / this one's. They are combined with the weights of
 ``RoutingConfig.weights`` or the model's own ``ModelConfig.weights`` (default memory 1,
-queue 2, expected latency 4: the expected time decides, the queue breaks its ties below
-capacity toward the less loaded worker, memory leans toward roomier GPUs).
+queue 2, expected latency 8: the expected time decides — a candidate 10 % slower loses
+unless it is much less loaded — the queue breaks its ties below capacity toward the less
+loaded worker, memory leans toward roomier GPUs).
 
 Expected latency (the default's main scorer). The expected completion time of this request
 on a worker is its service time for the model × max(1, (work ahead + 1) / capacity): work
@@ -54,9 +55,10 @@ per (worker, model) — the gateway's own measurement, Finagle's and Linkerd's "
 a slower sample replaces the estimate at once, faster ones pull it down with time constant
 ``SERVICE_DECAY_S``; each sample is first divided by the same max(1, (ahead + 1) /
 capacity) factor, so queueing inside the worker is not counted twice. A worker with no
-request of the model in flight sees its estimate decay toward zero with the same time
-constant, so a worker judged slow is re-measured now and then — one probe, since a worker
-with a request in flight is judged by its undecayed estimate. A cold worker (no sample yet)
+request of the model in flight sees its estimate decay toward zero with time constant
+``IDLE_DECAY_S``, so a worker judged slow is re-measured now and then (an 80 ms worker
+beside 20 ms ones: about every 3 s) — one probe, since a worker with a request in flight is
+judged by its undecayed estimate. A cold worker (no sample yet)
 is assumed as fast as the fastest measured candidate of the decision, and ``PROBE_PENALTY``
 × that while its first request is in flight: it gets a probe, then a share by its
 measurement. Without a ``ServiceTimes`` (snapshot-only callers) the snapshot's per-worker
@@ -119,7 +121,8 @@ DRAWS_PER_CHOICE: Final = 4  # P2C draws up to this many × k (at least MIN_DRAW
 MIN_DRAWS: Final = 8
 MAX_DRAWS: Final = 64        # ... and on to this many while none fit, then scans the level
 
-SERVICE_DECAY_S: Final = 1.0    # peak-EWMA time constant (decay after a peak, when idle)
+SERVICE_DECAY_S: Final = 1.0    # peak EWMA: time constant of the pull-down after a peak
+IDLE_DECAY_S: Final = 5.0       # an idle worker's estimate decays toward 0 (re-measurement)
 PROBE_PENALTY: Final = 4.0      # a cold worker's service × this while its probe is in flight
 MAX_MODELS_PER_WORKER: Final = 64   # service-time estimates kept per worker (stalest go)
 MAX_SERVICE_WORKERS: Final = 65_536  # workers with estimates (oldest go; the shell forgets)
@@ -320,7 +323,7 @@ class ServiceTimes:
         value, stamp = cell
         if probing or now <= stamp:
             return value
-        return value * math.exp(-(now - stamp) / SERVICE_DECAY_S)
+        return value * math.exp(-(now - stamp) / IDLE_DECAY_S)
 
     def forget(self, worker: WorkerId) -> None:
         self._by_worker.pop(worker, None)

@@ -43,8 +43,17 @@ What runs, side by side in one run:
   ``oom_total`` beside it); failed = requests still OOM after 3 attempts; shed = 429/503
   (the gateway's queue); err = anything else; drop = over the client's outstanding bound.
   "p99 all" counts every request not answered 200 as never answered ("fail" when over 1 %).
+* **Three workers, side by side** (issue 12; ``--only three``): the simulator with three
+  workers of 4 slots each at 20, 20 and 80 ms per request, 10 closed-loop clients; the
+  gateway with its *minimal* config (each worker's ``url`` and ``metrics_url``, nothing
+  else: slots, capacity and service times learned), HAProxy ``balance leastconn`` and
+  ``balance roundrobin`` on the same workers (no ``maxconn``), and the load generator's own
+  floor against nginx answering at once — in one run, each for ``--three-s`` seconds after
+  a ``--three-warmup-s`` warm-up, ``--three-rounds`` rounds in rotated order. p50/p99,
+  throughput, each worker's share of the requests, and the ratios to ``leastconn``.
 * **Decision cost** of ``Router.decide`` at 10 / 100 / 1,000 / 10,000 workers (the cells of
-  ``loadtest.decision_cost``, P2C and full scan).
+  ``loadtest.decision_cost``, P2C and full scan), and P2C with every worker's service time
+  measured (``p2c+service``: the expected-latency scorer as the gateway runs it).
 * **Scrape cost**: 1,000 simulated workers in one process, a gateway configured with all
   of them and ``scrape.interval_s: 1``; the gateway's CPU time (utime+stime from
   ``/proc/<pid>/stat``) over ``--scrape-window-s`` with scraping on, and again with it off
@@ -62,6 +71,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,13 +84,14 @@ from typing import Any
 
 from gateway.config import RoutingConfig
 from gateway.errors import UpstreamError
-from gateway.routing import RoutingTable
+from gateway.routing import InFlightCounters, Router, RoutingTable, ServiceTimes
 from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess
 from gateway.tools.procs import free_port, http_get
+from gateway.types import Route
 from gateway.upstream import Pool, PoolLimits
 from loadtest import decision_cost
-from loadtest.overhead import start_haproxy
+from loadtest.overhead import start_haproxy, start_nginx, wait_http
 
 GIB = 2**30
 MODEL = "simple"
@@ -389,6 +400,183 @@ def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> di
                       "per_item_mib": PER_ITEM_MIB, "memory_safe_slots": safe}}
 
 
+# ------------------------------------------------------------------------- three workers
+
+THREE_MS = (20.0, 20.0, 80.0)
+THREE_SLOTS = 4
+
+
+def start_haproxy_balance(tmp: Path, port: int, upstreams: list[int],
+                          balance: str) -> subprocess.Popen[bytes] | None:
+    """HAProxy, one thread, ``balance <balance>`` over ``upstreams``, no per-server maxconn
+    (a generic load balancer); None when haproxy is not installed."""
+    haproxy = shutil.which("haproxy") or next(
+        (str(d / "haproxy") for d in (Path("/usr/sbin"), Path("/usr/bin"))
+         if (d / "haproxy").is_file()), None)
+    if haproxy is None:
+        return None
+    servers = "".join(f"  server w{i} 127.0.0.1:{p}\n" for i, p in enumerate(upstreams))
+    conf = tmp / f"haproxy-{balance}.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend workers
+backend workers
+  balance {balance}
+  http-reuse always
+{servers}""")
+    proc = subprocess.Popen([haproxy, "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_http(port, "/v2/health/ready")
+    except RuntimeError:
+        procs.stop(proc, 5)
+        raise
+    return proc
+
+
+async def closed_loop(port: int, clients: int, duration_s: float,
+                      warmup_s: float) -> dict[str, Any]:
+    """``clients`` loops of request → response → next request; latencies (s) and counts of
+    the requests begun after the warm-up and answered before the end."""
+    pool = Pool("127.0.0.1", port, PoolLimits(max_connections=clients, read_timeout_s=10.0))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measured_from, end = start + warmup_s, start + warmup_s + duration_s
+    latencies: list[float] = []
+    errors = 0
+
+    async def client() -> None:
+        nonlocal errors
+        while (t0 := loop.time()) < end:
+            try:
+                resp = await pool.request("POST", INFER_PATH, HEADERS, BODY)
+                await resp.read()
+                status = resp.status
+            except (UpstreamError, OSError):
+                status = 0
+            t1 = loop.time()
+            if t0 >= measured_from and t1 <= end:
+                if status == 200:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    await pool.aclose()
+    return {"latencies": latencies, "errors": errors}
+
+
+def three_workers(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> dict[str, Any]:
+    base = max(THREE_MS)
+    sim = SimProcess(["--workers", str(len(THREE_MS)), "--slots", str(THREE_SLOTS),
+                      "--base-ms", f"{base:g}", "--per-item-ms", "0", "--seed", "7",
+                      "--speeds", ",".join(f"{base / m:g}" for m in THREE_MS)],
+                     tmp / "sim-three.log").start()
+    stack.callback(sim.stop)
+    targets: dict[str, int] = {}
+    minimal: dict[str, Any] = {"log_level": "warning",
+                               "workers": [{"url": f"http://127.0.0.1:{p}",
+                                            "metrics_url": f"http://127.0.0.1:{p}/metrics"}
+                                           for p in sim.ports]}
+    variants: list[tuple[str, dict[str, Any]]] = [("gateway (default config)", minimal)]
+    if args.three_before:
+        # The scorer this work replaced, in the same run: queue and memory scorers only.
+        variants.append(("gateway, expected_latency: 0", {
+            **minimal, "routing": {"weights": {"expected_latency": 0.0}}}))
+    gateways = []
+    for name, cfg in variants:
+        gw = GatewayProcess(cfg, tmp)
+        gw.start()
+        stack.callback(gw.stop)
+        gateways.append(gw)
+        targets[name] = gw.port
+    for gw in gateways:
+        gw.wait_workers_ready(len(THREE_MS), timeout_s=30)
+    gw = gateways[0]
+    for balance in ("leastconn", "roundrobin"):
+        port = free_port()
+        proc = start_haproxy_balance(tmp, port, sim.ports, balance)
+        if proc is None:
+            print(f"haproxy not installed: the {balance} row is skipped")
+            continue
+        stack.callback(procs.stop, proc, 10)
+        targets[f"haproxy {balance}"] = port
+    if shutil.which("nginx") or Path("/usr/sbin/nginx").is_file():
+        port = free_port()
+        nginx = start_nginx(tmp, port)
+        stack.callback(procs.stop, nginx, 10)
+        targets["nginx, answers at once (floor)"] = port
+    names = list(targets)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    counts: dict[str, dict[str, float]] = {n: {"ok": 0, "errors": 0, "seconds": 0.0}
+                                           for n in names}
+    shares: dict[str, list[int]] = {n: [0] * len(THREE_MS) for n in names}
+    for r in range(args.three_rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            before = [w["core"]["success"] for w in wait_idle(sim)]
+            got = asyncio.run(closed_loop(targets[name], args.three_clients, args.three_s,
+                                          args.three_warmup_s))
+            after = [w["core"]["success"] for w in wait_idle(sim)]
+            samples[name] += got["latencies"]
+            counts[name]["ok"] += len(got["latencies"])
+            counts[name]["errors"] += got["errors"]
+            counts[name]["seconds"] += args.three_s
+            for i, (a, b) in enumerate(zip(after, before, strict=True)):
+                shares[name][i] += a - b
+            lat = sorted(got["latencies"])
+            print(f"  round {r + 1} {name:<32} p50 {pct(lat, 0.5):6.1f}  p99 "
+                  f"{pct(lat, 0.99):6.1f} ms  {len(lat) / args.three_s:6.0f} req/s", flush=True)
+    rows = []
+    for name in names:
+        lat = sorted(samples[name])
+        total = sum(shares[name])
+        rows.append({"target": name, "requests": counts[name]["ok"],
+                     "errors": counts[name]["errors"],
+                     "rps": counts[name]["ok"] / max(1e-9, counts[name]["seconds"]),
+                     "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                     "mean_ms": 1000 * sum(lat) / len(lat) if lat else float("nan"),
+                     "share": [x / total for x in shares[name]] if total else []})
+    return {"service_ms": THREE_MS, "slots": THREE_SLOTS, "clients": args.three_clients,
+            "seconds_per_round": args.three_s, "rounds": args.three_rounds, "rows": rows,
+            "gateway_learned": [{k: w.get(k) for k in ("id", "slots", "capacity_units")}
+                                for w in gw.status()["workers"]]}
+
+
+def three_report(three: dict[str, Any]) -> list[str]:
+    rows = {r["target"]: r for r in three["rows"]}
+    lc = rows.get("haproxy leastconn")
+    print(f"\nthree workers ({', '.join(f'{m:g}' for m in three['service_ms'])} ms, "
+          f"{three['slots']} slots each), {three['clients']} closed-loop clients, "
+          f"{three['rounds']} × {three['seconds_per_round']:g} s each")
+    print(f"{'target':<32} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8} "
+          f"{'p99/lc':>7} {'req/s/lc':>8} {'share (20, 20, 80 ms)':>24} {'err':>4}")
+    for r in three["rows"]:
+        share = " / ".join(f"{x:.1%}" for x in r["share"]) if r["share"] else "-"
+        rel_p99 = f"{r['p99_ms'] / lc['p99_ms']:.2f}" if lc else "-"
+        rel_rps = f"{r['rps'] / lc['rps']:.3f}" if lc else "-"
+        print(f"{r['target']:<32} {r['rps']:>7.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+              f"{r['mean_ms']:>8.1f} {rel_p99:>7} {rel_rps:>8} {share:>24} "
+              f"{int(r['errors']):>4}")
+    gw = rows.get("gateway (default config)")
+    if gw is None or lc is None:
+        return []
+    return [f"three workers, closed loop: gateway p99 / leastconn = "
+            f"{gw['p99_ms'] / lc['p99_ms']:.2f} (target ≤ 0.8) at "
+            f"{gw['rps'] / lc['rps']:.3f} × its throughput (target ≥ 0.95)"]
+
+
+# ------------------------------------------------------------------------- decision cost
+
 def decision_costs(sizes: list[int], budget_s: float) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
@@ -398,7 +586,50 @@ def decision_costs(sizes: list[int], budget_s: float) -> list[dict[str, Any]]:
             cell = decision_cost.measure(table, snapshots, RoutingConfig(picker=picker),
                                          20000, budget_s, 1, 0.0)
             rows.append({"workers": n, "picker": picker, **cell})
+        rows.append({"workers": n, "picker": "p2c+service",
+                     **service_cost(table, snapshots, 20000, budget_s)})
     return rows
+
+
+def service_cost(table: RoutingTable, snapshots: list[Any], max_decisions: int,
+                 budget_s: float) -> dict[str, float]:
+    """``Router.decide`` with a measured service time for every worker, read at a moving
+    ``now`` (so idle estimates decay), at ~45 % load — as the gateway decides."""
+    rng = random.Random(1)
+    model = decision_cost.MODEL
+    load, service = InFlightCounters(), ServiceTimes()
+    now = 100.0
+    ahead: list[str] = []
+    for s in snapshots:
+        service.observe(s.id, model.name, rng.uniform(0.01, 0.08), now - rng.uniform(0, 5))
+        for _ in range(rng.randint(0, decision_cost.SLOTS - 1)):
+            load.begin(s.id, model.name)
+            ahead.append(s.id)
+    rng.shuffle(ahead)
+    router = Router(RoutingConfig(picker="p2c"), rng=random.Random(1))
+    timings: list[float] = []
+    clock = time.perf_counter_ns
+    stop_at = time.perf_counter() + budget_s
+    for i in range(max_decisions):
+        now += 0.0005
+        t0 = clock()
+        d = router.decide(table, model, load, learned_bytes_per_request=1.0 * GIB,
+                          service=service, now=now)
+        timings.append((clock() - t0) / 1000)
+        if isinstance(d, Route):
+            load.begin(d.worker, model.name)
+            ahead.append(d.worker)
+        if ahead:
+            done = ahead.pop(0) if len(ahead) < 64 else ahead.pop(rng.randrange(len(ahead)))
+            load.end(done, model.name)
+            service.observe(done, model.name, rng.uniform(0.01, 0.08), now,
+                            in_flight=load.in_flight(done), capacity=4)
+        if i % 64 == 0 and time.perf_counter() > stop_at:
+            break
+    timings.sort()
+    return {"decisions": len(timings), "p50_us": decision_cost.percentile(timings, 0.5),
+            "p99_us": decision_cost.percentile(timings, 0.99),
+            "mean_us": sum(timings) / len(timings), "refused": 0}
 
 
 def scrape_cost(workers: int, window_s: float, tmp: Path, stack: ExitStack) -> dict[str, Any]:
@@ -482,8 +713,8 @@ def verdicts(cells: list[dict[str, Any]], costs: list[dict[str, Any]],
                 out.append(f"OOM: {c['policy']} at {c['load']:.0%}: {c['oom']} "
                            f"(round robin {rr_load['oom']}) — target 0")
     for r in costs:
-        if r["workers"] == 10000 and r["picker"] == "p2c":
-            out.append(f"decision p50 at 10,000 workers (p2c): {r['p50_us']:.1f} µs "
+        if r["workers"] == 10000 and r["picker"] in ("p2c", "p2c+service"):
+            out.append(f"decision p50 at 10,000 workers ({r['picker']}): {r['p50_us']:.1f} µs "
                        "(target ≤ 20 µs)")
     if scrape is not None:
         out.append(f"scraping {scrape['workers']} workers every second: "
@@ -518,22 +749,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="10,100,1000,10000", help="decision-cost fleet sizes")
     ap.add_argument("--scrape-workers", type=int, default=1000)
     ap.add_argument("--scrape-window-s", type=float, default=15.0)
-    ap.add_argument("--skip", default="", help="comma-separated: quality,cost,scrape")
+    ap.add_argument("--skip", default="", help="comma-separated: quality,three,cost,scrape")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (overrides --skip)")
+    ap.add_argument("--three-clients", type=int, default=10)
+    ap.add_argument("--three-s", type=float, default=8.0, help="measured seconds per target")
+    ap.add_argument("--three-warmup-s", type=float, default=2.0)
+    ap.add_argument("--three-rounds", type=int, default=1)
+    ap.add_argument("--three-before", action=argparse.BooleanOptionalAction, default=True,
+                    help="also a gateway with the expected-latency scorer off")
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--out", default="results/routing.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.probe_s = 2.0, 0.5, 1.5
         args.sizes, args.scrape_workers, args.scrape_window_s = "10,1000", 200, 4.0
+        args.three_s, args.three_warmup_s = 3.0, 1.0
     skip = set(args.skip.split(","))
+    if args.only:
+        skip = {"quality", "three", "cost", "scrape"} - set(args.only.split(","))
     result: dict[str, Any] = {"benchmark": "routing", "args": vars(args),
                               "cpus": os.cpu_count(),
                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     quality: dict[str, Any] = {"cells": []}
     costs: list[dict[str, Any]] = []
     scrape: dict[str, Any] | None = None
+    three: dict[str, Any] | None = None
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
+        if "three" not in skip:
+            with ExitStack() as inner:
+                three = three_workers(args, tmp, inner)
+            result["three_workers"] = three
         if "quality" not in skip:
             quality = routing_quality(args, tmp, stack)
             result["quality"] = quality
@@ -569,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{scrape['scrape_off']['cpu_core_fraction']:.1%} without → scraping "
               f"{scrape['scrape_core_fraction']:.1%}; fresh signals on "
               f"{scrape['scrape_on']['workers_with_fresh_signals']} workers")
-    result["verdicts"] = verdicts(quality["cells"], costs, scrape)
+    result["verdicts"] = (three_report(three) if three is not None else []) + verdicts(
+        quality["cells"], costs, scrape)
     print("\n" + "\n".join(result["verdicts"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

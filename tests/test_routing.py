@@ -179,7 +179,7 @@ def test_latency_score(latency: float, fastest: float, expected: float) -> None:
 
 
 @pytest.mark.parametrize(("weights", "expected"), [
-    (WeightsConfig(), (1 / 7, 2 / 7, 0.0, 4 / 7)),
+    (WeightsConfig(), (1 / 11, 2 / 11, 0.0, 8 / 11)),
     (WeightsConfig(memory=0, queue=0, latency=0, expected_latency=0), (0.0, 0.0, 0.0, 0.0)),
     (WeightsConfig(memory=1, queue=1, latency=2, expected_latency=0), (0.25, 0.25, 0.5, 0.0)),
 ])
