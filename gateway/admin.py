@@ -151,9 +151,21 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
         },
         "counters": totals,
         "dispatch": svc.dispatch_statistics(),
+        "fair_share": _fair_share_document(svc),
         "workers": workers,
         "limits": svc.limits_description(),
         "rejections": list(t.recent_rejections)[::-1],
+    }
+
+
+def _fair_share_document(svc: GatewayState) -> dict[str, Any]:
+    fair = svc.fair_share()
+    return {
+        "order": svc.cfg.admission.queue.order,
+        "jain_index": fair.jain_index,
+        "tenants": [{"tenant": ts.tenant, "weight": ts.weight, "gpu_s": ts.gpu_s,
+                     "share": ts.share, "requests": ts.requests,
+                     "mean_queue_ms": ts.mean_queue_s * 1000} for ts in fair.tenants],
     }
 
 

@@ -204,6 +204,7 @@ class TenantShare:
     recent_gpu_s: float
     share: float                 # of the recent GPU-seconds of all tenants
     requests: int
+    queued_s: float              # total waiting for a slot, since start
     mean_queue_s: float
 
 
@@ -284,6 +285,7 @@ class FairShare:
             tenants=tuple(TenantShare(
                 tenant=name, weight=a.weight, gpu_s=a.gpu_s, recent_gpu_s=a.recent_gpu_s,
                 share=a.recent_gpu_s / total if total > 0 else 0.0, requests=a.requests,
+                queued_s=a.queued_s,
                 mean_queue_s=a.queued_s / a.queued_requests if a.queued_requests else 0.0)
                 for name, a in sorted(self._accounts.items())),
             jain_index=jain_index(active))

@@ -29,7 +29,9 @@ from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig
 from gateway.discovery import Action, Found, ModelDirectory, fetch_via_pools
 from gateway.dispatch import Dispatcher
+from gateway.fairshare import FairShareStatistics
 from gateway.fleet import Fleet, run_until_stopped
+from gateway.looplag import LoopLag
 from gateway.redis_store import RedisStore
 from gateway.tablesync import RoutingTableSync
 from gateway.telemetry import Telemetry
@@ -93,12 +95,14 @@ class GatewayService:
         self.models = ModelDirectory(fetch_via_pools(self._pool_of), clock=clock)
         self.aggregates = TritonAggregates(self.fleet.routable, self.fleet.probe_models,
                                            lambda: self.cfg.upstream.read_timeout_s)
+        self.loop_lag = LoopLag(clock=clock)
         self.telemetry = Telemetry(self)
         self.dispatcher.on_queue_wait = self.telemetry.observe_queue_wait
         self.batching = BatchingGateway(lambda: self.cfg, self.dispatcher,
                                         any_worker_with=self.any_worker_with,
                                         get_json=self.aggregates.get_json, clock=clock,
                                         on_batch=self._on_batch)
+        self.dispatcher.on_release = self.batching.instance_freed
         self._built = True
         self._fleet_changed()
 
@@ -202,15 +206,28 @@ class GatewayService:
     def dispatch_statistics(self) -> dict[str, float]:
         return self.dispatcher.statistics()
 
+    def fair_share(self) -> FairShareStatistics:
+        return self.dispatcher.fair.statistics(self.clock())
+
     def limits_description(self) -> list[dict[str, object]]:
         return self.dispatcher.limiter.describe()
 
     def in_flight(self) -> int:
         return sum(w.in_flight for w in self.fleet.workers.values())
 
+    def loop_lag_s(self) -> float:
+        return self.loop_lag.lag_s()
+
     # running ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Background work, supervised: fleet loops, routing-table refresh, telemetry."""
+        self.loop_lag.start()
+        try:
+            await self._run()
+        finally:
+            self.loop_lag.stop()
+
+    async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(run_until_stopped(self.fleet))
             table = tg.create_task(self.table_sync.run())

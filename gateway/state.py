@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gateway.breaker import BreakerBoard
     from gateway.config import GatewayConfig
+    from gateway.fairshare import FairShareStatistics
     from gateway.workers import Worker
 
 
@@ -42,4 +43,8 @@ class GatewayState(Protocol):
 
     def dispatch_statistics(self) -> dict[str, float]: ...
 
+    def fair_share(self) -> FairShareStatistics: ...
+
     def limits_description(self) -> list[dict[str, object]]: ...
+
+    def loop_lag_s(self) -> float: ...

@@ -62,7 +62,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import capacity
@@ -432,6 +432,11 @@ class _StateCollector(Collector):
         ql = GaugeMetricFamily("gateway_queue_length", "Requests waiting for a worker slot")
         ql.add_metric([], svc.queue_length)
         yield ql
+        lag = GaugeMetricFamily("gateway_event_loop_lag_seconds",
+                                "How late the gateway's event loop runs (recent, decayed): "
+                                "the intake delay each request's deadline already counts")
+        lag.add_metric([], svc.loop_lag_s())
+        yield lag
         arrival = GaugeMetricFamily("gateway_arrival_rate_per_s", "Arrival rate (decayed)",
                                     labels=["model"])
         desired = GaugeMetricFamily("gateway_desired_replicas", "Replicas needed now "
@@ -449,6 +454,37 @@ class _StateCollector(Collector):
         yield arrival
         yield desired
         yield fill
+        yield from _fair_share_families(svc)
+
+
+def _fair_share_families(svc: GatewayState) -> Iterator[Metric]:
+    """Per tenant (configured tenants and ``(anonymous)``: bounded by the configuration):
+    GPU-seconds settled, recent share, queueing delay; Jain's index over active tenants."""
+    fair = svc.fair_share()
+    gpu = CounterMetricFamily("gateway_tenant_gpu_seconds", "GPU-seconds of the tenant's "
+                              "completed requests (learned cost per worker, model and batch "
+                              "bucket)", labels=["tenant"])
+    done = CounterMetricFamily("gateway_tenant_requests_settled", "Completed requests "
+                               "charged to the tenant", labels=["tenant"])
+    queued = CounterMetricFamily("gateway_tenant_queue_wait_seconds", "Time the tenant's "
+                                 "completed requests waited for a worker slot",
+                                 labels=["tenant"])
+    share = GaugeMetricFamily("gateway_tenant_gpu_share", "The tenant's share of the recent "
+                              "GPU-seconds of all tenants (decayed, half-life 10 s)",
+                              labels=["tenant"])
+    weight = GaugeMetricFamily("gateway_tenant_weight", "admission.tenants.<name>.weight",
+                               labels=["tenant"])
+    for ts in fair.tenants:
+        gpu.add_metric([ts.tenant], ts.gpu_s)
+        done.add_metric([ts.tenant], ts.requests)
+        queued.add_metric([ts.tenant], ts.queued_s)
+        share.add_metric([ts.tenant], ts.share)
+        weight.add_metric([ts.tenant], ts.weight)
+    jain = GaugeMetricFamily("gateway_fairness_jain_index", "Jain's fairness index of the "
+                             "active tenants' recent GPU-seconds over their weights (1 = "
+                             "shares in proportion to weights; 1/n = one tenant has it all)")
+    jain.add_metric([], fair.jain_index)
+    yield from (gpu, done, queued, share, weight, jain)
 
 
 def log_breaker_transition(t: BreakerTransition) -> None:
