@@ -214,14 +214,13 @@ class ProxyApp:
         if tenant is None and cfg.admission.require_api_key:
             raise Unauthorized("missing or unknown API key")
         header_deadline_s = _header_deadline_s(headers)
-        if header_deadline_s is not None:
-            # Herds are cheap to refuse: a request the queue cannot serve in time is refused
-            # from its headers, before its body is read or it waits for the turnstile.
-            svc.dispatcher.precheck(effective_priority(default_priority, _header(
-                headers, b"x-priority")), arrived + header_deadline_s, now,
-                arriving=self.turnstile.waiting)
         # Health, /metrics and /status never queue behind a storm of inference requests.
         await self.turnstile.enter()
+        if header_deadline_s is not None:
+            # Herds are cheap to refuse: a request the queue cannot serve in time is refused
+            # from its headers, before its body is read.
+            svc.dispatcher.precheck(effective_priority(default_priority, _header(
+                headers, b"x-priority")), arrived + header_deadline_s, svc.clock())
         key = ModelKey(ep.model, ep.version)
         if ep.version or not svc.model_known(ep.model):
             await svc.resolve(key, Action.OTHER)

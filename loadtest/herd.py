@@ -24,6 +24,12 @@ Scenarios, side by side in one run:
 * ``no limits`` — the same fleet with no rate limit and a queue big enough for the whole herd
   (the deadline stays): what the fleet sees without the bucket and the bounded queue.
 
+``--minimal`` runs the README's minimal configuration instead (``workers`` and nothing
+else: slots, models and limits are learned): three simulated workers of 4 instances × 50 ms,
+3,000 requests at once (one connection each) with a 1 s deadline, then calm traffic; beside
+it, the same client against nginx answering at once — the client's own floor. Written to
+``results/herd-minimal.json``.
+
 For each it prints and writes to ``results/herd.json``: answers by status, how many
 rejections carried ``Retry-After``, admitted (200) latency p50/p99 as the client saw it, the
 most inference requests any simulated worker had in progress at once against the gateway's
@@ -320,6 +326,8 @@ class HerdFigures:
     gateway_peak_rss_mb: float
     gateway_rss_after_mb: float
     rejections_by_reason: dict[str, float] = field(default_factory=dict)
+    rejected_p50_ms: float | None = None
+    rejected_p99_ms: float | None = None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -379,6 +387,22 @@ def run_herd(scenario: str, admission: dict[str, Any], *, requests: int, connect
         finally:
             gw.stop()
         stats = sim.stats()
+    return _figures(scenario, answers, duration, requests=requests, connections=connections,
+                    deadline_ms=DEADLINE_MS, slot_limit=SLOTS_PER_WORKER, stats=stats,
+                    probe=probe, rss=(peak, cur), reasons=reasons)
+
+
+MINIMAL_WORKERS = 3
+MINIMAL_INSTANCES = 4
+MINIMAL_SERVICE_MS = 50.0
+MINIMAL_DEADLINE_MS = 1000
+MINIMAL_RESULTS = REPO / "results" / "herd-minimal.json"
+
+
+def _figures(scenario: str, answers: list[Answer], duration: float, *, requests: int,
+             connections: int, deadline_ms: int, slot_limit: int,
+             stats: list[dict[str, Any]], probe: dict[str, float], rss: tuple[float, float],
+             reasons: dict[str, float]) -> HerdFigures:
     by_status: dict[str, int] = {}
     for a in answers:
         by_status[str(a.status)] = by_status.get(str(a.status), 0) + 1
@@ -391,13 +415,73 @@ def run_herd(scenario: str, admission: dict[str, Any], *, requests: int, connect
         rejections_with_retry_after=sum(a.retry_after for a in rejected),
         non_200_json_errors=sum(a.json_error for a in rejected),
         admitted_p50_ms=_percentile(ok, 0.5), admitted_p99_ms=_percentile(ok, 0.99),
-        admitted_max_ms=max(ok) if ok else None, deadline_ms=DEADLINE_MS,
-        slot_limit=SLOTS_PER_WORKER,
-        max_in_flight_per_worker=[int(w["max_in_flight"]) for w in stats],
+        admitted_max_ms=max(ok) if ok else None, deadline_ms=deadline_ms,
+        slot_limit=slot_limit,
+        max_in_flight_per_worker=[int(w["max_in_flight"]) for w in stats] or [0],
         sim_infer_requests=sum(int(w["infer_requests"]) for w in stats),
-        ready_probe_max_ms=probe["max_ms"], ready_probe_mean_ms=probe["mean_ms"],
-        ready_probes=int(probe["probes"]), ready_probe_not_ready=int(probe["not_ready"]),
-        gateway_peak_rss_mb=peak, gateway_rss_after_mb=cur, rejections_by_reason=reasons)
+        ready_probe_max_ms=probe.get("max_ms", 0.0),
+        ready_probe_mean_ms=probe.get("mean_ms", 0.0),
+        ready_probes=int(probe.get("probes", 0)),
+        ready_probe_not_ready=int(probe.get("not_ready", 0)),
+        gateway_peak_rss_mb=rss[0], gateway_rss_after_mb=rss[1], rejections_by_reason=reasons,
+        rejected_p50_ms=_percentile([a.latency_s * 1000 for a in rejected], 0.5),
+        rejected_p99_ms=_percentile([a.latency_s * 1000 for a in rejected], 0.99))
+
+
+def run_floor(requests: int, workdir: Path) -> HerdFigures:
+    """The same herd against nginx answering at once: what the client itself costs."""
+    from loadtest.overhead import start_nginx
+    port = free_port()
+    nginx_dir = workdir / "nginx"
+    nginx_dir.mkdir(exist_ok=True)
+    proc = start_nginx(nginx_dir, port)
+    try:
+        answers, duration = asyncio.run(herd(port, requests, requests))
+    finally:
+        procs.stop(proc, 10)
+    return _figures("client floor (nginx)", answers, duration, requests=requests,
+                    connections=requests, deadline_ms=0, slot_limit=0, stats=[], probe={},
+                    rss=(0.0, 0.0), reasons={})
+
+
+def run_minimal(requests: int, workdir: Path) -> tuple[HerdFigures, dict[str, Any]]:
+    """The README's minimal config in front of 3 workers × 4 instances × 50 ms."""
+    with SimProcess(MINIMAL_WORKERS, slots=MINIMAL_INSTANCES,
+                    base_ms=MINIMAL_SERVICE_MS) as sim:
+        cfg = {"workers": [{"url": u, "metrics_url": u + "/metrics"} for u in sim.urls],
+               "log_level": "warning"}
+        gw = GatewayProcess(cfg, workdir)
+        gw.start()
+        try:
+            gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == MINIMAL_WORKERS,
+                        what="every worker ready")
+            gw.wait_for(lambda: all(w["slots"] == 2 * MINIMAL_INSTANCES
+                                    for w in gw.status()["workers"]),
+                        what="slots learned from the model config")
+            assert gw.proc is not None
+            prober = Prober(gw.url)
+            time.sleep(0.3)
+            answers, duration = asyncio.run(herd(
+                gw.port, requests, requests,
+                headers={"X-Request-Timeout-Ms": str(MINIMAL_DEADLINE_MS)}))
+            probe = prober.finish()
+            rss = _rss_mb(gw.proc.pid)
+            reasons = rejections_by_reason(gw.url)
+            time.sleep(1.0)
+            calm, _ = asyncio.run(herd(gw.port, 60, 4))   # then calm traffic
+            status = gw.status()
+            learned = {w["id"]: w["slots"] for w in status["workers"]}
+            dispatch = status["dispatch"]
+        finally:
+            gw.stop()
+        stats = sim.stats()
+    fig = _figures("minimal config", answers, duration, requests=requests,
+                   connections=requests, deadline_ms=MINIMAL_DEADLINE_MS,
+                   slot_limit=2 * MINIMAL_INSTANCES, stats=stats, probe=probe, rss=rss,
+                   reasons=reasons)
+    calm_ok = sum(a.status == 200 for a in calm)
+    return fig, {"calm_requests": len(calm), "calm_200": calm_ok, "learned_slots": learned,
+                 "dispatch": dispatch}
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:
@@ -428,11 +512,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="connections of the main rows (a third row always uses one "
                              "connection per request)")
     parser.add_argument("--quick", action="store_true", help="1,000 requests")
+    parser.add_argument("--minimal", action="store_true",
+                        help="the README's minimal config: 3 workers × 4 instances × 50 ms, "
+                             "3,000 requests at once with a 1 s deadline, and the client's "
+                             "floor against nginx")
     parser.add_argument("--probe", nargs=2, metavar=("URL", "STOP_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(probe_loop(*args.probe)), flush=True)
         return 0
+    if args.minimal:
+        return main_minimal(3000 if args.requests == 5000 else args.requests)
     requests = 1000 if args.quick else args.requests
     rows = []
     no_limits = {"queue": {"max_length": requests + 1, "max_wait_s": 60.0,
@@ -452,6 +542,30 @@ def main(argv: list[str] | None = None) -> int:
                   "service_ms": SERVICE_MS},
         "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+def main_minimal(requests: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="herd-") as tmp:
+        floor = run_floor(requests, Path(tmp))
+        fig, calm = run_minimal(requests, Path(tmp))
+    print(table([floor, fig]))
+    statuses = set(fig.by_status)
+    print(f"rejections: p50 {_fmt(fig.rejected_p50_ms)} ms, p99 {_fmt(fig.rejected_p99_ms)} ms; "
+          f"by reason {fig.rejections_by_reason}")
+    print(f"statuses {sorted(statuses)} (allowed 200/429/503/504); "
+          f"admitted p99 {_fmt(fig.admitted_p99_ms)} ms (target <= 1200); "
+          f"ready max {_fmt(fig.ready_probe_max_ms, 1)} ms (target <= 100); "
+          f"calm traffic {calm['calm_200']}/{calm['calm_requests']} answered 200; "
+          f"learned slots {calm['learned_slots']}")
+    print(f"dispatch counters {calm['dispatch']}")
+    MINIMAL_RESULTS.parent.mkdir(exist_ok=True)
+    MINIMAL_RESULTS.write_text(json.dumps({
+        "command": "python -m loadtest.herd --minimal",
+        "fleet": {"workers": MINIMAL_WORKERS, "instances_per_worker": MINIMAL_INSTANCES,
+                  "service_ms": MINIMAL_SERVICE_MS, "deadline_ms": MINIMAL_DEADLINE_MS},
+        "rows": [asdict(floor), asdict(fig)], "after": calm}, indent=2) + "\n")
+    print(f"wrote {MINIMAL_RESULTS.relative_to(REPO)}")
     return 0
 
 

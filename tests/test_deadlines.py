@@ -5,6 +5,7 @@ the worker's failure; a version no worker has is Triton's 404, never a retry-for
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from gateway.sim.core import WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess
+from loadtest.herd import SimProcess
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                "data": [1.0] * 16}]}).encode()
@@ -76,3 +78,29 @@ def test_an_unknown_version_is_triton_404_not_503(minimal_gateway: GatewayProces
     assert infer(minimal_gateway, path="/v2/models/simple/versions/1/infer").status_code == 200
     unknown = infer(minimal_gateway, path="/v2/models/nope/infer")
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+
+
+def test_a_request_the_queue_cannot_serve_in_time_is_refused_before_its_body(
+        tmp_path: Path) -> None:
+    """With requests already waiting, one whose deadline the queue cannot meet is answered
+    503 + Retry-After at once — decided from its headers; its body is never read."""
+    with SimProcess(1, slots=1, base_ms=300.0) as sim, \
+            GatewayProcess({"workers": [{"url": sim.urls[0]}]}, tmp_path) as gw:
+        gw.wait_workers_ready(1)
+        with ThreadPoolExecutor(12) as pool:
+            # one instance of 300 ms (2 slots, learned): 10 of these wait in the gateway
+            backlog = [pool.submit(infer, gw) for _ in range(12)]
+            gw.wait_for(lambda: gw.status()["fleet"]["queue_length"] >= 4
+                        and gw.status()["dispatch"]["service_time_ewma_s"] > 0,
+                        timeout_s=10, what="a queue, and a first answer timed")
+            with httpx.Client(timeout=10) as client:
+                def body_never_sent() -> Iterator[bytes]:
+                    yield b"{"
+                    time.sleep(2)
+                    yield b"}"
+                r = client.post(gw.url + "/v2/models/simple/infer", content=body_never_sent(),
+                                headers={"X-Request-Timeout-Ms": "100"})
+            assert all(f.result().status_code == 200 for f in backlog)
+        assert r.status_code == 503, r.text
+        assert "deadline cannot be met" in r.json()["error"] and r.headers["retry-after"]
+        assert gw.status()["dispatch"]["refused_before_body"] >= 1

@@ -1,0 +1,39 @@
+"""The loop-lag estimate: jumps up at once, decays by half per half-life, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.looplag import MAX_LAG_S, LoopLag
+
+
+@pytest.mark.parametrize(("observed", "at", "expected"), [
+    ([(0.2, 10.0)], 10.0, 0.2),                     # seen now: all of it
+    ([(0.2, 10.0)], 10.05, 0.1),                    # one half-life later: half
+    ([(0.2, 10.0)], 10.1, 0.05),                    # two: a quarter
+    ([(0.2, 10.0), (0.05, 10.01)], 10.01, 0.2 * 0.5 ** 0.2),   # a smaller one does not win
+    ([(0.2, 10.0), (0.3, 10.05)], 10.05, 0.3),      # a larger one does, at once
+    ([(-1.0, 10.0)], 10.0, 0.0),                    # early timers are not negative lag
+    ([(50.0, 10.0)], 10.0, MAX_LAG_S),              # bounded
+])
+def test_lag_estimate(observed: list[tuple[float, float]], at: float, expected: float) -> None:
+    lag = LoopLag(half_life_s=0.05)
+    for lateness, now in observed:
+        lag.observe(lateness, now)
+    assert lag.lag_s(at) == pytest.approx(expected)
+
+
+async def test_a_blocked_loop_is_measured() -> None:
+    lag = LoopLag(interval_s=0.005)
+    lag.start()
+    try:
+        await asyncio.sleep(0.02)
+        time.sleep(0.15)              # the loop is stuck for 150 ms
+        await asyncio.sleep(0.01)
+        assert lag.worst_s >= 0.1, lag
+        assert lag.lag_s() >= 0.05, lag
+    finally:
+        lag.stop()
