@@ -95,6 +95,7 @@ class Lease:
     tenant: str | None = None
     batch_size: int = 1
     cost_s: float = 0.0    # estimated GPU-seconds, settled by finish()
+    ahead: int = -1        # other requests in flight on the worker when it was sent
 
 
 class Dispatcher:
@@ -168,6 +169,7 @@ class Dispatcher:
         while True:
             asked = self.clock()
             worker = await self.acquire(call, tried)
+            ahead = worker.in_flight - 1
             attempts += 1
             started = self.clock()
             queued_s += started - asked
@@ -192,7 +194,8 @@ class Dispatcher:
             if call.sequence_id is not None:
                 self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
             return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s,
-                         tenant=call.tenant, batch_size=call.batch_size, cost_s=call.cost_s)
+                         tenant=call.tenant, batch_size=call.batch_size, cost_s=call.cost_s,
+                         ahead=ahead)
 
     # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
     async def admit(self, call: Call) -> None:
@@ -257,19 +260,21 @@ class Dispatcher:
             return
         if ok is None:
             ok = lease.response.status not in WORKER_FAILURE_STATUSES
-        self._end(lease.worker, lease.model, lease.started, ok=ok)
+        self._end(lease.worker, lease.model, lease.started, ok=ok, ahead=lease.ahead)
         if ok:
             self._settle(lease)
 
-    def _end(self, worker: Worker, model: str, started: float, *, ok: bool | None) -> None:
-        """``ok`` None: the attempt was abandoned, neither success nor failure."""
+    def _end(self, worker: Worker, model: str, started: float, *, ok: bool | None,
+             ahead: int = -1) -> None:
+        """``ok`` None: the attempt was abandoned, neither success nor failure. ``ahead``:
+        the others in flight on the worker when it was sent (-1: unknown; those now)."""
         now = self.clock()
         latency = now - started
         worker.end(model, latency if ok else None)
         self.in_flight_total -= 1
         if ok:
             self.service_times.observe(worker.id, model, latency, now,
-                                       in_flight=worker.in_flight,
+                                       in_flight=ahead if ahead >= 0 else worker.in_flight,
                                        capacity=worker.capacity_units)
         if ok and self.cfg.admission.adaptive.enabled:
             # in flight when it ended, itself included: close to when it started

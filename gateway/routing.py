@@ -283,7 +283,7 @@ class ServiceTimes:
     def observe(self, worker: WorkerId, model: str, latency_s: float, now: float, *,
                 in_flight: int = 0, capacity: int = 1) -> None:
         """One completed request: ``latency_s`` from send to response; ``in_flight`` = the
-        other requests on the worker when it ended (≈ those ahead of it when it began)."""
+        other requests on the worker when it was sent (those ahead of it)."""
         if not latency_s >= 0.0 or latency_s == float("inf"):
             return
         sample = latency_s / max(1.0, (in_flight + 1) / max(1, capacity))

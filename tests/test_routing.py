@@ -1,16 +1,20 @@
 """Routing core: filter and scorer tables, pickers with a seeded RNG, pools, packing, slow
-start, stickiness, the herd, and a Hypothesis property over random fleets."""
+start, stickiness, the herd, the expected-latency scorer and its peak-EWMA service times (a
+fake clock, and a small closed-loop event simulation), and a Hypothesis property over random
+fleets."""
 
 from __future__ import annotations
 
+import heapq
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import routing
 from gateway.config import ModelConfig, RoutingConfig, WeightsConfig
 from gateway.routing import (
     DROP_BREAKER,
@@ -22,7 +26,10 @@ from gateway.routing import (
     InFlightCounters,
     Router,
     RoutingTable,
+    ServiceTimes,
     drop_reason,
+    expected_completion_s,
+    expected_latency_score,
     is_saturated,
     latency_score,
     memory_score,
@@ -466,6 +473,206 @@ def test_live_in_flight_accounting_prevents_the_herd(picker: str) -> None:
 
 def _spread(picks: Counter[str], fair: float) -> float:
     return sum((picks[f"w{i}"] - fair) ** 2 for i in range(100))
+
+
+# ---------------------------------------------------------------- expected latency
+
+@pytest.mark.parametrize(("service", "ahead", "capacity", "triton_queue", "expected"), [
+    (0.02, 0, 4, 0.0, 0.02),       # idle: one service time
+    (0.02, 3, 4, 0.0, 0.02),       # below capacity: runs at once
+    (0.02, 4, 4, 0.0, 0.025),      # full: waits for one of 4 to finish (s / 4)
+    (0.02, 7, 4, 0.0, 0.04),       # a second round of 4
+    (0.08, 0, 4, 0.0, 0.08),       # the slow idle worker loses to a fast one 7 deep
+    (0.02, 0, 1, 0.0, 0.02),
+    (0.02, 2, 1, 0.0, 0.06),       # capacity 1: Linkerd's cost, latency × (pending + 1)
+    (0.02, 0, 0, 0.0, 0.02),       # unknown capacity counts as 1
+    (0.02, 0, 4, 0.010, 0.025),    # Triton queues what the gateway cannot see: half of it
+    (0.02, 7, 4, 0.010, 0.04),     # ... never lowering the live estimate
+    (0.0, 0, 4, 0.0, routing.MIN_SERVICE_S),
+])
+def test_expected_completion_s(service: float, ahead: int, capacity: int,
+                               triton_queue: float, expected: float) -> None:
+    assert expected_completion_s(service, ahead, capacity, triton_queue) == \
+        pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("expected", "best", "score"), [
+    (0.02, 0.02, 1.0), (0.08, 0.02, 0.25), (0.0, 0.02, NEUTRAL_SCORE), (0.02, 0.0, NEUTRAL_SCORE),
+])
+def test_expected_latency_score(expected: float, best: float, score: float) -> None:
+    assert expected_latency_score(expected, best) == pytest.approx(score)
+
+
+def test_peak_ewma_jumps_on_a_slow_sample_and_decays_with_time() -> None:
+    st = ServiceTimes()
+    assert st.estimate("w", "m", 0.0) is None                       # cold
+    st.observe("w", "m", 0.020, 0.0)
+    st.observe("w", "m", 0.100, 0.01)                               # a peak counts at once
+    assert st.estimate("w", "m", 0.01) == pytest.approx(0.100)
+    st.observe("w", "m", 0.020, 0.01)                               # no time passed: kept
+    assert st.estimate("w", "m", 0.01) == pytest.approx(0.100)
+    tau = routing.SERVICE_DECAY_S
+    st.observe("w", "m", 0.020, 0.01 + tau)                         # one time constant
+    assert st.estimate("w", "m", 0.01 + tau) == \
+        pytest.approx(0.020 + 0.080 / 2.718281828, rel=1e-3)
+    for i in range(2, 12):                                          # many constants
+        st.observe("w", "m", 0.020, 0.01 + i * tau)
+    assert st.estimate("w", "m", 0.01 + 11 * tau) == pytest.approx(0.020, rel=1e-3)
+
+
+def test_samples_are_normalised_by_the_work_ahead_over_capacity() -> None:
+    st = ServiceTimes()
+    # 40 ms with 7 others on a worker executing 4 at once: two rounds of 20 ms.
+    st.observe("w", "m", 0.040, 0.0, in_flight=7, capacity=4)
+    assert st.estimate("w", "m", 0.0) == pytest.approx(0.020)
+    st.observe("v", "m", 0.020, 0.0, in_flight=2, capacity=4)      # below capacity: as is
+    assert st.estimate("v", "m", 0.0) == pytest.approx(0.020)
+    st.observe("v", "m", -1.0, 0.0)                                 # nonsense is ignored
+    st.observe("v", "m", float("inf"), 0.0)
+    assert st.estimate("v", "m", 0.0) == pytest.approx(0.020)
+
+
+def test_idle_estimate_decays_toward_remeasurement_but_not_while_probing() -> None:
+    st = ServiceTimes()
+    st.observe("slow", "m", 0.080, 0.0)
+    tau = routing.IDLE_DECAY_S
+    assert st.estimate("slow", "m", 2 * tau) == pytest.approx(0.080 / 2.718281828**2, rel=1e-3)
+    assert st.estimate("slow", "m", 2 * tau, probing=True) == pytest.approx(0.080)
+    st.observe("slow", "m", 0.080, 2 * tau)                         # re-measured: slow again
+    assert st.estimate("slow", "m", 2 * tau) == pytest.approx(0.080)
+
+
+def test_service_times_are_bounded_per_worker_and_forgotten() -> None:
+    st = ServiceTimes()
+    n = routing.MAX_MODELS_PER_WORKER
+    for i in range(n + 10):
+        st.observe("w", f"model{i}", 0.01, float(i))
+    stats = st.statistics()
+    assert (stats.workers, stats.estimates, stats.evicted) == (1, n, 10)
+    assert st.estimate("w", "model0", 1e3) is None                  # the stalest went
+    assert st.estimate("w", f"model{n + 9}", float(n + 9)) == pytest.approx(0.01)
+    st.forget("w")
+    assert st.statistics().estimates == 0 and "estimates=0" in repr(st)
+
+
+def _closed_loop(policy: str, *, seconds: float = 8.0, clients: int = 10,
+                 service_s: tuple[float, ...] = (0.02, 0.02, 0.08),
+                 seed: int = 5) -> tuple[Counter[str], list[float]]:
+    """A small event simulation of the benchmark's case: workers executing 4 requests at
+    once (FIFO beyond), ``clients`` closed-loop clients, the router deciding at each
+    send with live in-flight counts and the service times measured so far."""
+    names = [f"w{i}" for i in range(len(service_s))]
+    table = RoutingTable(replace(worker(n, slots=8), capacity_units=4) for n in names)
+    r = router(seed=seed, policy=policy)
+    load, st = InFlightCounters(), ServiceTimes()
+    running = dict.fromkeys(names, 0)
+    waiting: dict[str, deque[tuple[float, int]]] = {n: deque() for n in names}
+    events: list[tuple[float, int, str, float, int]] = []  # finish, seq, worker, sent, ahead
+    seq = 0
+    picks: Counter[str] = Counter()
+    latencies: list[float] = []
+
+    def start(w: str, now: float, sent: float, ahead: int) -> None:
+        nonlocal seq
+        running[w] += 1
+        seq += 1
+        heapq.heappush(events, (now + service_s[names.index(w)], seq, w, sent, ahead))
+
+    def send(now: float) -> None:
+        d = routed(r.decide(table, M, load, service=st, now=now))
+        ahead = load.in_flight(d.worker)
+        load.begin(d.worker, "m")
+        picks[d.worker] += 1
+        if running[d.worker] < 4:
+            start(d.worker, now, now, ahead)
+        else:
+            waiting[d.worker].append((now, ahead))
+
+    for _ in range(clients):
+        send(0.0)
+    while events:
+        now, _, w, sent, ahead = heapq.heappop(events)
+        if now > seconds:
+            break
+        running[w] -= 1
+        if waiting[w]:
+            start(w, now, *waiting[w].popleft())
+        load.end(w, "m")
+        st.observe(w, "m", now - sent, now, in_flight=ahead, capacity=4)
+        if now > 1.0:
+            latencies.append(now - sent)
+        send(now)
+    return picks, sorted(latencies)
+
+
+def test_expected_latency_sends_less_to_the_slow_worker_than_least_inflight() -> None:
+    picks, lat = _closed_loop("load_aware")
+    lc_picks, lc_lat = _closed_loop("least_inflight")
+    share = picks["w2"] / sum(picks.values())
+    lc_share = lc_picks["w2"] / sum(lc_picks.values())
+    assert lc_share > 0.10                   # least-in-flight feeds the 80 ms worker ...
+    assert share < 0.02                      # ... expected latency only probes it
+    assert picks["w2"] > 0                   # re-measured now and then, never starved
+    p99, lc_p99 = lat[int(0.99 * len(lat))], lc_lat[int(0.99 * len(lc_lat))]
+    assert p99 <= 0.8 * lc_p99 and lc_p99 >= 0.08
+    assert len(lat) >= 0.95 * len(lc_lat)    # throughput no worse
+
+
+def test_a_cold_worker_gets_a_probe_then_a_share_by_its_measurement() -> None:
+    table = RoutingTable(replace(worker(n, slots=8), capacity_units=4)
+                         for n in ("a", "b", "new"))
+    st = ServiceTimes()
+    for n in ("a", "b"):
+        st.observe(n, "m", 0.020, 0.0)
+    load = InFlightCounters()
+    for n in ("a", "b"):
+        for _ in range(5):
+            load.begin(n, "m")
+    r = router(picker="full_scan")
+    first = routed(r.decide(table, M, load, service=st, now=0.01))
+    assert first.worker == "new"             # as fast as the best measured, and idle
+    load.begin("new", "m")
+    # While its probe is in flight it counts PROBE_PENALTY × slower: no second request.
+    assert routed(r.decide(table, M, load, service=st, now=0.02)).worker != "new"
+    load.end("new", "m")
+    st.observe("new", "m", 0.200, 0.21)      # measured: 10 × slower
+    assert routed(r.decide(table, M, load, service=st, now=0.22)).worker != "new"
+
+
+def test_a_slow_worker_is_remeasured_once_its_estimate_has_decayed() -> None:
+    table = RoutingTable(replace(worker(n, slots=8), capacity_units=4)
+                         for n in ("a", "slow"))
+    st = ServiceTimes()
+    st.observe("a", "m", 0.020, 0.0)
+    st.observe("slow", "m", 0.080, 0.0)
+    load = InFlightCounters()
+    for _ in range(5):
+        load.begin("a", "m")                 # a: 0.02 × 6 / 4 = 30 ms expected
+    r = router(picker="full_scan")
+    assert routed(r.decide(table, M, load, service=st, now=0.1)).worker == "a"
+    later = 3 * routing.IDLE_DECAY_S         # 80 ms decayed to 4 ms: probe it
+    assert routed(r.decide(table, M, load, service=st, now=later)).worker == "slow"
+    load.begin("slow", "m")                  # probing: judged by its undecayed 80 ms
+    assert routed(r.decide(table, M, load, service=st, now=later)).worker == "a"
+
+
+def test_without_service_times_the_snapshot_latency_stands_in() -> None:
+    fleet = [replace(worker("fast", latency_s=0.02, in_flight=5), capacity_units=4),
+             replace(worker("slow", latency_s=0.08), capacity_units=4)]
+    assert routed(router(picker="full_scan").decide(RoutingTable(fleet), M)).worker == "fast"
+
+
+@pytest.mark.parametrize("picker", ["p2c", "full_scan"])
+def test_slow_start_thins_a_measured_fast_worker_too(picker: str) -> None:
+    table = RoutingTable([worker(f"w{i}") for i in range(4)] + [worker("new", share=0.2)])
+    st = ServiceTimes()
+    for i in range(4):
+        st.observe(f"w{i}", "m", 0.05, 0.0)
+    st.observe("new", "m", 0.01, 0.0)        # 5 × faster, but ramping up
+    r = router(picker=picker, seed=3)
+    picks = Counter(routed(r.decide(table, M, service=st, now=0.0)).worker
+                    for _ in range(2000))
+    assert 0 < picks["new"] < 0.5 * 2000
 
 
 # ---------------------------------------------------------------- table and counters
