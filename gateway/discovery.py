@@ -129,6 +129,9 @@ class ModelFacts:
     instances: int               # Σ instance_group count (× GPUs listed)
     decoupled: bool              # may answer 0..n responses per request; never merge
     max_queue_delay_us: int = 0  # dynamic_batching.max_queue_delay_microseconds
+    # the dynamic batcher's queue policy lets a request set its own ``timeout`` (Triton's
+    # schedule-policy extension): the gateway passes each request's remaining time on
+    timeout_override: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +284,20 @@ def model_facts(config: object) -> ModelFacts | None:
         instances=_instances(config.get("instance_group")),
         decoupled=isinstance(policy, dict) and policy.get("decoupled") is True,
         max_queue_delay_us=delay if isinstance(delay, int) and delay > 0 else 0,
+        timeout_override=isinstance(batching, dict) and _allows_timeout_override(batching),
     )
+
+
+def _allows_timeout_override(batching: dict[str, object]) -> bool:
+    """Whether the default queue policy (or every priority level's) allows a request's own
+    ``timeout``: only then does Triton honour the parameter."""
+    default = batching.get("default_queue_policy")
+    if isinstance(default, dict) and default.get("allow_timeout_override") is True:
+        return True
+    levels = batching.get("priority_queue_policy")
+    return (isinstance(levels, dict) and bool(levels)
+            and all(isinstance(v, dict) and v.get("allow_timeout_override") is True
+                    for v in levels.values()))
 
 
 def _instances(groups: object) -> int:

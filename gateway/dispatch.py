@@ -44,7 +44,7 @@ from gateway.fairshare import CostModel, FairShare, tenant_label
 from gateway.fleet import Fleet
 from gateway.ratelimit import RateLimiter
 from gateway.redis_store import RedisStore
-from gateway.requesthead import RequestHead
+from gateway.requesthead import RequestHead, with_timeout
 from gateway.retrybudget import RetryBudget, RetryVerdict, decide_retry
 from gateway.signals import RawMetrics
 from gateway.sticky import StickyTable
@@ -174,8 +174,9 @@ class Dispatcher:
             started = self.clock()
             queued_s += started - asked
             try:
-                resp = await worker.pool.request(call.method, call.target, call.headers,
-                                                 call.body, stream=call.stream,
+                headers, body = self._with_remaining_time(call, worker)
+                resp = await worker.pool.request(call.method, call.target, headers, body,
+                                                 stream=call.stream,
                                                  read_timeout_s=self._read_timeout(call))
             except UpstreamFailure as exc:
                 ok = self.judge_failure(call, exc)
@@ -226,6 +227,27 @@ class Dispatcher:
         if getattr(exc, "timeout", False) and self.clock() >= call.deadline - DEADLINE_SLACK_S:
             return None
         return False
+
+    def _with_remaining_time(self, call: Call, worker: Worker) -> tuple[Headers, bytes]:
+        """The request as sent to ``worker``: where the model's queue policy lets a request
+        set Triton's ``timeout`` and the client set none, the time left to the request's
+        deadline goes with it, so Triton drops it from its own queue rather than run it for
+        nobody. Compressed and unreadable bodies go as they came."""
+        head = call.head
+        if (head is None or head.timeout_us is not None or head.body is not call.body
+                or head.header_length == 0 or call.key.name not in worker.passes_timeout
+                or call.deadline == float("inf")):
+            return call.headers, call.body
+        left_us = int((call.deadline - self.clock()) * 1e6)
+        try:
+            body, header_length = with_timeout(call.body, head.header_length, left_us)
+        except (ValueError, RecursionError):
+            return call.headers, call.body
+        if header_length is None:
+            return call.headers, body
+        headers = [(k, v) for k, v in call.headers if k != b"inference-header-content-length"]
+        headers.append((b"inference-header-content-length", str(header_length).encode()))
+        return headers, body
 
     def _read_timeout(self, call: Call) -> float:
         left = call.deadline - self.clock()

@@ -273,15 +273,17 @@ class Fleet:
         if ready != w.models_ready:
             w.models_ready = frozenset(ready)
             self._on_change()
-        if self.cfg.upstream.default_slots == "auto" and w.configured_slots is None:
-            await self._derive_slots(w, [n for n in ready if "/" not in n])
+        await self._derive_slots(w, [n for n in ready if "/" not in n])
 
     async def _derive_slots(self, w: Worker, models: list[str]) -> None:
-        """upstream.default_slots: auto — enough in flight to keep every model instance busy
+        """What the worker's model configs say. Which models take Triton's ``timeout``
+        parameter; and, with upstream.default_slots: auto (unless the worker's slots are
+        set), its slots — enough in flight to keep every model instance busy
         and one more waiting per instance; the rest waits in the gateway's own queue, where
         priority, deadlines and batching apply. A model with Triton's dynamic batcher
         executes up to ``max_batch_size`` requests per instance at once."""
         units = slots = 0
+        timeouts: set[str] = set()
         for name in sorted(models)[:64]:  # bounded: model names come from the worker
             try:
                 status, body = await fetch(w.pool, "GET", f"/v2/models/{name}/config",
@@ -292,10 +294,13 @@ class Fleet:
             facts = model_facts(doc)
             if facts is None:
                 continue
+            if facts.timeout_override:
+                timeouts.add(name)
             per_instance = facts.max_batch_size if facts.dynamic_batching else 1
             units += facts.instances * max(1, per_instance)
             slots += facts.instances * max(1, per_instance) + facts.instances
-        if not units:
+        w.passes_timeout = frozenset(timeouts)
+        if not units or self.cfg.upstream.default_slots != "auto" or w.configured_slots is not None:
             return
         derived = min(MAX_DERIVED_SLOTS, max(2, slots))
         if derived != w.derived_slots or units != w.derived_units:

@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from gateway.errors import BadRequest
@@ -107,3 +108,25 @@ def read_head(body: bytes, header_length: bytes | None, content_encoding: bytes 
         priority=prio if isinstance(prio, int) and not isinstance(prio, bool)
         and prio > 0 else None,
     )
+
+
+def with_timeout(body: bytes, header_length: int | None, timeout_us: int) -> tuple[bytes,
+                                                                                int | None]:
+    """``body`` with the request-level ``parameters.timeout`` set to ``timeout_us``
+    (Triton's schedule-policy timeout, microseconds); returns the new body and its
+    ``Inference-Header-Content-Length`` (None for a pure JSON body). Only for a body whose
+    header is a JSON object; the caller checks that the client set no timeout itself."""
+    header = body[:header_length] if header_length is not None else body
+    doc = json.loads(header)
+    if not isinstance(doc, dict):
+        raise ValueError("the infer header is not a JSON object")
+    params = doc.get("parameters")
+    if params is None:
+        params = doc["parameters"] = {}
+    if not isinstance(params, dict):
+        raise ValueError("parameters is not a JSON object")
+    params["timeout"] = max(1, int(timeout_us))
+    new_header = json.dumps(doc, separators=(",", ":")).encode()
+    if header_length is None:
+        return new_header, None
+    return new_header + body[header_length:], len(new_header)

@@ -109,6 +109,7 @@ class Worker:
         "models_ready",
         "name",
         "ok_streak",
+        "passes_timeout",
         "pool",
         "pool_name",
         "pool_priority",
@@ -146,6 +147,9 @@ class Worker:
         # What the worker can execute at once, learned from its models' configs: Σ instances
         # (× max_batch_size where Triton's dynamic batcher merges requests). None: unknown.
         self.derived_units: int | None = None
+        # Models whose config lets a request set Triton's ``timeout`` (schedule policy):
+        # the dispatcher passes each request's remaining time on to them.
+        self.passes_timeout: frozenset[str] = frozenset()
         self.state = State.JOINING
         self.ok_streak = 0
         self.fail_streak = 0

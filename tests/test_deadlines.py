@@ -104,3 +104,44 @@ def test_a_request_the_queue_cannot_serve_in_time_is_refused_before_its_body(
         assert r.status_code == 503, r.text
         assert "deadline cannot be met" in r.json()["error"] and r.headers["retry-after"]
         assert gw.status()["dispatch"]["refused_before_body"] >= 1
+
+
+def test_the_remaining_time_goes_on_as_tritons_timeout_where_the_model_honours_it(
+        tmp_path: Path) -> None:
+    """A model whose queue policy allows ``timeout`` overrides gets each request's remaining
+    time as ``parameters.timeout`` (JSON and binary bodies); a client's own timeout and a
+    model without the policy are left alone."""
+    from gateway.sim.core import SimModel
+    honours = SimModel(name="honours", timeout_override=True)
+    plain = SimModel(name="plain")
+    with SimFleetThread([WorkerSpec(models=(honours, plain), base_ms=1.0)]) as sim, \
+            GatewayProcess({"workers": [{"url": f"http://{sim.urls[0]}"}]}, tmp_path) as gw:
+        gw.wait_workers_ready(1)
+
+        def last_timeout() -> int | None:
+            return sim.statistics().workers[0].last_timeout_us
+
+        r = infer(gw, {"X-Request-Timeout-Ms": "4000"}, path="/v2/models/honours/infer")
+        assert r.status_code == 200, r.text
+        seen = last_timeout()
+        assert seen is not None and 3_000_000 < seen <= 4_000_000, seen
+        # binary tensors: the header grows, Inference-Header-Content-Length follows
+        header = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16],
+                                         "datatype": "FP32",
+                                         "parameters": {"binary_data_size": 64}}]}).encode()
+        r = httpx.post(gw.url + "/v2/models/honours/infer", content=header + bytes(64),
+                       headers={"Inference-Header-Content-Length": str(len(header)),
+                                "X-Request-Timeout-Ms": "2500"}, timeout=10)
+        assert r.status_code == 200, r.text
+        seen = last_timeout()
+        assert seen is not None and 1_500_000 < seen <= 2_500_000, seen
+        # the client's own timeout stands
+        own = json.dumps({"parameters": {"timeout": 7_000_000}, "inputs": [
+            {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]})
+        r = httpx.post(gw.url + "/v2/models/honours/infer", content=own, timeout=10)
+        assert r.status_code == 200 and last_timeout() == 7_000_000
+        # a model without the policy: nothing added
+        before = last_timeout()
+        assert infer(gw, {"X-Request-Timeout-Ms": "900"},
+                     path="/v2/models/plain/infer").status_code == 200
+        assert last_timeout() == before

@@ -94,6 +94,19 @@ def test_paths_quote_the_name(key: ModelKey, suffix: str, path: str) -> None:
       "model_transaction_policy": {"decoupled": True}},
      ModelFacts(8, True, 1, True, 100)),
     ({"max_batch_size": "x", "instance_group": "nonsense"}, ModelFacts(0, False, 1, False)),
+    ({"max_batch_size": 8, "dynamic_batching": {
+        "default_queue_policy": {"allow_timeout_override": True}}},
+     ModelFacts(8, True, 1, False, timeout_override=True)),
+    ({"max_batch_size": 8, "dynamic_batching": {
+        "default_queue_policy": {"allow_timeout_override": False},
+        "priority_queue_policy": {"1": {"allow_timeout_override": True},
+                                  "2": {"allow_timeout_override": True}}}},
+     ModelFacts(8, True, 1, False, timeout_override=True)),
+    ({"max_batch_size": 8, "dynamic_batching": {
+        "priority_queue_policy": {"1": {"allow_timeout_override": True}, "2": {}}}},
+     ModelFacts(8, True, 1, False)),
+    ({"default_queue_policy": {"allow_timeout_override": True}},   # no dynamic batcher
+     ModelFacts(0, False, 1, False)),
     ([], None),
 ])
 def test_facts_from_a_model_config(config: object, facts: ModelFacts | None) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.requesthead import read_head
+from gateway.requesthead import read_head, with_timeout
 from gateway.tenants import TenantDirectory
 from gateway.types import Priority
 
@@ -85,3 +85,29 @@ def test_empty_or_blank_keys_never_authenticate() -> None:
     assert d.identify([(b"authorization", b"Bearer k1")]) == ("a", Priority.CRITICAL)
     for value in (b"", b"  ", b"Bearer ", b"k2"):
         assert d.identify([(b"x-api-key", value), (b"authorization", value)])[0] is None
+
+
+@pytest.mark.parametrize(("header", "tail"), [
+    (b'{"inputs":[]}', None),
+    (b'{"parameters":{"priority":1},"inputs":[]}', None),
+    (b'{"inputs":[{"name":"X","parameters":{"binary_data_size":4}}]}', b"\x00\x01\x02\x03"),
+])
+def test_with_timeout_sets_the_parameter_and_keeps_the_tail(header: bytes,
+                                                            tail: bytes | None) -> None:
+    body = header + (tail or b"")
+    new, length = with_timeout(body, len(header) if tail is not None else None, 1500)
+    if tail is None:
+        assert length is None
+        doc = json.loads(new)
+    else:
+        assert length is not None and new[length:] == tail
+        doc = json.loads(new[:length])
+    assert doc["parameters"]["timeout"] == 1500
+    assert {k: v for k, v in doc["parameters"].items() if k != "timeout"} == \
+        json.loads(header).get("parameters", {})
+
+
+@pytest.mark.parametrize("header", [b"[1]", b'{"parameters":[]}', b"{nope"])
+def test_with_timeout_refuses_what_it_cannot_rewrite(header: bytes) -> None:
+    with pytest.raises(ValueError):
+        with_timeout(header, None, 1000)

@@ -67,6 +67,9 @@ class SimModel:
     # what the model config says; the simulator executes every request alone either way
     # (as Triton does for a model without a dynamic batcher), so the default is off
     dynamic_batching: bool = False
+    # the dynamic batcher's default queue policy allows a request's own ``timeout``
+    # (reported in the config; the simulator records the values it receives)
+    timeout_override: bool = False
     # per-model cost overrides; None = the worker's value
     base_ms: float | None = None
     per_item_ms: float | None = None

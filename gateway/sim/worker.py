@@ -66,6 +66,8 @@ class SimWorkerStats:
     infer_requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    # the last request-level ``timeout`` parameter received (microseconds), if any
+    last_timeout_us: int | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +101,7 @@ class SimWorker(Handler):
         self.infer_requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.last_timeout_us: int | None = None
         self._pending: dict[int, _Pending] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -181,7 +184,7 @@ class SimWorker(Handler):
             0, self.spec.slots, 0, 0, 0, 0, 0, 0)
         return SimWorkerStats(self.index, self.port, self.is_up, self.spec.faults,
                               self.http_requests, self.hung, core, self.infer_requests,
-                              self.in_flight, self.max_in_flight)
+                              self.in_flight, self.max_in_flight, self.last_timeout_us)
 
     # ----------------------------------------------------------------- request handling
 
@@ -281,6 +284,9 @@ class SimWorker(Handler):
             body = decode_content(request.body, headers.get("content-encoding"),
                                   max_bytes=MAX_BODY_BYTES)
             infer = parse_infer_request(body, header_length_of(headers))
+            timeout = infer.parameters.get("timeout")
+            if isinstance(timeout, int) and not isinstance(timeout, bool):
+                self.last_timeout_us = timeout
             batch = validate(model, infer)
             encoded = answer(model, infer)
         except (SimError, GatewayError) as exc:
