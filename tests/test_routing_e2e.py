@@ -3,8 +3,9 @@
 Each test starts its own simulated fleet (``SimFleetThread``) and gateway, drives a bounded
 amount of traffic, and judges the routing by the simulator's per-worker statistics: the
 herd (1,000 requests inside one scrape interval), stale and missing metrics, a CPU-only
-worker, pool spill-over and return, and the free-memory filter — which estimates the free
-memory *now* from the last scrape and the requests sent since (a table of that rule first).
+worker, pool spill-over and return, the free-memory filter — which estimates the free
+memory *now* from the last scrape and the requests sent since (a table of that rule first) —
+and the expected-latency scorer keeping traffic off a slow worker.
 """
 
 from __future__ import annotations
@@ -253,3 +254,30 @@ def test_memory_filter_counts_requests_sent_since_the_scrape(tmp_path: Path,
     stats = sim.statistics().workers
     assert stats[0].core.oom_total == 0
     assert served_since(sim, before)[0] > 0     # still used, two at a time
+
+
+def test_expected_latency_keeps_traffic_off_a_slow_worker(tmp_path: Path,
+                                                          stack: list[Any]) -> None:
+    """Two 20 ms workers and one 80 ms worker (4 slots each), 10 clients in a closed loop:
+    least-in-flight gives the slow worker about a seventh of the requests; the default
+    scorer (minimal config: slots, capacity and service times learned) only probes it."""
+    specs = [WorkerSpec(slots=4, base_ms=ms, per_item_ms=0.0) for ms in (20.0, 20.0, 80.0)]
+    sim = SimFleetThread(specs)
+    stack.append(sim.start())
+    minimal = {"log_level": "warning", "workers": config(sim)["workers"],
+               "health": {"interval_s": 0.3, "rise": 1}}
+    shares = {}
+    for name, extra in (("default", {}), ("least_inflight",
+                                          {"routing": {"policy": "least_inflight"}})):
+        gw = start({**minimal, **extra}, tmp_path, with_signals=False)
+        gw.wait_for(lambda g=gw: all(w["slots"] == 8 for w in g.status()["workers"]),  # type: ignore[misc]
+                    what="slots learned from the model configs")
+        send(gw, 100, concurrency=10)                       # warm-up: service times measured
+        before = successes(sim)
+        statuses = send(gw, 500, concurrency=10)
+        served = served_since(sim, before)
+        gw.stop()
+        assert statuses.count(200) == 500
+        shares[name] = served[2] / sum(served)
+    assert shares["least_inflight"] > 0.08, shares
+    assert shares["default"] < 0.4 * shares["least_inflight"], shares
