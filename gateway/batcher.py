@@ -79,12 +79,13 @@ class Batcher:
     ``fleet`` instances never run out and batches close on the timer (and when idle or
     full). When to close is decided by :func:`~gateway.batching.plan_closes`."""
 
-    __slots__ = ("_batches_sent", "_cancelled", "_clock", "_closed", "_failed", "_fleet",
-                 "_flushes", "_freed_at", "_max_open_batches", "_max_waiting", "_on_batch",
-                 "_open", "_plan_soon", "_rejected", "_requests_sent", "_rows_sent", "_send",
-                 "_sending", "_service_time_s", "_size_counts", "_tasks", "_timer",
-                 "_timer_at", "_waiting", "flush_when_idle", "max_batch_size", "max_bytes",
-                 "max_delay_s", "wait_for_instance")
+    __slots__ = ("_answered", "_answered_at", "_batches_sent", "_cancelled", "_clock",
+                 "_closed", "_failed", "_fleet", "_flushes", "_max_open_batches",
+                 "_max_waiting", "_on_batch", "_open", "_plan_soon", "_rejected",
+                 "_requests_sent", "_rows_sent", "_send", "_sending", "_service_time_s",
+                 "_size_counts", "_tasks", "_timer", "_timer_at", "_waiting",
+                 "flush_when_idle", "max_batch_size", "max_bytes", "max_delay_s",
+                 "wait_for_instance")
 
     def __init__(self, send: Send, *, max_batch_size: int, max_delay_ms: float,
                  max_bytes: int, max_open_batches: int = DEFAULT_MAX_OPEN_BATCHES,
@@ -110,7 +111,8 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting = 0  # members whose reply is not set yet (open or in flight)
         self._sending = 0  # batches handed to send() that have not come back
-        self._freed_at = float("-inf")
+        self._answered_at = float("-inf")  # when the last batch came back, with how many
+        self._answered = 0
         self._service_time_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -170,7 +172,6 @@ class Batcher:
     def instance_freed(self) -> None:
         """A request of the model ended, so an instance may be free: plan again once the
         current callback is over (the batch that just ended has then left ``send``)."""
-        self._freed_at = self._now()
         if self._plan_soon is None and self._open:
             self._plan_soon = asyncio.get_running_loop().call_soon(self._planned_soon)
 
@@ -194,7 +195,8 @@ class Batcher:
     def view(self) -> InstanceView:
         """What the close planner knows about the model's instances now."""
         counts = self._fleet() if self._fleet is not None else None
-        return instance_view(counts, own_in_flight=self._sending, freed_at=self._freed_at,
+        return instance_view(counts, own_in_flight=self._sending,
+                             answered_at=self._answered_at, answered=self._answered,
                              service_time_s=self._service_time_s)
 
     def _plan(self) -> None:
@@ -274,7 +276,7 @@ class Batcher:
     async def _run(self, key: BatchKey, members: list[_Member]) -> None:
         if all(m.future.done() for m in members):  # every caller has gone: skip the work
             self._waiting -= len(members)
-            self._sent_back(None)
+            self._sent_back(None, 0)
             return
         requests = [m.request for m in members]
         replies: list[HttpReply] | None = None
@@ -291,7 +293,7 @@ class Batcher:
                                                                    headers, meta)
                 finally:
                     sending = False
-                    self._sent_back(self._now() - started)
+                    self._sent_back(self._now() - started, len(members))
                 replies = replies_for(requests, status, reply_headers, body)
             except GatewayError as exc:
                 replies = [HttpReply.from_error(exc)] * len(members)
@@ -303,7 +305,7 @@ class Batcher:
                 self._failed += 1
         finally:
             if sending:  # merging failed before the send
-                self._sent_back(None)
+                self._sent_back(None, 0)
             if replies is None:  # cancelled (batcher closing): nobody may hang
                 replies = [HttpReply.from_error(UpstreamError("batcher closed"))] * len(members)
             for member, reply in zip(members, replies, strict=True):
@@ -311,9 +313,11 @@ class Batcher:
                 if not member.future.done():
                     member.future.set_result(reply)
 
-    def _sent_back(self, took_s: float | None) -> None:
+    def _sent_back(self, took_s: float | None, members: int) -> None:
         self._sending -= 1
         if took_s is not None:
+            self._answered_at = self._now()
+            self._answered = members
             # The planner's expected service time: send → reply of a whole batch, queueing
             # at the worker included (what a member's deadline has to cover).
             self._service_time_s = (took_s if self._service_time_s == 0.0

@@ -80,12 +80,14 @@ class BatchingGateway:
 
     def instance_counts(self, model: str) -> FleetCounts:
         """The model's instances on its eligible workers (serving, model ready, breaker not
-        open) and the gateway's requests of the model in flight there. Instances per worker
-        come from the model's config (``instance_group``; one when unknown)."""
+        open), the gateway's requests of the model in flight there and their shortest recent
+        service time. Instances per worker come from the model's config
+        (``instance_group``; one when unknown)."""
         facts = self.model_facts.get(model)
         per_worker = facts.instances if facts is not None else 1
         now = self._clock()
         free = busy = total = 0
+        service_s = float("inf")
         breakers = self._dispatcher.breakers
         for w in self._dispatcher.fleet.routable():
             if model not in w.models_ready or (
@@ -95,7 +97,9 @@ class BatchingGateway:
             total += per_worker
             busy += n
             free += max(0, per_worker - n)
-        return FleetCounts(free, busy, total)
+            if w.latency_ewma_s > 0:
+                service_s = min(service_s, w.latency_ewma_s)
+        return FleetCounts(free, busy, total, service_s if service_s != float("inf") else 0.0)
 
     def instance_freed(self, model: str) -> None:
         """The dispatcher's release hook: a request of ``model`` ended."""

@@ -23,17 +23,19 @@ When a batch that is not full closes (:func:`plan_closes`, time and the fleet as
 
 * **full** — at once, whatever the fleet does (waiting cannot make it larger).
 * **deadline** — when ``now`` reaches its earliest member deadline minus the expected
-  service time of a batch: later it could no longer be answered in time.
-* **idle** — at once when nothing of the model is in flight and no instance freed within the
-  last ``max_delay_ms`` (a lone caller at low load pays no delay).
+  service time of a batch (``DEADLINE_SERVICE_TIMES`` of it, a margin for its noise, and
+  ``DEADLINE_MIN_MARGIN_S`` at least): later it could no longer be answered in time.
+* **idle** — at once when nothing of the model is in flight (a lone caller at low load pays
+  no delay), unless a batch of several members came back less than ``max_delay_ms`` ago:
+  then until ``max_delay_ms`` after it (see **timer**).
 * **held** — while every eligible instance of the model is busy (the gateway's own in-flight
   count against the instances learned from the model's config), the batch keeps filling;
   an instance freeing wakes the planner. Held at most ``max_delay_ms`` plus
   ``HOLD_SERVICE_TIMES`` service times (``HOLD_MIN_S`` at least), a safety bound for a
   count that never drops.
 * **timer** — while an instance is free, ``max_delay_ms`` after its first member arrived or
-  the instance freed, whichever is later: the callers answered by the batch that just
-  finished get that long to come back, so a closed loop converges to full batches instead
+  the last batch of several members came back, whichever is later: the callers that batch
+  answered get that long to come back, so a closed loop converges to full batches instead
   of alternating between a lone request and the rest.
 
 Free instances go to ready batches in order: most urgent member first, then the largest
@@ -93,6 +95,10 @@ FLUSH_REASONS: tuple[FlushReason, ...] = ("full", "timer", "flush", "idle", "dea
 # (at least HOLD_MIN_S: the service time is unknown until a batch has come back).
 HOLD_SERVICE_TIMES = 4.0
 HOLD_MIN_S = 0.1
+# A batch leaves when its earliest member deadline is this many service times away (the
+# estimate is noisy; the dispatcher refuses a request whose time left is below it).
+DEADLINE_SERVICE_TIMES = 2.0
+DEADLINE_MIN_MARGIN_S = 0.05  # ... and at least this far (the service time may be unknown)
 UNLIMITED_INSTANCES = 1 << 30
 Headers = list[tuple[bytes, bytes]]
 UpstreamReply = tuple[int, HeadersLike, bytes]
@@ -223,22 +229,26 @@ class Waiting:
 @dataclass(frozen=True, slots=True)
 class FleetCounts:
     """The model's instances on its eligible workers (serving, model ready, breaker not
-    open), counted by the gateway: ``busy`` requests of the model in flight there."""
+    open), counted by the gateway: ``busy`` requests of the model in flight there;
+    ``service_time_s`` the shortest recent service time among them (0: unknown)."""
 
     free: int
     busy: int
     total: int
+    service_time_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceView:
     """What the close planner knows about the model's instances at ``now``: how many are
-    free for this batcher, how many requests of the model are in flight, when one last
-    freed (``-inf``: never) and how long a batch is expected to take (0: unknown)."""
+    free for this batcher, how many requests of the model are in flight, when the batcher's
+    last batch came back (``-inf``: never) with how many members, and how long a batch is
+    expected to take (0: unknown)."""
 
     free: int
     in_flight: int
-    freed_at: float = float("-inf")
+    answered_at: float = float("-inf")
+    answered: int = 0
     service_time_s: float = 0.0
 
 
@@ -380,15 +390,17 @@ def plan_batches(pending: Sequence[PendingItem], max_batch_size: int,
     return out
 
 
-def instance_view(counts: FleetCounts | None, *, own_in_flight: int, freed_at: float,
-                  service_time_s: float) -> InstanceView:
+def instance_view(counts: FleetCounts | None, *, own_in_flight: int, answered_at: float,
+                  answered: int, service_time_s: float) -> InstanceView:
     """Combine the fleet's counts with the batcher's own batches in flight: a batch already
     sent may not have reached a worker yet (it waits for the dispatcher), but it will take
     an instance. ``counts`` None (no fleet to ask): instances never run out."""
     if counts is None:
-        return InstanceView(UNLIMITED_INSTANCES, own_in_flight, freed_at, service_time_s)
+        return InstanceView(UNLIMITED_INSTANCES, own_in_flight, answered_at, answered,
+                            service_time_s)
     free = max(0, min(counts.free, counts.total - own_in_flight))
-    return InstanceView(free, max(counts.busy, own_in_flight), freed_at, service_time_s)
+    return InstanceView(free, max(counts.busy, own_in_flight), answered_at, answered,
+                        max(service_time_s, counts.service_time_s))
 
 
 def _pack(waiting: Sequence[Waiting], max_batch_size: int,
@@ -418,14 +430,20 @@ def plan_closes(open_batches: Mapping[BatchKey, Sequence[Waiting]], view: Instan
     closes: list[Close] = []
     free = view.free
     in_flight = view.in_flight
-    freed_at = view.freed_at if rule.wait_for_instance else float("-inf")
+    # The callers a batch of several has just answered are likely to come back (a closed
+    # loop): while an instance is free, wait max_delay for them rather than send whoever
+    # returns first alone and hold the rest for a whole execution.
+    recall_from = (view.answered_at if rule.wait_for_instance and view.answered >= 2
+                   else float("-inf"))
+    recalling = now < recall_from + rule.max_delay_s
+    margin_s = max(DEADLINE_MIN_MARGIN_S, DEADLINE_SERVICE_TIMES * view.service_time_s)
     # (priority, -rows, first arrival, due, members, key) of the batches that are not full
     partial: list[tuple[int, int, float, float, tuple[int, ...], BatchKey]] = []
     for key, waiting in open_batches.items():
         chunks = _pack(waiting, rule.max_batch_size, rule.max_bytes)
         for index, (members, rows, size) in enumerate(chunks):
             mine = [waiting[i] for i in members]
-            due = min(m.deadline for m in mine) - view.service_time_s
+            due = min(m.deadline for m in mine) - margin_s
             reason: FlushReason | None = None
             if (index < len(chunks) - 1 or rows >= rule.max_batch_size
                     or size >= rule.max_bytes):
@@ -442,8 +460,7 @@ def plan_closes(open_batches: Mapping[BatchKey, Sequence[Waiting]], view: Instan
     wake_at = float("inf")
     partial.sort(key=lambda p: p[:3])
     for _, _, first, due, members_, key in partial:
-        if in_flight <= 0 and (free <= 0 or (rule.send_when_idle
-                                              and now - freed_at >= rule.max_delay_s)):
+        if in_flight <= 0 and (free <= 0 or (rule.send_when_idle and not recalling)):
             closes.append(Close(key, members_, "idle"))
         elif rule.wait_for_instance and free <= 0:
             hold_until = first + rule.max_delay_s + max(
@@ -453,9 +470,9 @@ def plan_closes(open_batches: Mapping[BatchKey, Sequence[Waiting]], view: Instan
                 continue
             closes.append(Close(key, members_, "held"))
         else:
-            ready_at = max(first, freed_at) + rule.max_delay_s
-            if in_flight <= 0 and rule.send_when_idle:  # idle by then: see above
-                ready_at = min(ready_at, freed_at + rule.max_delay_s)
+            ready_at = max(first, recall_from) + rule.max_delay_s
+            if in_flight <= 0 and rule.send_when_idle and recalling:  # idle once it ends
+                ready_at = min(ready_at, recall_from + rule.max_delay_s)
             if now < ready_at:
                 wake_at = min(wake_at, ready_at, due)
                 continue

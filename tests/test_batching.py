@@ -340,10 +340,14 @@ def test_plan_table() -> None:
 # ---------------------------------------------------------------- when a batch closes
 
 RULE = CloseRule(max_batch_size=8, max_bytes=1 << 20, max_delay_s=0.002)
-BUSY = InstanceView(free=0, in_flight=1, freed_at=0.0, service_time_s=0.010)
-FREED_AT_1 = InstanceView(free=1, in_flight=0, freed_at=1.0, service_time_s=0.010)
-IDLE = InstanceView(free=1, in_flight=0, freed_at=float("-inf"))
-ONE_FREE_OF_TWO = InstanceView(free=1, in_flight=1, freed_at=0.5, service_time_s=0.010)
+BUSY = InstanceView(free=0, in_flight=1, service_time_s=0.010)
+FIVE_BACK_AT_1 = InstanceView(free=1, in_flight=0, answered_at=1.0, answered=5,
+                              service_time_s=0.010)
+ONE_BACK_AT_1 = InstanceView(free=1, in_flight=0, answered_at=1.0, answered=1,
+                             service_time_s=0.010)
+IDLE = InstanceView(free=1, in_flight=0)
+ONE_FREE_OF_TWO = InstanceView(free=1, in_flight=1, answered_at=0.5, answered=3,
+                               service_time_s=0.010)
 
 
 def _w(n: int, at: float = 0.0, rows: int = 1, priority: int = 1,
@@ -357,25 +361,30 @@ CLOSE_TABLE: list[tuple[str, list[Waiting], InstanceView, CloseRule, float,
                         list[tuple[int, str]], float | None]] = [
     ("a lone request to an idle fleet goes at once",
      _w(1, at=5.0), IDLE, RULE, 5.0, [(1, "idle")], None),
-    ("idle, but an instance freed 1 ms ago: its callers get max_delay to come back",
-     _w(1, at=1.001), FREED_AT_1, RULE, 1.001, [], 1.002),
+    ("idle, but a batch of five came back 1 ms ago: its callers get max_delay to return",
+     _w(1, at=1.001), FIVE_BACK_AT_1, RULE, 1.001, [], 1.002),
     ("... and then the batch goes (nothing came in flight meanwhile)",
-     _w(5, at=1.001), FREED_AT_1, RULE, 1.002, [(5, "idle")], None),
+     _w(5, at=1.001), FIVE_BACK_AT_1, RULE, 1.002, [(5, "idle")], None),
+    ("a batch of one came back 1 ms ago (a sequential caller): at once",
+     _w(1, at=1.001), ONE_BACK_AT_1, RULE, 1.001, [(1, "idle")], None),
     ("every instance busy: the batch is held past max_delay",
      _w(3, at=0.0), BUSY, RULE, 0.005, [], 0.102),
     ("held, up to max_delay + max(4 service times, 100 ms) (a count that never drops)",
      _w(3, at=0.0), BUSY, RULE, 0.103, [(3, "held")], None),
     ("... 4 service times when that is longer",
-     _w(3, at=0.0), InstanceView(0, 1, 0.0, 0.5), RULE, 1.0, [], 2.002),
+     _w(3, at=0.0), InstanceView(0, 1, service_time_s=0.5), RULE, 1.0, [], 2.002),
     ("a full batch goes at once, busy or not",
      _w(8, at=0.0), BUSY, RULE, 0.0, [(8, "full")], None),
     ("full batches go, the rest is held",
      _w(11, at=0.0), BUSY, RULE, 0.0, [(8, "full")], 0.102),
-    ("the earliest deadline minus the service time sends a held batch",
-     [*_w(2), *_w(1, deadline=0.020)], BUSY, RULE, 0.010, [(3, "deadline")], None),
+    ("the earliest deadline minus 50 ms (at least) sends a held batch",
+     [*_w(2), *_w(1, deadline=0.060)], BUSY, RULE, 0.010, [(3, "deadline")], None),
     ("... not before: wake up at that moment",
-     [*_w(2), *_w(1, deadline=0.020)], BUSY, RULE, 0.005, [], 0.010),
-    ("an instance free while others run: max_delay from the first member",
+     [*_w(2), *_w(1, deadline=0.060)], BUSY, RULE, 0.005, [], 0.010),
+    ("... or minus 2 service times when that is more",
+     [*_w(2), *_w(1, deadline=1.5)], InstanceView(0, 1, service_time_s=0.5), RULE, 0.0, [],
+     0.5),
+    ("an instance free while others run: max_delay from the first member (or the return)",
      _w(2, at=1.0), ONE_FREE_OF_TWO, RULE, 1.001, [], 1.002),
     ("... then the timer",
      _w(2, at=1.0), ONE_FREE_OF_TWO, RULE, 1.002, [(2, "timer")], None),
@@ -418,7 +427,7 @@ def test_priority_order_inside_a_batch() -> None:
 def test_a_freed_instance_goes_to_the_most_urgent_then_the_largest_batch() -> None:
     a, b, c = _fake_key(0), _fake_key(1), _fake_key(2)
     open_ = {a: _w(2, at=0.0), b: _w(5, at=0.001), c: _w(1, at=0.002, priority=0)}
-    view = InstanceView(free=2, in_flight=1, freed_at=0.0, service_time_s=0.010)
+    view = InstanceView(free=2, in_flight=1, service_time_s=0.010)
     plan = plan_closes(open_, view, RULE, 0.010)
     assert [(cl.key, len(cl.members), cl.reason) for cl in plan.closes] == [
         (c, 1, "timer"), (b, 5, "timer")]
@@ -427,13 +436,15 @@ def test_a_freed_instance_goes_to_the_most_urgent_then_the_largest_batch() -> No
 
 def test_instance_view_counts_batches_not_yet_at_a_worker() -> None:
     # Two instances, one busy with another client's request, one batch of ours on its way.
-    view = instance_view(FleetCounts(free=1, busy=1, total=2), own_in_flight=1, freed_at=3.0,
-                         service_time_s=0.01)
-    assert view == InstanceView(free=1, in_flight=1, freed_at=3.0, service_time_s=0.01)
-    view = instance_view(FleetCounts(free=2, busy=0, total=2), own_in_flight=2, freed_at=3.0,
-                         service_time_s=0.01)
-    assert (view.free, view.in_flight) == (0, 2)
-    assert instance_view(None, own_in_flight=0, freed_at=0.0, service_time_s=0.0).free > 1000
+    view = instance_view(FleetCounts(free=1, busy=1, total=2), own_in_flight=1,
+                         answered_at=3.0, answered=4, service_time_s=0.01)
+    assert view == InstanceView(free=1, in_flight=1, answered_at=3.0, answered=4,
+                                service_time_s=0.01)
+    view = instance_view(FleetCounts(free=2, busy=0, total=2, service_time_s=0.02),
+                         own_in_flight=2, answered_at=3.0, answered=4, service_time_s=0.01)
+    assert (view.free, view.in_flight, view.service_time_s) == (0, 2, 0.02)
+    assert instance_view(None, own_in_flight=0, answered_at=0.0, answered=0,
+                         service_time_s=0.0).free > 1000
 
 
 @PROPS
@@ -448,7 +459,7 @@ def test_plan_closes_properties(items: list[tuple[int, int, int, float]], free: 
     for k, rows, priority, at in items:
         open_.setdefault(_fake_key(k), []).append(Waiting(rows, 16 * rows, at, priority))
     rule = CloseRule(6, 1 << 20, 0.002, wait_for_instance=wait)
-    view = InstanceView(free, in_flight, freed_at=0.0, service_time_s=0.01)
+    view = InstanceView(free, in_flight, answered_at=0.0, answered=3, service_time_s=0.01)
     plan = plan_closes(open_, view, rule, now)
     for key, waiting in open_.items():
         sent = [i for c in plan.closes if c.key == key for i in c.members]

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sim.core import WorkerSpec
+from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tensors import (
     InferRequest,
@@ -497,16 +497,91 @@ def test_worker_errors_and_crashes_fail_every_member(tmp_path: Path) -> None:
 
 
 def test_a_batched_member_keeps_its_own_deadline(batching_gateway: GatewayProcess) -> None:
-    """A member's deadline travels with it into the batch: with an 800 ms window and a
-    150 ms deadline, the caller gets 504 + Retry-After when its time is up, not a late 200
-    (before, the batched path replaced every member's deadline by the default)."""
-    caller = add_sub_caller(1, "deadline")
-    body, headers = caller.body_and_headers()
-    headers.append(("x-request-timeout-ms", "150"))
-    started = time.monotonic()
-    response = httpx.post(f"{batching_gateway.url}/v2/models/add_sub/infer", content=body,
-                          headers=headers, timeout=TIMEOUT_S)
-    elapsed = time.monotonic() - started
-    assert response.status_code == 504, response.text
+    """A member's deadline travels with it into the batch and closes the batch early: with
+    an 800 ms window and a 400 ms deadline the batch leaves 50 ms before the deadline, in
+    time for the answer (before,
+    the batched path replaced every member's deadline by the default and the caller waited
+    for the window). A deadline shorter than the service time gets a JSON refusal with
+    Retry-After (503 unmeetable or 504), well before the window, never a late 200."""
+
+    def post(timeout_ms: int, rid: str) -> tuple[httpx.Response, float]:
+        body, headers = add_sub_caller(1, rid).body_and_headers()
+        headers.append(("x-request-timeout-ms", str(timeout_ms)))
+        started = time.monotonic()
+        response = httpx.post(f"{batching_gateway.url}/v2/models/add_sub/infer", content=body,
+                              headers=headers, timeout=TIMEOUT_S)
+        return response, time.monotonic() - started
+
+    response, elapsed = post(400, "in-time")
+    # A 200 at all means the batch left before the member's deadline (else 504).
+    assert response.status_code == 200, response.text
+    assert elapsed < LONG_WINDOW_MS / 1000.0
+    response, elapsed = post(1, "too-short")
+    assert response.status_code in (503, 504), response.text
     assert "error" in response.json() and response.headers["retry-after"]
     assert elapsed < LONG_WINDOW_MS / 1000.0
+
+
+# ---------------------------------------------------------------- waiting for an instance
+
+SLOW_MS = 600.0     # one execution of the slow model; the worker has one instance
+SLOW_DELAY_MS = 20  # the slow model's max_delay_ms
+FOLLOWERS = 6
+FOLLOWER_GAP_S = 0.06  # 3 × max_delay: the timer alone would send each follower on its own
+
+
+def test_batches_wait_for_a_busy_instance_and_an_idle_one_sends_at_once(
+        tmp_path: Path) -> None:
+    """One simulated worker with one instance. ``quick`` (5 ms, a 2 s window): a lone request
+    to the idle fleet is answered at once, not after the window. ``slow`` (600 ms, a 20 ms
+    window): while the first request executes, followers arriving 60 ms apart — each alone
+    in any 20 ms window — keep joining one batch, which goes when the instance frees."""
+    models = (SimModel(name="quick", base_ms=5.0), SimModel(name="slow", base_ms=SLOW_MS))
+    with SimFleetThread([WorkerSpec(slots=1, per_item_ms=0.0, models=models)]) as sim:
+        url = f"http://127.0.0.1:{sim.ports[0]}"
+        cfg = {"workers": [{"url": url, "metrics_url": url + "/metrics"}],
+               "models": {"quick": {"batching": {"enabled": True, "max_delay_ms": 2000}},
+                          "slow": {"batching": {"enabled": True,
+                                                "max_delay_ms": SLOW_DELAY_MS}}}}
+        body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+                                       "data": [1.0] * 16}]})
+        with GatewayProcess(cfg, tmp_path) as gw:
+            gw.wait_workers_ready(1)
+
+            async def scenario() -> tuple[float, list[int], float]:
+                async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+                    async def post(model: str) -> int:
+                        r = await client.post(f"{gw.url}/v2/models/{model}/infer",
+                                              content=body,
+                                              headers={"content-type": "application/json"})
+                        return r.status_code
+
+                    assert await post("quick") == 200  # warm: the model's config is read
+                    await asyncio.sleep(0.2)  # idle for longer than any window
+                    started = time.monotonic()
+                    assert await post("quick") == 200
+                    lone_s = time.monotonic() - started
+                    assert await post("slow") == 200  # warm, and the service time is learned
+                    await asyncio.sleep(0.2)
+                    first = asyncio.ensure_future(post("slow"))
+                    await asyncio.sleep(0.05)
+                    followers = []
+                    sent_at = []
+                    for _ in range(FOLLOWERS):
+                        sent_at.append(time.monotonic())
+                        followers.append(asyncio.ensure_future(post("slow")))
+                        await asyncio.sleep(FOLLOWER_GAP_S)
+                    statuses = await asyncio.gather(first, *followers)
+                    return lone_s, statuses, sent_at[-1] - sent_at[0]
+
+            before = batch_histogram(gw, "slow")
+            lone_s, statuses, span_s = asyncio.run(scenario())
+            after = batch_histogram(gw, "slow") - before
+        assert lone_s < 1.0, f"a lone request to an idle fleet waited {lone_s:.3f} s"
+        assert statuses == [200] * (FOLLOWERS + 1)
+        # The followers arrived over more than ten 20 ms windows ...
+        assert span_s > 10 * SLOW_DELAY_MS / 1000.0
+        # ... yet went in at most two batches (one, unless the machine stalled the client
+        # past the first execution); the timer alone would have sent six.
+        assert after.total == FOLLOWERS + 2  # the warm-up, the first and the followers
+        assert after.count - 2 <= 2, after
