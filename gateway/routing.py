@@ -411,7 +411,7 @@ class _Entry:
 
     __slots__ = ("ahead_extra", "capacity", "executing_then", "free_bytes", "has_gpu", "id",
                  "idle_free", "in_flight", "in_flight_model", "latency_s", "memory_score",
-                 "pending", "priority", "share", "slots", "snapshot")
+                 "pending", "priority", "queue_time_s", "share", "slots", "snapshot")
 
     def __init__(self, snapshot: WorkerSnapshot) -> None:
         self.refresh(snapshot)
@@ -439,6 +439,9 @@ class _Entry:
         # the gateway's own in-flight. Without the in-flight at the scrape, all of it.
         self.ahead_extra = (self.pending if sig is None or sig.in_flight_at_scrape is None
                             else max(0.0, self.pending - sig.in_flight_at_scrape))
+        # Triton's queue time per model where it queued at all (usually empty).
+        self.queue_time_s = ({m: v.queue_time_s for m, v in sig.models.items()
+                              if v.queue_time_s > 0} if sig is not None else {})
 
 
 def _plain_models(s: WorkerSnapshot) -> frozenset[str]:
@@ -613,6 +616,17 @@ def _classify(e: _Entry, q: _Query, in_flight: int) -> int:
     if e.pending + in_flight >= q.saturation_queue * e.slots:
         return _BUSY
     return _OK
+
+
+def _expected_on(e: _Entry, service_s: float, in_flight: int, model: str) -> float:
+    """:func:`expected_completion_s` over a table entry (the decision's hot path)."""
+    rounds = (in_flight + e.ahead_extra + 1.0) / e.capacity
+    wait = service_s * (rounds - 1.0) if rounds > 1.0 else 0.0
+    if e.queue_time_s:
+        triton = e.queue_time_s.get(model, 0.0)
+        if triton > wait:
+            wait += (triton - wait) / 2
+    return service_s + wait
 
 
 _Pick = tuple[_Entry, int, str, float]  # worker, its in-flight, reason, score (-1: unscored)
@@ -915,18 +929,17 @@ class Router:
         rnd = self._rng.random
         wm, wq, wl, we = q.weights
         fastest = min((e.latency_s for e in ok if e.latency_s > 0), default=0.0) if wl else 0.0
-        if we:
-            indices = list(indices)
-            expected = self._expected(ok, ok_in_flight, q, indices)
-            best_expected = min(expected.values())
+        idx = indices if isinstance(indices, list) else list(indices)
+        expected = self._expected(ok, ok_in_flight, q, idx) if we else None
+        best_expected = min(expected) if expected else 0.0
         best_i, best, ties = -1, -1.0, 0
-        for i in indices:
+        for j, i in enumerate(idx):
             e = ok[i]
-            score = (wm * e.memory_score
-                     + wq * queue_score(e.pending, ok_in_flight[i], e.slots)
-                     + (wl * latency_score(e.latency_s, fastest) if wl else 0.0)
-                     + (we * expected_latency_score(expected[i], best_expected) if we
-                        else 0.0))
+            score = wm * e.memory_score + wq * queue_score(e.pending, ok_in_flight[i], e.slots)
+            if wl:
+                score += wl * latency_score(e.latency_s, fastest)
+            if expected is not None:
+                score += we * min(1.0, best_expected / expected[j])
             if score > best:
                 best_i, best, ties = i, score, 1
             elif score == best:
@@ -936,32 +949,41 @@ class Router:
         return best_i, best
 
     def _expected(self, ok: list[_Entry], ok_in_flight: list[int], q: _Query,
-                  indices: list[int]) -> dict[int, float]:
-        """Expected completion time of this request on each candidate (module doc)."""
-        service, now, name = q.service, q.now, q.name
-        measured: dict[int, float] = {}
-        probing: dict[int, bool] = {}
-        for i in indices:
+                  idx: list[int]) -> list[float]:
+        """Expected completion time of this request on each candidate of ``idx``, in order
+        (module doc). Runs on every decision: ``ServiceTimes.estimate`` is inlined."""
+        service, now, name, load = q.service, q.now, q.name, q.load
+        by_worker = service._by_worker if service is not None else None
+        out: list[float] = []
+        cold: list[int] = []            # positions of candidates never measured
+        fastest = math.inf
+        for j, i in enumerate(idx):
             e = ok[i]
-            running = self._model_in_flight(e, q) > 0
-            probing[i] = running
-            if service is not None:
-                s = service.estimate(e.id, name, now, probing=running)
-                if s is not None:
-                    measured[i] = s
+            running = (e.in_flight_model if load is None
+                       else load.in_flight_model(e.id, name)) > 0
+            s = -1.0
+            if by_worker is not None:
+                models = by_worker.get(e.id)
+                cell = models.get(name) if models is not None else None
+                if cell is not None:
+                    s, stamp = cell
+                    if not running and now > stamp:
+                        s *= math.exp((stamp - now) / IDLE_DECAY_S)
+                    s = s if s > MIN_SERVICE_S else MIN_SERVICE_S
             elif e.latency_s > 0:
-                measured[i] = e.latency_s
-        cold = min(measured.values(), default=1.0)
-        out: dict[int, float] = {}
-        for i in indices:
-            e = ok[i]
-            s = measured.get(i)
-            if s is None:
-                s = cold * PROBE_PENALTY if probing[i] else cold
-            sig = e.snapshot.signals
-            model = sig.models.get(name) if sig is not None else None
-            out[i] = expected_completion_s(s, ok_in_flight[i] + e.ahead_extra, e.capacity,
-                                           model.queue_time_s if model is not None else 0.0)
+                s = e.latency_s
+            if s < 0:
+                cold.append(j)
+                out.append(-1.0 if running else -2.0)
+                continue
+            if s < fastest:
+                fastest = s
+            out.append(_expected_on(e, s, ok_in_flight[i], name))
+        if cold:
+            reference = 1.0 if fastest == math.inf else fastest
+            for j in cold:
+                s = reference * PROBE_PENALTY if out[j] == -1.0 else reference
+                out[j] = _expected_on(ok[idx[j]], s, ok_in_flight[idx[j]], name)
         return out
 
     # -- outcomes
