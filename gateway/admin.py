@@ -137,7 +137,9 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
                 totals["errors"] += n
     return {
         "gateway": {"version": __version__, "uptime_s": time.time() - svc.started_at,
-                    "config_generation": svc.generation},
+                    "config_generation": svc.generation,
+                    "event_loop_lag_s": svc.loop_lag_s(),
+                    "event_loop_worst_lag_s": svc.loop_lag_worst_s()},
         "fleet": {
             "utilisation": view["utilisation"],
             "headroom": view["headroom"],

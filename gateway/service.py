@@ -218,6 +218,9 @@ class GatewayService:
     def loop_lag_s(self) -> float:
         return self.loop_lag.lag_s()
 
+    def loop_lag_worst_s(self) -> float:
+        return self.loop_lag.worst_s
+
     # running ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Background work, supervised: fleet loops, routing-table refresh, telemetry."""

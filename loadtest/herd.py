@@ -472,6 +472,7 @@ def run_minimal(requests: int, workdir: Path) -> tuple[HerdFigures, dict[str, An
             status = gw.status()
             learned = {w["id"]: w["slots"] for w in status["workers"]}
             dispatch = status["dispatch"]
+            dispatch["event_loop_worst_lag_s"] = status["gateway"]["event_loop_worst_lag_s"]
         finally:
             gw.stop()
         stats = sim.stats()
