@@ -40,7 +40,7 @@ from gateway.errors import (
     Rejected,
     UpstreamTimeout,
 )
-from gateway.fairshare import CostModel, FairShare, tenant_label
+from gateway.fairshare import CostModel, FairShare, WorkerTimeline, tenant_label
 from gateway.fleet import Fleet
 from gateway.ratelimit import RateLimiter
 from gateway.redis_store import RedisStore
@@ -135,6 +135,8 @@ class Dispatcher:
         self.fair = FairShare(idle_credit_s=cfg.admission.queue.idle_credit_s)
         self._last_done: dict[WorkerId, float] = {}
         self._counters_at: dict[WorkerId, float | None] = {}
+        self.timeline = WorkerTimeline()  # fair: fill a worker's waiting slot just in time
+        self._hold_timers: dict[WorkerId, tuple[float, asyncio.Handle]] = {}  # (when, timer)
         # Set by the metrics exporter: (model, seconds from enqueue to leaving the queue).
         self.on_queue_wait: Callable[[str, float], None] | None = None
         # Set by the batching gateway: (model) after a request of it ended (a slot freed).
@@ -212,6 +214,8 @@ class Dispatcher:
         self.upstream_attempts += 1
         worker.begin(call.key.name)
         self.in_flight_total += 1
+        self.timeline.sent(worker.id, self.clock(),
+                           self.costs.cost(worker.id, call.key.name, call.batch_size))
         return worker
 
     def release(self, worker: Worker, model: str, started: float, *, ok: bool | None) -> None:
@@ -294,6 +298,7 @@ class Dispatcher:
         latency = now - started
         worker.end(model, latency if ok else None)
         self.in_flight_total -= 1
+        self.timeline.done(worker.id, now)
         if ok:
             self.service_times.observe(worker.id, model, latency, now,
                                        in_flight=ahead if ahead >= 0 else worker.in_flight,
@@ -338,6 +343,10 @@ class Dispatcher:
         self.costs.forget_worker(worker)
         self._last_done.pop(worker, None)
         self._counters_at.pop(worker, None)
+        self.timeline.forget_worker(worker)
+        timer = self._hold_timers.pop(worker, None)
+        if timer is not None:
+            timer[1].cancel()
 
     # fair share ---------------------------------------------------------------------------
     @property
@@ -357,6 +366,24 @@ class Dispatcher:
                                            self.tenant_weight(call.tenant), call.cost_s)
                              if self.is_fair else 0.0)
         return call.fair_tag
+
+    def _hold_s(self, worker: Worker, now: float) -> float:
+        """Fair order only, and only where the gateway learned how many requests the worker
+        executes at once (the minimal config's slots)."""
+        if not self.is_fair or worker.configured_slots is not None or not worker.derived_units:
+            return 0.0
+        return self.timeline.hold_s(worker.id, now, worker.derived_units)
+
+    def _wake_in(self, worker: WorkerId, delay_s: float) -> None:
+        """Wake the best waiter when ``worker``'s waiting slot is due (one timer a worker)."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay_s
+        timer = self._hold_timers.get(worker)
+        if timer is not None and loop.time() < timer[0] <= at:
+            return  # an earlier wake-up is due: the waiter it wakes asks again
+        if timer is not None:
+            timer[1].cancel()
+        self._hold_timers[worker] = (at, loop.call_at(at, self.wake_waiters, 1))
 
     def _settle(self, lease: Lease) -> None:
         """A request completed: learn its cost (the gateway's timing, and Triton's counters
@@ -404,6 +431,15 @@ class Dispatcher:
                     now = self.clock()
                     if not self.breakers.allow(worker.id, now):
                         tried.add(worker.id)
+                        continue
+                    hold_s = self._hold_s(worker, now)
+                    if hold_s > 0:
+                        # The slot would leave this request waiting in the worker, committed
+                        # ahead of anything better that arrives meanwhile: take it just in
+                        # time instead (gateway.fairshare.WorkerTimeline).
+                        self._wake_in(worker.id, hold_s)
+                        self._mark_saturated(True)
+                        ticket = await self._wait(call, ticket)
                         continue
                     self._mark_saturated(False)
                     self.fair.started(tag)

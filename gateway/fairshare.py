@@ -43,6 +43,7 @@ tenant's critical traffic is still charged to its account.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 DEFAULT_ITEM_COST_S = 0.001   # per batch item, before anything is learned
@@ -53,6 +54,9 @@ MAX_TENANTS = 4096
 SCALE_BOUNDS = (0.05, 20.0)   # the counters' correction of the gateway's timings
 EWMA_ALPHA = 0.2
 ACTIVE_FRACTION = 0.01        # of the largest recent share: below it a tenant is not active
+MIN_LEAD_S = 0.005             # just-in-time pipelining: send this long before a unit frees
+LEAD_FRACTION = 0.25          # … or this fraction of the running execution, if longer
+MAX_IN_FLIGHT_TRACKED = 4096  # per worker
 ANONYMOUS = "(anonymous)"     # the account of requests without a tenant (weight 1)
 
 
@@ -180,6 +184,64 @@ class CostModel:
             return None
         b, s = min(known, key=lambda bs: abs(bs[0] - bucket))
         return s * 2.0 ** (bucket - b)
+
+
+# ------------------------------------------------------------------ just-in-time pipelining
+
+class WorkerTimeline:
+    """When each worker's busy execution unit frees, from what the gateway sent it.
+
+    The gateway keeps one request waiting *in* each worker beyond those executing (the
+    learned slots), so the worker never idles for a round trip. That request is committed:
+    a light tenant's request arriving after it waits for it, an execution the fair order
+    cannot take back. So the waiting slot is filled **just in time**: not before the
+    worker's running execution is expected to end within ``lead`` (a quarter of its cost, at
+    least ``MIN_LEAD_S``); until then the request that would take it waits in the gateway's
+    queue, where a later request with a better tag can still go first. A light request then
+    waits for at most the execution in progress plus ``lead``.
+
+    Per worker: the costs of the requests in flight in send order; the oldest started
+    executing when it was sent or at the worker's last completion, whichever is later.
+    Completions are taken in send order (exact for a worker executing one request at a
+    time; an approximation with several instances, corrected at each completion).
+    """
+
+    __slots__ = ("_in_flight", "_last_done")
+
+    def __init__(self) -> None:
+        self._in_flight: dict[str, deque[tuple[float, float]]] = {}
+        self._last_done: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<WorkerTimeline workers={len(self._in_flight)}>"
+
+    def sent(self, worker: str, now: float, cost_s: float) -> None:
+        q = self._in_flight.get(worker)
+        if q is None:
+            q = self._in_flight[worker] = deque()
+        if len(q) < MAX_IN_FLIGHT_TRACKED:
+            q.append((now, cost_s))
+
+    def done(self, worker: str, now: float) -> None:
+        q = self._in_flight.get(worker)
+        if q:
+            q.popleft()
+        self._last_done[worker] = now
+
+    def hold_s(self, worker: str, now: float, units: int) -> float:
+        """How long a request should wait before taking a slot on ``worker`` that would
+        leave it waiting there (``units`` requests execute at once); 0: take it now."""
+        q = self._in_flight.get(worker)
+        if units <= 0 or not q or len(q) < units:
+            return 0.0
+        sent_at, cost_s = q[0]
+        started = max(sent_at, self._last_done.get(worker, sent_at))
+        lead = max(MIN_LEAD_S, LEAD_FRACTION * cost_s)
+        return max(0.0, started + cost_s - lead - now)
+
+    def forget_worker(self, worker: str) -> None:
+        self._in_flight.pop(worker, None)
+        self._last_done.pop(worker, None)
 
 
 # ------------------------------------------------------------------ fair queuing
