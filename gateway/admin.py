@@ -112,6 +112,10 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
             "score": _display_score(svc, w, fresh) if w.is_routable else None,
             "in_flight": w.in_flight,
             "slots": w.slots,
+            # learned from the worker's model configs unless the YAML sets slots
+            "slots_source": ("configured" if w.configured_slots is not None else
+                             "learned" if w.derived_slots is not None else "default"),
+            "capacity_units": w.capacity_units,
             "pending": fresh.pending() if fresh else None,
             "gpu_free_bytes": fresh.free_memory_bytes if fresh and fresh.has_gpu else None,
             "gpu_total_bytes": fresh.total_memory_bytes if fresh and fresh.has_gpu else None,

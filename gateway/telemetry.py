@@ -393,6 +393,8 @@ class _StateCollector(Collector):
         g = {name: GaugeMetricFamily(name, doc, labels=["worker"]) for name, doc in (
             ("gateway_worker_in_flight", "Requests in flight from this gateway"),
             ("gateway_worker_slots", "Maximum in-flight requests allowed"),
+            ("gateway_worker_capacity_units", "Requests the worker executes at once "
+             "(learned from its model configs: instances × batch where Triton batches)"),
             ("gateway_worker_utilisation", "Busy slots / slots"),
             ("gateway_worker_pending", "Triton pending requests (last scrape)"),
             ("gateway_worker_gpu_free_bytes", "Free GPU memory (last scrape)"),
@@ -404,6 +406,7 @@ class _StateCollector(Collector):
         for w in svc.workers():
             g["gateway_worker_in_flight"].add_metric([w.id], w.in_flight)
             g["gateway_worker_slots"].add_metric([w.id], w.slots)
+            g["gateway_worker_capacity_units"].add_metric([w.id], w.capacity_units)
             g["gateway_worker_utilisation"].add_metric([w.id], w.in_flight / w.capacity_units
                                                        if w.slots else 0.0)
             g["gateway_worker_ready"].add_metric([w.id], 1.0 if w.is_routable else 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.config import parse_config
@@ -66,3 +67,7 @@ def test_auto_slots_for_a_model_without_dynamic_batching(tmp_path: Path) -> None
             four = f"127.0.0.1:{sim.ports[1]}"
             gw.wait_for(lambda: gw.worker_status(four)["slots"] == 8,
                         what="4 instances: 4 execute, 4 wait")
+            learned = gw.worker_status(four)
+            assert learned["capacity_units"] == 4 and learned["slots_source"] == "learned"
+            metrics = httpx.get(gw.url + "/metrics", timeout=10).text
+            assert f'gateway_worker_capacity_units{{worker="{four}"}} 4.0' in metrics
