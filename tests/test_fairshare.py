@@ -12,6 +12,7 @@ from gateway.fairshare import (
     SCALE_BOUNDS,
     CostModel,
     FairShare,
+    WorkerTimeline,
     batch_bucket,
     jain_index,
     tenant_label,
@@ -219,3 +220,33 @@ def test_scale_is_clipped_and_forget_worker_drops_everything() -> None:
     assert costs.cost("w", "m", 1) == pytest.approx(SCALE_BOUNDS[0])
     costs.forget_worker("w")
     assert costs.statistics().entries == 0 and costs.statistics().scales == ()
+
+
+# ------------------------------------------------------------------ just-in-time pipelining
+
+@pytest.mark.parametrize(("sends", "dones", "now", "units", "hold"), [
+    ([], [], 0.0, 1, 0.0),                              # idle worker: take the slot
+    ([(0.0, 0.034)], [], 0.0, 2, 0.0),                  # a unit is free
+    ([(0.0, 0.034)], [], 0.0, 1, 0.034 - 0.0085),       # waiting slot: until end − lead
+    ([(0.0, 0.034)], [], 0.030, 1, 0.0),                # within the lead: now
+    ([(0.0, 0.003)], [], 0.0, 1, 0.0),                  # shorter than the minimum lead
+    # the second request started at the first one's completion (0.040), not when sent
+    ([(0.0, 0.034), (0.001, 0.034)], [0.040], 0.040, 1, 0.034 - 0.0085),
+    ([(0.0, 0.034)], [], 0.0, 0, 0.0),                  # units unknown: never hold
+])
+def test_worker_timeline_hold(sends: list[tuple[float, float]], dones: list[float],
+                              now: float, units: int, hold: float) -> None:
+    timeline = WorkerTimeline()
+    for at, cost in sends:
+        timeline.sent("w", at, cost)
+    for at in dones:
+        timeline.done("w", at)
+    assert timeline.hold_s("w", now, units) == pytest.approx(hold)
+
+
+def test_worker_timeline_forgets_and_tolerates_unmatched_completions() -> None:
+    timeline = WorkerTimeline()
+    timeline.done("w", 1.0)            # nothing in flight: no error
+    timeline.sent("w", 1.0, 0.5)
+    timeline.forget_worker("w")
+    assert timeline.hold_s("w", 1.0, 1) == 0.0
