@@ -1,28 +1,38 @@
 """Gateway-side batching benchmark: batch-1 callers, with and without the gateway's batcher.
 
-    python -m loadtest.batching [--duration 5] [--concurrency 64,256] [--max-delay-ms 2]
-                                [--targets triton,triton-solo,sim]
+    python -m loadtest.batching [--duration 10] [--concurrency 64] [--max-delay-ms 2]
+                                [--targets triton-solo] [--exec-ms 10] [--direct]
 
-Three targets with the same cost per execution (5 ms + 0.05 ms per item, max_batch_size 64),
-each behind two gateways (batching off / ``batching: {enabled: true, max_delay_ms: 2}``),
-measured side by side in one run:
+By default the issue's measurement: a real Triton model **without** a dynamic batcher
+(``triton-solo``: 10 ms per execution whatever the batch, max_batch_size 64, one instance),
+64 closed-loop batch-1 callers, behind three gateways whose YAML names only the worker and,
+for the model, ``batching`` (no slots, no model facts: both are learned from the worker):
+
+* ``gateway`` — batching off;
+* ``gateway+batching`` — ``batching: {enabled: true, max_delay_ms: 2}``, nothing else: a
+  batch waits for a free instance, ``max_delay_ms`` bounds the wait only while one is free;
+* ``gateway+timer`` — the same plus ``wait_for_instance: false``: every batch closes
+  ``max_delay_ms`` after its first member whatever the instances do (the rule before).
+
+Targets (``--targets``, any of):
 
 * ``triton`` — real Triton, model ``overhead`` of :mod:`gateway.tools.triton_worker`, one
   worker from :class:`gateway.tools.local.TritonFleet`. Its config turns on **Triton's own dynamic
   batcher** (500 µs queue delay), so Triton already merges batch-1 requests that queue while
   an execution runs: the ``wk batch`` column (mean requests per execution, from Triton's
   statistics) shows how much. The gateway can only add what Triton does not do already.
-* ``triton-solo`` — the same real Triton model **without** a dynamic batcher (a model whose
-  config has no ``dynamic_batching``; each request executes alone): this process re-runs
-  itself as ``solo-worker``, i.e. :mod:`gateway.tools.triton_worker` with only that model
-  bound.
-  This is the issue's case (a): the gateway is the only place where batches can form.
-* ``sim`` — the simulator (``python -m gateway sim``), one worker, one execution slot; it
-  also executes every request on its own.
+  (5 ms + 0.05 ms per item.)
+* ``triton-solo`` — a real Triton model **without** a dynamic batcher (a model whose
+  config has no ``dynamic_batching``; each request executes alone), ``--exec-ms`` +
+  ``--per-item-ms`` × rows per execution: this process re-runs itself as ``solo-worker``,
+  i.e. :mod:`gateway.tools.triton_worker` with only that model bound. The gateway is the
+  only place where batches can form.
+* ``sim`` — the simulator (``python -m gateway sim``, 5 ms + 0.05 ms per item), one worker,
+  one execution slot; it also executes every request on its own.
 
 For each target: a closed loop at each ``--concurrency`` (that many callers, each sending
-its next request when the last is answered; throughput, p50, p99) direct to the worker,
-through the gateway without batching and with it; then an **open loop** (fixed arrival
+its next request when the last is answered; throughput, p50, p99) through each gateway
+(and direct to the worker with ``--direct``); then an **open loop** (fixed arrival
 rate, latency from each request's scheduled time, so queueing is not hidden) at
 ``--open-fraction`` of the no-batching gateway's closed-loop throughput, i.e. below
 saturation, in ``--open-rounds`` interleaved rounds per path (neighbours on a shared machine
@@ -64,8 +74,10 @@ from gateway.upstream import Pool, PoolLimits
 from loadtest.overhead import start_nginx, wait_http
 
 RESULTS = Path("results/batching.json")
-DEFAULT_CONCURRENCY = (64, 256)
-DEFAULT_DURATION_S = 5.0
+DEFAULT_CONCURRENCY = (64,)
+DEFAULT_DURATION_S = 10.0
+DEFAULT_EXEC_MS = 10.0  # triton-solo: one execution, whatever the batch
+DEFAULT_PER_ITEM_MS = 0.0
 DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_OPEN_FRACTION = 0.5
 DEFAULT_OPEN_ROUNDS = 4
@@ -235,8 +247,9 @@ def triton_worker() -> Iterator[tuple[str, str]]:
 
 def solo_worker_main(argv: list[str]) -> int:
     """Child process: :mod:`gateway.tools.triton_worker` serving one model, ``overhead`` with the
-    same cost and shapes but **without** Triton's dynamic batcher (each request executes
-    alone, as a model whose config has no ``dynamic_batching`` does)."""
+    same shapes but **without** Triton's dynamic batcher (each request executes alone, as a
+    model whose config has no ``dynamic_batching`` does); one execution sleeps
+    ``--service-time-ms`` + ``--per-item-ms`` × rows."""
     from gateway.tools import triton_worker
 
     def bind(triton: Any, service_time_ms: float, per_item_ms: float) -> None:
@@ -245,8 +258,7 @@ def solo_worker_main(argv: list[str]) -> int:
 
         def infer(requests: list[Any]) -> list[dict[str, Any]]:
             items = sum(len(r.data["INPUT"]) for r in requests)
-            time.sleep((triton_worker.OVERHEAD_FIXED_MS
-                        + triton_worker.OVERHEAD_PER_ITEM_MS * items) / 1000.0)
+            time.sleep((service_time_ms + per_item_ms * items) / 1000.0)
             return [{"OUTPUT": r.data["INPUT"] * np.float32(2.0)} for r in requests]
 
         width = (triton_worker.OVERHEAD_WIDTH,)
@@ -261,7 +273,8 @@ def solo_worker_main(argv: list[str]) -> int:
 
 
 @contextmanager
-def solo_triton_worker(tmp: Path) -> Iterator[tuple[str, str]]:
+def solo_triton_worker(tmp: Path, exec_ms: float,
+                       per_item_ms: float) -> Iterator[tuple[str, str]]:
     from gateway.tools.triton_worker import env_with_libpython_first
 
     http, grpc, metrics = free_ports(3)
@@ -273,7 +286,8 @@ def solo_triton_worker(tmp: Path) -> Iterator[tuple[str, str]]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "loadtest.batching", "solo-worker", "--http-port", str(http),
              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--name", "solo",
-             "--workdir", str(workdir / "triton"), "--parent-pid", str(os.getpid())],
+             "--workdir", str(workdir / "triton"), "--parent-pid", str(os.getpid()),
+             "--service-time-ms", str(exec_ms), "--per-item-ms", str(per_item_ms)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
     try:
@@ -313,12 +327,10 @@ def sim_worker(lifetime_s: float) -> Iterator[str]:
 
 def gateway_for(stack: ExitStack, worker_url: str, metrics_url: str, model: str,
                 batching: dict[str, Any] | None, workdir: Path) -> GatewayProcess:
-    cfg: dict[str, Any] = {
-        "workers": [{"url": worker_url, "metrics_url": metrics_url}],
-        "models": {model: {"batching": batching} if batching else {}},
-        "health": {"interval_s": 1.0, "rise": 1, "fall": 3, "timeout_s": 2.0},
-        "scrape": {"interval_s": 1.0},
-    }
+    # Defaults are the product: the worker, and the model's batching section, nothing else.
+    cfg: dict[str, Any] = {"workers": [{"url": worker_url, "metrics_url": metrics_url}]}
+    if batching:
+        cfg["models"] = {model: {"batching": batching}}
     workdir.mkdir(parents=True, exist_ok=True)
     gw = GatewayProcess(cfg, workdir)
     stack.callback(gw.stop)
@@ -343,10 +355,10 @@ class Sample:
 
 def measure(target: Target, worker_url: str, gateways: dict[str, GatewayProcess],
             concurrencies: list[int], duration_s: float, open_fraction: float,
-            open_rounds: int, rows: list[Row]) -> None:
+            open_rounds: int, rows: list[Row], *, direct: bool = False) -> None:
     ports = {"direct": int(worker_url.rsplit(":", 1)[1]),
              **{path: gw.port for path, gw in gateways.items()}}
-    paths = ["direct", *gateways]
+    paths = ["direct", *gateways] if direct else list(gateways)
 
     def run(path: str, sample: Sample, seconds: float,
             client: Callable[[int, float], Any]) -> None:
@@ -414,17 +426,24 @@ def verdicts(rows: list[Row], max_delay_ms: float) -> dict[str, Any]:
     for target in sorted({r.target for r in rows}):
         mine = [r for r in rows if r.target == target]
         closed = {(r.path, r.concurrency): r for r in mine if r.loop == "closed"}
-        speedups = {str(c): closed[("gateway+batching", c)].throughput_rps
+
+        def speedups(path: str, closed: dict[tuple[str, int], Row] = closed
+                     ) -> dict[str, float]:
+            return {str(c): closed[(path, c)].throughput_rps
                     / max(closed[("gateway", c)].throughput_rps, 1e-9)
-                    for (p, c) in closed if p == "gateway"}
+                    for (p, c) in closed if p == "gateway" and (path, c) in closed}
+
         opened = {r.path: r for r in mine if r.loop == "open"}
         if "gateway" not in opened or "gateway+batching" not in opened:
             continue
         on, off = opened["gateway+batching"], opened["gateway"]
         out[target] = {
-            "throughput_speedup_by_concurrency": speedups,
-            "open_loop_p99_ms": {"batching": on.p99_ms, "no_batching": off.p99_ms},
+            "throughput_speedup_by_concurrency": speedups("gateway+batching"),
+            "timer_only_speedup_by_concurrency": speedups("gateway+timer"),
+            "closed_loop_p99_ms": {f"{p}@{c}": r.p99_ms for (p, c), r in closed.items()},
+            "open_loop_p99_ms": {p: r.p99_ms for p, r in opened.items()},
             "p99_within_no_batching_plus_max_delay": on.p99_ms <= off.p99_ms + max_delay_ms,
+            "target_3x_met": all(v >= 3.0 for v in speedups("gateway+batching").values()),
         }
     return out
 
@@ -441,8 +460,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="open-loop rate as a fraction of the no-batching gateway's throughput")
     p.add_argument("--open-rounds", type=int, default=DEFAULT_OPEN_ROUNDS,
                    help="open-loop time per path is split into this many interleaved rounds")
-    p.add_argument("--targets", default="triton,triton-solo,sim",
-                   help="any of triton, triton-solo, sim")
+    p.add_argument("--targets", default="triton-solo",
+                   help="any of triton-solo, triton, sim")
+    p.add_argument("--exec-ms", type=float, default=DEFAULT_EXEC_MS,
+                   help="triton-solo: milliseconds per execution")
+    p.add_argument("--per-item-ms", type=float, default=DEFAULT_PER_ITEM_MS,
+                   help="triton-solo: added milliseconds per row of a batch")
+    p.add_argument("--direct", action="store_true", help="also measure the worker directly")
+    p.add_argument("--no-timer-arm", action="store_true",
+                   help="leave out the gateway+timer arm (wait_for_instance: false)")
     p.add_argument("--output", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["solo-worker"]:
@@ -458,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp_dir, ExitStack() as stack:
         tmp = Path(tmp_dir)
-        if shutil.which("nginx"):
+        if shutil.which("nginx") and args.direct:
             port = free_port()
             nginx = start_nginx(tmp, port)
             stack.callback(nginx.wait)
@@ -478,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                     url, metrics = inner.enter_context(triton_worker())
                     target = batch1_body("overhead", "INPUT", 4)
                 elif name == "triton-solo":
-                    url, metrics = inner.enter_context(solo_triton_worker(tmp))
+                    url, metrics = inner.enter_context(
+                        solo_triton_worker(tmp, args.exec_ms, args.per_item_ms))
                     target = batch1_body("overhead", "INPUT", 4)
                 else:
                     url = inner.enter_context(sim_worker(lifetime_s))
@@ -491,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
                     "gateway+batching": gateway_for(inner, url, metrics, target.model,
                                                     batching, tmp / f"{name}-on"),
                 }
+                if not args.no_timer_arm:
+                    gateways["gateway+timer"] = gateway_for(
+                        inner, url, metrics, target.model,
+                        {**batching, "wait_for_instance": False}, tmp / f"{name}-timer")
                 measure(target, url, gateways, concurrencies, args.duration,
-                        args.open_fraction, args.open_rounds, rows)
+                        args.open_fraction, args.open_rounds, rows, direct=args.direct)
     summary = verdicts(rows, args.max_delay_ms)
     print(json.dumps(summary, indent=2))
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -500,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m loadtest.batching", *argv]),
         "started_at": started, "duration_s": args.duration, "concurrency": concurrencies,
         "max_delay_ms": args.max_delay_ms, "open_fraction": args.open_fraction,
+        "exec_ms": args.exec_ms, "per_item_ms": args.per_item_ms,
         "rows": [asdict(r) for r in rows], "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
