@@ -536,6 +536,30 @@ def three_workers(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> dict
             lat = sorted(got["latencies"])
             print(f"  round {r + 1} {name:<32} p50 {pct(lat, 0.5):6.1f}  p99 "
                   f"{pct(lat, 0.99):6.1f} ms  {len(lat) / args.three_s:6.0f} req/s", flush=True)
+    open_rows = []
+    capacity = 0.0
+    if args.three_open > 0:
+        capacity = asyncio.run(probe_capacity(sim.ports, [THREE_SLOTS] * len(THREE_MS),
+                                              args.probe_s))
+        rate = args.three_open * capacity
+        print(f"  open loop: capacity {capacity:.0f} req/s measured (closed loop straight at "
+              f"the workers), Poisson arrivals at {args.three_open:.0%}: {rate:.0f} req/s",
+              flush=True)
+        for name in names:
+            before = [w["core"]["success"] for w in wait_idle(sim)]
+            got = asyncio.run(poisson_load(targets[name], rate, args.three_s,
+                                           args.three_warmup_s, 23, 1024))
+            after = [w["core"]["success"] for w in wait_idle(sim)]
+            lat = sorted(got["latencies"])
+            served = [a - b for a, b in zip(after, before, strict=True)]
+            open_rows.append({"target": name, "offered_rps": rate, "sent": got["sent"],
+                              "ok": got["ok"], "rps": got["ok"] / args.three_s,
+                              "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                              "not_ok": got["sent"] - got["ok"],
+                              "share": [x / sum(served) for x in served] if sum(served)
+                              else []})
+            print(f"  open {name:<32} p50 {pct(lat, 0.5):6.1f}  p99 {pct(lat, 0.99):6.1f} ms"
+                  f"  {got['ok'] / args.three_s:6.0f} req/s", flush=True)
     rows = []
     for name in names:
         lat = sorted(samples[name])
@@ -548,6 +572,8 @@ def three_workers(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> dict
                      "share": [x / total for x in shares[name]] if total else []})
     return {"service_ms": THREE_MS, "slots": THREE_SLOTS, "clients": args.three_clients,
             "seconds_per_round": args.three_s, "rounds": args.three_rounds, "rows": rows,
+            "open_loop": {"load": args.three_open, "capacity_rps": capacity,
+                          "rows": open_rows},
             "gateway_learned": [{k: w.get(k) for k in ("id", "slots", "capacity_units")}
                                 for w in gw.status()["workers"]]}
 
@@ -567,12 +593,33 @@ def three_report(three: dict[str, Any]) -> list[str]:
         print(f"{r['target']:<32} {r['rps']:>7.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
               f"{r['mean_ms']:>8.1f} {rel_p99:>7} {rel_rps:>8} {share:>24} "
               f"{int(r['errors']):>4}")
+    out = []
     gw = rows.get("gateway (default config)")
-    if gw is None or lc is None:
-        return []
-    return [f"three workers, closed loop: gateway p99 / leastconn = "
-            f"{gw['p99_ms'] / lc['p99_ms']:.2f} (target ≤ 0.8) at "
-            f"{gw['rps'] / lc['rps']:.3f} × its throughput (target ≥ 0.95)"]
+    if gw is not None and lc is not None:
+        out.append(f"three workers, closed loop: gateway p99 / leastconn = "
+                   f"{gw['p99_ms'] / lc['p99_ms']:.2f} (target ≤ 0.8) at "
+                   f"{gw['rps'] / lc['rps']:.3f} × its throughput (target ≥ 0.95)")
+    opened = three["open_loop"]
+    if opened["rows"]:
+        orows = {r["target"]: r for r in opened["rows"]}
+        olc = orows.get("haproxy leastconn")
+        print(f"\nopen loop (Poisson) at {opened['load']:.0%} of the measured "
+              f"{opened['capacity_rps']:.0f} req/s")
+        print(f"{'target':<32} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99/lc':>7} "
+              f"{'req/s/lc':>8} {'share (20, 20, 80 ms)':>24} {'not 200':>7}")
+        for r in opened["rows"]:
+            share = " / ".join(f"{x:.1%}" for x in r["share"]) if r["share"] else "-"
+            rel_p99 = f"{r['p99_ms'] / olc['p99_ms']:.2f}" if olc else "-"
+            rel_rps = f"{r['rps'] / olc['rps']:.3f}" if olc else "-"
+            print(f"{r['target']:<32} {r['rps']:>7.0f} {r['p50_ms']:>7.1f} "
+                  f"{r['p99_ms']:>7.1f} {rel_p99:>7} {rel_rps:>8} {share:>24} "
+                  f"{r['not_ok']:>7}")
+        ogw = orows.get("gateway (default config)")
+        if ogw is not None and olc is not None:
+            out.append(f"three workers, open loop at {opened['load']:.0%}: gateway p99 / "
+                       f"leastconn = {ogw['p99_ms'] / olc['p99_ms']:.2f} (target ≤ 0.8) at "
+                       f"{ogw['rps'] / olc['rps']:.3f} × its throughput (target ≥ 0.95)")
+    return out
 
 
 # ------------------------------------------------------------------------- decision cost
@@ -755,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--three-s", type=float, default=8.0, help="measured seconds per target")
     ap.add_argument("--three-warmup-s", type=float, default=2.0)
     ap.add_argument("--three-rounds", type=int, default=1)
+    ap.add_argument("--three-open", type=float, default=0.85,
+                    help="open-loop load as a fraction of measured capacity (0: skip)")
     ap.add_argument("--three-before", action=argparse.BooleanOptionalAction, default=True,
                     help="also a gateway with the expected-latency scorer off")
     ap.add_argument("--quick", action="store_true", help="short smoke run")
