@@ -218,10 +218,12 @@ class Dispatcher:
                            self.costs.cost(worker.id, call.key.name, call.batch_size))
         return worker
 
-    def release(self, worker: Worker, model: str, started: float, *, ok: bool | None) -> None:
+    def release(self, worker: Worker, model: str, started: float, *, ok: bool | None,
+                ahead: int = -1) -> None:
         """Give back a slot taken by :meth:`acquire`; ``ok`` None = abandoned (the client
-        went away), neither the worker's success nor its failure."""
-        self._end(worker, model, started, ok=ok)
+        went away), neither the worker's success nor its failure. ``ahead``: the others in
+        flight on the worker when it was sent (as :class:`Lease`), -1 unknown."""
+        self._end(worker, model, started, ok=ok, ahead=ahead)
 
     def judge_failure(self, call: Call, exc: Exception) -> bool | None:
         """Whose failure is it? A timeout that struck because the *client's* deadline ran
@@ -351,7 +353,10 @@ class Dispatcher:
     # fair share ---------------------------------------------------------------------------
     @property
     def is_fair(self) -> bool:
-        return self.cfg.admission.queue.order == "fair"
+        """Fair order between tenants: with none configured all traffic is one tenant, for
+        whom fair order is arrival order, so the queue stays plain FIFO (no hold, no check
+        for waiters on arrival)."""
+        return self.cfg.admission.queue.order == "fair" and bool(self.cfg.admission.tenants)
 
     def tenant_weight(self, tenant: str | None) -> float:
         found = self.cfg.admission.tenants.get(tenant) if tenant is not None else None
@@ -410,7 +415,8 @@ class Dispatcher:
             sticky = None
         return self.router.decide(self.table, call.key, self.load, batch_size=call.batch_size,
                                   sticky=sticky, exclude=exclude, service=self.service_times,
-                                  now=self.clock())
+                                  now=self.clock(),
+                                  queued=self.queue.waiting_for(call.key.name))
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         ticket: Ticket | None = None
