@@ -96,6 +96,10 @@ class WorkerChannel:
         return bool(self.channel.get_state(try_to_connect=False)
                     is grpc.ChannelConnectivity.READY)
 
+    def connect(self) -> None:
+        """Start connecting if idle (non-blocking; a no-op when connected or connecting)."""
+        self.channel.get_state(try_to_connect=True)
+
     def unary(self, method: str) -> Callable[..., Any]:
         call = self._unary.get(method)
         if call is None:

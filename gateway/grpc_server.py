@@ -74,6 +74,8 @@ log = logging.getLogger("gateway.grpc")
 DEFAULT_TRITON_GRPC_PORT = 8001
 EXTENSIONS = ("classification", "sequence", "parameters", "statistics")
 PRUNE_INTERVAL_S = 5.0
+# How often channels of routable workers are asked to connect (idle ones reconnect too).
+CONNECT_INTERVAL_S = 1.0
 CHANNEL_CLOSE_GRACE_S = 5.0
 
 Handler = Callable[[bytes, Any], Awaitable[bytes]]
@@ -148,9 +150,21 @@ class GrpcGateway:
         self._retired = []
         await asyncio.gather(*(ch.aclose() for ch in closing), return_exceptions=True)
 
+    def connect_routable(self) -> None:
+        """Ask the channel of every routable worker to connect now (non-blocking), so that a
+        worker's first requests do not pay for the connection: their latency is a sample
+        the router learns the worker's service time from."""
+        for worker in self.svc.fleet.routable():
+            self.channel(worker).connect()
+
     async def _prune_loop(self) -> None:
+        pruned_at = self.svc.clock()
         while True:
-            await asyncio.sleep(PRUNE_INTERVAL_S)
+            self.connect_routable()
+            await asyncio.sleep(CONNECT_INTERVAL_S)
+            if self.svc.clock() - pruned_at < PRUNE_INTERVAL_S:
+                continue
+            pruned_at = self.svc.clock()
             closing = self.channels.stale(self.svc.fleet.workers) + self._retired
             self._retired = []
             if closing:
@@ -352,6 +366,7 @@ class GrpcGateway:
         attempts = 0
         while True:
             worker = await dispatcher.acquire(call, tried)
+            ahead = worker.in_flight - 1
             attempts += 1
             started = svc.clock()
             channel = self.channel(worker)
@@ -379,7 +394,7 @@ class GrpcGateway:
             except BaseException:
                 dispatcher.release(worker, call.key.name, started, ok=False)
                 raise
-            dispatcher.release(worker, call.key.name, started, ok=True)
+            dispatcher.release(worker, call.key.name, started, ok=True, ahead=ahead)
             if call.sequence_id is not None:
                 dispatcher.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
             return reply, svc.clock() - started
