@@ -415,8 +415,16 @@ class Dispatcher:
             sticky = None
         return self.router.decide(self.table, call.key, self.load, batch_size=call.batch_size,
                                   sticky=sticky, exclude=exclude, service=self.service_times,
-                                  now=self.clock(),
-                                  queued=self.queue.waiting_for(call.key.name))
+                                  now=self.clock(), queue_wait_s=self._queue_wait_s(call))
+
+    def _queue_wait_s(self, call: Call) -> float:
+        """How long the queue's waiters for the model take to drain (the expected-latency
+        scorer weighs it against a slower worker with a free execution unit)."""
+        waiting = self.queue.waiting_for(call.key.name)
+        if not waiting:
+            return 0.0
+        rate = self.drain_rate(self.clock())
+        return waiting / rate if rate > 0 else 0.0
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         ticket: Ticket | None = None
@@ -448,7 +456,7 @@ class Dispatcher:
                         ticket = await self._wait(call, ticket)
                         continue
                     self._mark_saturated(False)
-                    self.fair.started(tag)
+                    self.fair.started(tag, self.queue.next_tag())
                     expected_s = worker.latency_ewma_s
                     if expected_s > 0 and call.deadline - now < expected_s:
                         # Sending would only spend GPU time on an answer nobody will read.

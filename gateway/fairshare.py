@@ -310,8 +310,13 @@ class FairShare:
             acct.finish_tag = start + cost_s / weight
         return start
 
-    def started(self, tag: float) -> None:
-        """A request with start tag ``tag`` got its slot."""
+    def started(self, tag: float, next_waiting: float | None = None) -> None:
+        """A request with start tag ``tag`` got its slot; ``next_waiting``: the tag of the
+        best request still waiting. Virtual time never passes it: a request that starts out
+        of order (two waiters woken for one slot, the worse one first) must not move every
+        later arrival behind the whole queue."""
+        if next_waiting is not None:
+            tag = min(tag, next_waiting)
         if tag > self.virtual_time:
             self.virtual_time = tag
 

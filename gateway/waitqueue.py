@@ -130,6 +130,12 @@ class WaitQueue:
         """How many live waiters a new request of ``priority`` would queue behind."""
         return sum(n for p, n in self._by_priority.items() if p <= priority)
 
+    def next_tag(self) -> float | None:
+        """The tag of the waiter :meth:`pop` would hand out next (deadlines aside), or None."""
+        while self._heap and not self._heap[0].live:
+            heapq.heappop(self._heap).queued = False
+        return self._heap[0].tag if self._heap else None
+
     def waiting_for(self, model: str) -> int:
         """How many live waiters want ``model``."""
         return self._by_model.get(model, 0)

@@ -250,3 +250,24 @@ def test_worker_timeline_forgets_and_tolerates_unmatched_completions() -> None:
     timeline.sent("w", 1.0, 0.5)
     timeline.forget_worker("w")
     assert timeline.hold_s("w", 1.0, 1) == 0.0
+
+
+def test_virtual_time_never_passes_the_best_waiting_tag() -> None:
+    fair, q = FairShare(idle_credit_s=0.0), WaitQueue()
+    for _ in range(50):
+        _push(fair, q, "heavy", 1.0, 0.032)   # tags 0, 0.032, … 1.568
+    # the last heavy request starts out of order (woken together with a better waiter)
+    fair.started(1.568, q.next_tag())
+    assert fair.virtual_time == 0.0
+    _push(fair, q, "light", 1.0, 0.001)       # still goes ahead of the heavy backlog
+    assert _serve(fair, q, 0)[0] == "heavy"   # tag 0 (a tie: the earlier arrival)
+    assert _serve(fair, q, 0)[0] == "light"
+
+
+def test_next_tag_skips_removed_waiters() -> None:
+    q = WaitQueue()
+    assert q.next_tag() is None
+    a = q.push(1, 9, 0, tag=0.5)
+    q.push(1, 9, 0, tag=0.7)
+    q.remove(a)
+    assert q.next_tag() == 0.7
