@@ -524,64 +524,80 @@ def test_a_batched_member_keeps_its_own_deadline(batching_gateway: GatewayProces
 
 # ---------------------------------------------------------------- waiting for an instance
 
-SLOW_MS = 600.0     # one execution of the slow model; the worker has one instance
+SLOW_MS = 400.0     # one execution of the slow model; the worker has one instance
 SLOW_DELAY_MS = 20  # the slow model's max_delay_ms
 FOLLOWERS = 6
-FOLLOWER_GAP_S = 0.06  # 3 × max_delay: the timer alone would send each follower on its own
+FOLLOWER_GAP_S = 0.05  # 2.5 × max_delay: the timer alone sends each follower on its own
+
+
+def _slow_followers(gw: GatewayProcess, body: str) -> tuple[float, list[int], float]:
+    """A lone ``quick`` request to the idle fleet (its latency), then one ``slow`` request
+    and, while it executes, FOLLOWERS more FOLLOWER_GAP_S apart (statuses, arrival span)."""
+
+    async def scenario() -> tuple[float, list[int], float]:
+        async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+            async def post(model: str) -> int:
+                r = await client.post(f"{gw.url}/v2/models/{model}/infer", content=body,
+                                      headers={"content-type": "application/json"})
+                return r.status_code
+
+            assert await post("quick") == 200  # warm: the model's config is read
+            await asyncio.sleep(0.2)  # idle for longer than any window
+            started = time.monotonic()
+            assert await post("quick") == 200
+            lone_s = time.monotonic() - started
+            assert await post("slow") == 200  # warm, and the service time is learned
+            await asyncio.sleep(0.2)
+            first = asyncio.ensure_future(post("slow"))
+            await asyncio.sleep(0.05)
+            followers = []
+            sent_at = []
+            for _ in range(FOLLOWERS):
+                sent_at.append(time.monotonic())
+                followers.append(asyncio.ensure_future(post("slow")))
+                await asyncio.sleep(FOLLOWER_GAP_S)
+            statuses = await asyncio.gather(first, *followers)
+            return lone_s, statuses, sent_at[-1] - sent_at[0]
+
+    return asyncio.run(scenario())
 
 
 def test_batches_wait_for_a_busy_instance_and_an_idle_one_sends_at_once(
         tmp_path: Path) -> None:
     """One simulated worker with one instance. ``quick`` (5 ms, a 2 s window): a lone request
-    to the idle fleet is answered at once, not after the window. ``slow`` (600 ms, a 20 ms
-    window): while the first request executes, followers arriving 60 ms apart — each alone
-    in any 20 ms window — keep joining one batch, which goes when the instance frees."""
+    to the idle fleet is answered at once, not after the window. ``slow`` (400 ms, a 20 ms
+    window): while the first request executes, followers arriving 50 ms apart — each alone
+    in any 20 ms window — keep joining one batch, which goes when the instance frees. The
+    same callers through a gateway with ``wait_for_instance: false`` (the timer alone) go
+    in about one batch each."""
     models = (SimModel(name="quick", base_ms=5.0), SimModel(name="slow", base_ms=SLOW_MS))
     with SimFleetThread([WorkerSpec(slots=1, per_item_ms=0.0, models=models)]) as sim:
         url = f"http://127.0.0.1:{sim.ports[0]}"
-        cfg = {"workers": [{"url": url, "metrics_url": url + "/metrics"}],
-               "models": {"quick": {"batching": {"enabled": True, "max_delay_ms": 2000}},
-                          "slow": {"batching": {"enabled": True,
-                                                "max_delay_ms": SLOW_DELAY_MS}}}}
         body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                        "data": [1.0] * 16}]})
-        with GatewayProcess(cfg, tmp_path) as gw:
-            gw.wait_workers_ready(1)
-
-            async def scenario() -> tuple[float, list[int], float]:
-                async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
-                    async def post(model: str) -> int:
-                        r = await client.post(f"{gw.url}/v2/models/{model}/infer",
-                                              content=body,
-                                              headers={"content-type": "application/json"})
-                        return r.status_code
-
-                    assert await post("quick") == 200  # warm: the model's config is read
-                    await asyncio.sleep(0.2)  # idle for longer than any window
-                    started = time.monotonic()
-                    assert await post("quick") == 200
-                    lone_s = time.monotonic() - started
-                    assert await post("slow") == 200  # warm, and the service time is learned
-                    await asyncio.sleep(0.2)
-                    first = asyncio.ensure_future(post("slow"))
-                    await asyncio.sleep(0.05)
-                    followers = []
-                    sent_at = []
-                    for _ in range(FOLLOWERS):
-                        sent_at.append(time.monotonic())
-                        followers.append(asyncio.ensure_future(post("slow")))
-                        await asyncio.sleep(FOLLOWER_GAP_S)
-                    statuses = await asyncio.gather(first, *followers)
-                    return lone_s, statuses, sent_at[-1] - sent_at[0]
-
-            before = batch_histogram(gw, "slow")
-            lone_s, statuses, span_s = asyncio.run(scenario())
-            after = batch_histogram(gw, "slow") - before
-        assert lone_s < 1.0, f"a lone request to an idle fleet waited {lone_s:.3f} s"
-        assert statuses == [200] * (FOLLOWERS + 1)
-        # The followers arrived over more than ten 20 ms windows ...
-        assert span_s > 10 * SLOW_DELAY_MS / 1000.0
-        # ... yet went in at most two batches (one, unless the machine stalled the client
-        # past the first execution); the timer alone would have sent six.
-        assert after.total == FOLLOWERS + 2  # the warm-up, the first and the followers
-        assert after.count - 2 <= 2, after
+        batches: dict[bool, BatchHistogram] = {}
+        for wait in (True, False):
+            slow = {"enabled": True, "max_delay_ms": SLOW_DELAY_MS}
+            if not wait:
+                slow["wait_for_instance"] = False
+            cfg = {"workers": [{"url": url, "metrics_url": url + "/metrics"}],
+                   "models": {"quick": {"batching": {"enabled": True, "max_delay_ms": 2000}},
+                              "slow": {"batching": slow}}}
+            workdir = tmp_path / f"wait-{wait}"
+            workdir.mkdir()
+            with GatewayProcess(cfg, workdir) as gw:
+                gw.wait_workers_ready(1)
+                before = batch_histogram(gw, "slow")
+                lone_s, statuses, span_s = _slow_followers(gw, body)
+                batches[wait] = batch_histogram(gw, "slow") - before
+            assert lone_s < 1.0, f"a lone request to an idle fleet waited {lone_s:.3f} s"
+            assert statuses == [200] * (FOLLOWERS + 1)
+            # The followers arrived over more than ten 20 ms windows.
+            assert span_s > 10 * SLOW_DELAY_MS / 1000.0
+        for hist in batches.values():
+            assert hist.total == FOLLOWERS + 2  # the warm-up, the first and the followers
+        # Waiting for the instance: the followers went in one batch (two, should the machine
+        # stall the client past the first execution) ...
+        assert batches[True].count - 2 <= 2, batches[True]
+        # ... the timer alone sends them about one by one.
+        assert batches[False].count - 2 >= 4, batches[False]
