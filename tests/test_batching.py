@@ -1032,3 +1032,23 @@ async def test_a_busy_instance_holds_the_batch_until_it_frees() -> None:
     assert await scenario(wait=True) == [1, 5]
     timer_only = await scenario(wait=False)
     assert len(timer_only) == 6 and max(timer_only) == 1  # each alone, on the timer
+
+
+async def test_a_held_batch_leaves_in_time_for_its_earliest_deadline() -> None:
+    """Every instance stays busy (another client's work): the batch is held, but leaves
+    50 ms before its most urgent member's deadline, in time to be answered."""
+    upstream = RefUpstream()
+    batcher = _batcher(upstream, max_batch_size=8, max_delay_ms=1.0, flush_when_idle=True,
+                       fleet=lambda: FleetCounts(free=0, busy=1, total=1))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    relaxed = asyncio.create_task(batcher.submit(_rows(1), key_of(_rows(1))))
+    await asyncio.sleep(0.02)
+    assert batcher.statistics().open_batches == 1  # held past max_delay_ms
+    urgent = batcher.submit(_rows(1, 2.0), key_of(_rows(1)), deadline=started + 0.09)
+    replies = await asyncio.wait_for(asyncio.gather(relaxed, urgent), 5)
+    elapsed = loop.time() - started
+    assert all(r.status == 200 for r in replies)
+    assert 0.04 <= elapsed < 0.09  # (the hold bound alone would wait until 0.101)
+    stats = batcher.statistics()
+    assert stats.flushes["deadline"] == 1 and stats.batches_sent == 1
