@@ -47,7 +47,11 @@ ahead = the gateway's live in-flight there + the worker's queue the gateway did 
 (scraped pending beyond the gateway's in-flight at the scrape); capacity = the requests the
 worker executes at once, learned from its model configs (``capacity_units``; else its
 slots). Below capacity a request runs at once and takes one service time; above, it waits
-for the ones ahead to drain at capacity / service time per second. Triton's own queue time
+for the ones ahead to drain at capacity / service time per second. On a worker whose
+execution units are all busy, the shell's queue counts too (``queue_wait_s``: its waiters
+for the model over the fleet's completion rate): they take the next free units first, so as
+the queue grows a slower worker with a free unit becomes the better place — the queue's wait
+is weighed against the slow worker's service time. Triton's own queue time
 for the model (fresh scrape) can only raise the predicted wait, by half the gap: queueing
 the gateway cannot see (other clients, other models on the GPU) counts, and an idle worker's
 last-interval figure costs it little. The service time is :class:`ServiceTimes`' peak EWMA
@@ -57,12 +61,12 @@ a slower sample replaces the estimate at once, faster ones pull it down with tim
 capacity) factor, so queueing inside the worker is not counted twice. A worker with no
 request of the model in flight sees its estimate decay toward zero with time constant
 ``IDLE_DECAY_S`` (10 s, Finagle's and Linkerd's default), so a worker judged slow is
-re-measured now and then (an 80 ms worker beside busy 20 ms ones: every few seconds) — one probe, since a worker with a request in flight is
-judged by its undecayed estimate. A cold worker (no sample yet)
-is assumed as fast as the fastest measured candidate of the decision, and ``PROBE_PENALTY``
-× that while its first request is in flight: it gets a probe, then a share by its
-measurement. Without a ``ServiceTimes`` (snapshot-only callers) the snapshot's per-worker
-``latency_ewma_s`` stands in.
+re-measured now and then (an 80 ms worker beside busy 20 ms ones: every few seconds) —
+one probe, since a worker with a request in flight is judged by its undecayed estimate. A
+cold worker (no sample yet) is assumed as fast as the fastest measured candidate of the
+decision, and ``PROBE_PENALTY`` × that while its first request is in flight: it gets a
+probe, then a share by its measurement. Without a ``ServiceTimes`` (snapshot-only
+callers) the snapshot's per-worker ``latency_ewma_s`` stands in.
 
 Pickers: ``p2c`` draws candidates at random (``choices`` of them, filtered as drawn; a
 bounded number of draws, then an exact scan of the pool level) and takes the best score.
@@ -580,16 +584,18 @@ _OK, _BUSY, _FULL, _NO_MEMORY, _NO_VERSION = range(5)
 class _Query:
     """One decision's inputs, gathered once."""
 
-    __slots__ = ("exclude", "key", "load", "name", "need_bytes", "now", "saturation_queue",
-                 "service", "versioned", "weights")
+    __slots__ = ("exclude", "key", "load", "name", "need_bytes", "now", "queue_wait_s",
+                 "saturation_queue", "service", "versioned", "weights")
 
     def __init__(self, key: ModelKey, load: LoadSource | None, need_bytes: float,
                  saturation_queue: float, weights: Weights,
                  exclude: AbstractSet[WorkerId] = frozenset(),
-                 service: ServiceTimes | None = None, now: float = 0.0) -> None:
+                 service: ServiceTimes | None = None, now: float = 0.0,
+                 queue_wait_s: float = 0.0) -> None:
         self.exclude = exclude
         self.service = service
         self.now = now
+        self.queue_wait_s = queue_wait_s
         self.key = key
         self.name = key.name
         self.versioned = bool(key.version)
@@ -618,10 +624,15 @@ def _classify(e: _Entry, q: _Query, in_flight: int) -> int:
     return _OK
 
 
-def _expected_on(e: _Entry, service_s: float, in_flight: int, model: str) -> float:
-    """:func:`expected_completion_s` over a table entry (the decision's hot path)."""
-    rounds = (in_flight + e.ahead_extra + 1.0) / e.capacity
+def _expected_on(e: _Entry, service_s: float, in_flight: int, model: str,
+                 queue_wait_s: float) -> float:
+    """:func:`expected_completion_s` over a table entry (the decision's hot path), plus
+    the shell's queue wait where every execution unit is busy."""
+    ahead = in_flight + e.ahead_extra
+    rounds = (ahead + 1.0) / e.capacity
     wait = service_s * (rounds - 1.0) if rounds > 1.0 else 0.0
+    if ahead >= e.capacity:
+        wait += queue_wait_s
     if e.queue_time_s:
         triton = e.queue_time_s.get(model, 0.0)
         if triton > wait:
@@ -706,11 +717,14 @@ class Router:
                batch_size: int = 1, learned_bytes_per_request: float | None = None,
                sticky: WorkerId | None = None,
                exclude: AbstractSet[WorkerId] = frozenset(),
-               service: ServiceTimes | None = None, now: float = 0.0) -> Decision:
+               service: ServiceTimes | None = None, now: float = 0.0,
+               queue_wait_s: float = 0.0) -> Decision:
         """Route one request for ``key``; ``load`` gives live in-flight counts (module doc).
         ``exclude``: workers that already failed this request (a retry goes elsewhere).
         ``service``: the measured service times, read at ``now`` (expected-latency scorer;
-        without it the snapshots' latency EWMA stands in)."""
+        without it the snapshots' latency EWMA stands in). ``queue_wait_s``: how long the
+        shell's own waiters for the model take to drain, added where every execution unit
+        is busy."""
         counts = self._counts
         counts["decisions"] += 1
         levels = table._levels_for(key.name)
@@ -719,7 +733,8 @@ class Router:
         per_request = self._model_need.get(key.name) or learned_bytes_per_request or 0.0
         need = per_request * batch_size if batch_size > 1 else per_request
         q = _Query(key, load, need, self._config.saturation_queue,
-                   self._model_weights.get(key.name, self._weights), exclude, service, now)
+                   self._model_weights.get(key.name, self._weights), exclude, service, now,
+                   queue_wait_s)
         if sticky is not None:
             routed = self._sticky(table, sticky, q)
             if routed is not None:
@@ -978,12 +993,13 @@ class Router:
                 continue
             if s < fastest:
                 fastest = s
-            out.append(_expected_on(e, s, ok_in_flight[i], name))
+            out.append(_expected_on(e, s, ok_in_flight[i], name, q.queue_wait_s))
         if cold:
             reference = 1.0 if fastest == math.inf else fastest
             for j in cold:
                 s = reference * PROBE_PENALTY if out[j] == -1.0 else reference
-                out[j] = _expected_on(ok[idx[j]], s, ok_in_flight[idx[j]], name)
+                out[j] = _expected_on(ok[idx[j]], s, ok_in_flight[idx[j]], name,
+                                       q.queue_wait_s)
         return out
 
     # -- outcomes

@@ -656,6 +656,27 @@ def test_a_slow_worker_is_remeasured_once_its_estimate_has_decayed() -> None:
     assert routed(r.decide(table, M, load, service=st, now=later)).worker == "a"
 
 
+def test_the_gateway_queue_weighs_against_a_slower_worker_with_a_free_unit() -> None:
+    table = RoutingTable(replace(worker(n, slots=8), capacity_units=4) for n in ("a", "slow"))
+    st = ServiceTimes()
+    st.observe("a", "m", 0.020, 0.0)
+    st.observe("slow", "m", 0.080, 0.0)
+    load = InFlightCounters()
+    for _ in range(4):
+        load.begin("a", "m")                 # every execution unit of a busy: 25 ms
+    r = router(picker="full_scan")
+
+    def pick(queue_wait_s: float) -> str:
+        return routed(r.decide(table, M, load, service=st, now=0.0,
+                               queue_wait_s=queue_wait_s)).worker
+
+    assert pick(0.0) == "a"
+    assert pick(0.030) == "a"                # 55 ms: still sooner than the slow 80 ms
+    assert pick(0.100) == "slow"             # the queue's wait exceeds the slow service
+    load.end("a", "m")                       # a unit of a frees: the queue is not ahead
+    assert pick(0.100) == "a"
+
+
 def test_without_service_times_the_snapshot_latency_stands_in() -> None:
     fleet = [replace(worker("fast", latency_s=0.02, in_flight=5), capacity_units=4),
              replace(worker("slow", latency_s=0.08), capacity_units=4)]
