@@ -34,14 +34,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from gateway import __version__
+from gateway import __version__, grpc_batching
 from gateway import grpc_protocol as proto
+from gateway.batching import NotBatchable
 from gateway.dispatch import Call
 from gateway.errors import (
     GatewayError,
@@ -63,6 +65,8 @@ from gateway.grpc_channels import (
 )
 from gateway.grpc_fleet import FleetRpcs
 from gateway.grpc_stream import StreamRelay
+from gateway.requesthead import read_head
+from gateway.tensors import encode_infer_request, header_length_of, parse_infer_response
 from gateway.types import ModelKey, Priority, WorkerId
 from gateway.workers import Worker, worker_id
 
@@ -84,6 +88,27 @@ Handler = Callable[[bytes, Any], Awaitable[bytes]]
 class Unimplemented(GatewayError):
     status = 501
     reason = "unimplemented"
+
+
+class BatchFailed(GatewayError):
+    """A batch a ``ModelInfer`` joined failed: its status (the worker's or the gateway's),
+    with Triton's error message."""
+
+    status = 502
+    reason = "upstream_error"
+
+    @classmethod
+    def of(cls, status: int, headers: Iterable[tuple[bytes, bytes]],
+           body: bytes) -> BatchFailed:
+        try:
+            doc = json.loads(body)
+            message = str(doc["error"]) if isinstance(doc, dict) else body.decode()
+        except (ValueError, KeyError, UnicodeDecodeError):
+            message = body[:200].decode("utf-8", "replace")
+        retry = next((v for k, v in headers if k.lower() == b"retry-after"), None)
+        exc = cls(message, retry_after_s=float(retry) if retry and retry.isdigit() else None)
+        exc.status = status
+        return exc
 
 
 def error_trailers(exc: GatewayError) -> Metadata:
@@ -346,6 +371,11 @@ class GrpcGateway:
             tenant, priority = self.identify(md)
             call = self.call_for(facts, tenant, priority, self.deadline(context,
                                                                        facts.timeout_us))
+            if svc.cfg.model(facts.key.name).batching.enabled and call.sequence_id is None:
+                batched = await self._infer_batched(call, request)
+                if batched is not None:
+                    svc.telemetry.request_done(model, 200, svc.clock() - started, 0.0)
+                    return batched
             await svc.dispatcher.admit(call)
             reply, upstream_s = await self._infer_routed(call, request, forwardable(md))
         except GatewayError as exc:
@@ -357,6 +387,29 @@ class GrpcGateway:
             raise
         svc.telemetry.request_done(model, 200, svc.clock() - started, upstream_s)
         return reply
+
+    async def _infer_batched(self, call: Call, request: bytes) -> bytes | None:
+        """The HTTP side's batched path (``batching.enabled``): the request joins its model's
+        batcher, shared with HTTP infer requests (``gateway.grpc_batching`` translates); None
+        when it cannot join a batch — it is then sent alone, as received."""
+        infer = grpc_batching.read_request(request)
+        if isinstance(infer, NotBatchable):
+            return None
+        encoded = encode_infer_request(infer, binary=True)
+        hl = encoded.header_length
+        call.head = read_head(encoded.body, None if hl is None else str(hl).encode(), None,
+                              max_bytes=self.svc.cfg.upstream.max_body_bytes, need_peek=True)
+        reply = await self.svc.batching.submit(call)
+        if reply is None:
+            return None
+        if reply.status != 200:
+            raise BatchFailed.of(reply.status, reply.headers, reply.body)
+        try:
+            response = parse_infer_response(reply.body, header_length_of(reply.headers))
+        except GatewayError as exc:
+            raise BatchFailed(f"bad batched response: {exc.message}") from None
+        self.counters["batched"] += 1
+        return grpc_batching.response_bytes(response)
 
     async def _infer_routed(self, call: Call, request: bytes,
                             md: Metadata) -> tuple[bytes, float]:

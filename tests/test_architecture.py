@@ -18,7 +18,7 @@ PACKAGE = ROOT / "gateway"
 CORE = frozenset({
     "gateway.adaptive", "gateway.admission", "gateway.batching", "gateway.breaker",
     "gateway.capacity", "gateway.config", "gateway.errors", "gateway.fairshare",
-    "gateway.forecast",
+    "gateway.forecast", "gateway.grpc_batching",
     "gateway.protocol", "gateway.requesthead", "gateway.retrybudget", "gateway.routing",
     "gateway.schema", "gateway.signals", "gateway.sticky", "gateway.tenants",
     "gateway.tensors", "gateway.types", "gateway.waitqueue",

@@ -604,6 +604,66 @@ def test_one_channel_round_robin_is_within_ten_percent(fleet: TritonFleet,
     assert all(abs(s * 3 - 1) <= 0.1 for s in shares), shares
 
 
+# -- batching: the HTTP side's batchers, shared -------------------------------------------------
+def _batch_sizes(gw: GrpcGatewayProcess, model: str) -> tuple[float, float]:
+    """(batches, members) of ``model`` from the gateway's ``gateway_batch_size`` histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    count = total = 0.0
+    _, body = http_get(gw.url + "/metrics")
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples if family.name == "gateway_batch_size" else ():
+            if sample.labels.get("model") == model:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+    return count, total
+
+
+async def test_model_infer_joins_batches_and_gets_its_own_rows(
+        fleet: TritonFleet, tmp_path: Path) -> None:
+    w = fleet.workers[0]
+    batching = {"enabled": True, "max_batch_size": 8, "max_delay_ms": 100,
+                "flush_when_idle": False}
+    gw = GrpcGatewayProcess({"workers": [worker_entry(w.http_url, w.metrics_url,
+                                                      f"127.0.0.1:{w.ports.grpc}")],
+                             "models": {"add_sub": {"batching": batching}}}, tmp_path)
+    gw.start()
+    try:
+        await asyncio.to_thread(gw.wait_workers_ready, 1)
+        rows = [1, 2, 1, 3, 1]  # 8 rows: one full batch
+        async with grpcaio.InferenceServerClient(gw.grpc_target) as client, \
+                grpcaio.InferenceServerClient(f"127.0.0.1:{w.ports.grpc}") as direct:
+            before = await asyncio.to_thread(_batch_sizes, gw, "add_sub")
+            inputs = []
+            for k, n in enumerate(rows):
+                batch = add_sub_inputs(n)
+                batch[0].set_data_from_numpy(
+                    np.full((n, ADD_SUB_WIDTH), 10.0 * k, dtype=np.float32))
+                inputs.append(batch)
+            got = await asyncio.gather(*(client.infer("add_sub", i, request_id=f"b{k}")
+                                         for k, i in enumerate(inputs)))
+            want = [await direct.infer("add_sub", i) for i in inputs]
+            after = await asyncio.to_thread(_batch_sizes, gw, "add_sub")
+            # a request the worker refuses fails as it does directly (a batch of its own)
+            bad = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+            bad.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
+            with pytest.raises(InferenceServerException) as gw_err:
+                await client.infer("add_sub", [bad, bad])
+            with pytest.raises(InferenceServerException) as direct_err:
+                await direct.infer("add_sub", [bad, bad])
+    finally:
+        gw.stop()
+    for k, (g, d) in enumerate(zip(got, want, strict=True)):
+        assert g.get_response().id == f"b{k}"
+        for name in ("OUTPUT0", "OUTPUT1"):
+            np.testing.assert_array_equal(g.as_numpy(name), d.as_numpy(name))
+    batches, members = after[0] - before[0], after[1] - before[1]
+    assert members == len(rows) and batches < len(rows)  # merged, not one by one
+    assert gw_err.value.status() == direct_err.value.status()
+
+
 # -- retries: the HTTP side's rule and retry budget ---------------------------------------------
 @pytest.mark.parametrize(("code", "connected", "retryable"), [
     ("UNAVAILABLE", False, True),    # no connection: the request never left
