@@ -27,7 +27,8 @@ Targets (the issue's): light p99 (loaded) ≤ its unloaded p99 + 1.5 × one heav
 heavy throughput ≥ 0.95 × the capacity left (η − light share, in heavy requests per second).
 
 ``--weights-scenario`` adds the issue's second case: two tenants both overloading (each at
-``--overload`` / 2 of capacity, the same batch), weights 3 : 1 — GPU-second shares (from the
+``--overload`` of capacity, batch ``--heavy-batch``), weights 3 : 1 (named heavy and light
+here only for their keys) — GPU-second shares (from the
 completed requests) against 75/25, and Jain's index on weight-normalised GPU-seconds, FIFO vs
 fair.
 
@@ -355,8 +356,9 @@ def weights_scenario(args: argparse.Namespace, gws: dict[str, GatewayProcess],
                      rows: list[Row]) -> dict[str, Any]:
     batch = args.heavy_batch
     exec_s = (args.base_ms + args.per_item_ms * batch) / 1000.0
-    streams = [Stream("heavy", batch, args.overload / 2 / exec_s),   # weight 3
-               Stream("light", batch, args.overload / 2 / exec_s)]   # weight 1
+    # each overloads the worker on its own, so both stay backlogged
+    streams = [Stream("heavy", batch, args.overload / exec_s),   # weight 3
+               Stream("light", batch, args.overload / exec_s)]   # weight 1
     weights = {"heavy": 3.0, "light": 1.0}
     out: dict[str, Any] = {"weights": weights}
     for name, gw in gws.items():
