@@ -96,6 +96,8 @@ class Lease:
     batch_size: int = 1
     cost_s: float = 0.0    # estimated GPU-seconds, settled by finish()
     ahead: int = -1        # other requests in flight on the worker when it was sent
+    answered: float = 0.0  # when its response (headers) came back: the execution's end
+    exec_from: float = 0.0  # sent, or the worker's previous answer if later: the start
 
 
 class Dispatcher:
@@ -133,7 +135,7 @@ class Dispatcher:
         # Fair share (gateway.fairshare): GPU-second costs and start-time fair queuing tags.
         self.costs = CostModel()
         self.fair = FairShare(idle_credit_s=cfg.admission.queue.idle_credit_s)
-        self._last_done: dict[WorkerId, float] = {}
+        self._last_answer: dict[WorkerId, float] = {}
         self._counters_at: dict[WorkerId, float | None] = {}
         self.timeline = WorkerTimeline()  # fair: fill a worker's waiting slot just in time
         self._hold_timers: dict[WorkerId, tuple[float, asyncio.Handle]] = {}  # (when, timer)
@@ -194,11 +196,17 @@ class Dispatcher:
                 resp.close()
                 self._end(worker, call.key.name, started, ok=False)
                 continue
+            # The answer's arrival ends the execution (the body relay may take longer and
+            # finish out of order): the worker's timeline and the cost sample go by it.
+            answered = self.clock()
+            exec_from = max(started, self._last_answer.get(worker.id, 0.0))
+            self._last_answer[worker.id] = answered
+            self.timeline.done(worker.id, answered)
             if call.sequence_id is not None:
                 self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
             return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s,
                          tenant=call.tenant, batch_size=call.batch_size, cost_s=call.cost_s,
-                         ahead=ahead)
+                         ahead=ahead, answered=answered, exec_from=exec_from)
 
     # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
     async def admit(self, call: Call) -> None:
@@ -284,23 +292,26 @@ class Dispatcher:
             return
         lease.done = True
         if aborted:
-            self._end(lease.worker, lease.model, lease.started, ok=None)
+            self._end(lease.worker, lease.model, lease.started, ok=None, answered=True)
             return
         if ok is None:
             ok = lease.response.status not in WORKER_FAILURE_STATUSES
-        self._end(lease.worker, lease.model, lease.started, ok=ok, ahead=lease.ahead)
+        self._end(lease.worker, lease.model, lease.started, ok=ok, ahead=lease.ahead,
+                  answered=True)
         if ok:
             self._settle(lease)
 
     def _end(self, worker: Worker, model: str, started: float, *, ok: bool | None,
-             ahead: int = -1) -> None:
+             ahead: int = -1, answered: bool = False) -> None:
         """``ok`` None: the attempt was abandoned, neither success nor failure. ``ahead``:
-        the others in flight on the worker when it was sent (-1: unknown; those now)."""
+        the others in flight on the worker when it was sent (-1: unknown; those now).
+        ``answered``: the worker's timeline took the answer already (:meth:`dispatch`)."""
         now = self.clock()
         latency = now - started
         worker.end(model, latency if ok else None)
         self.in_flight_total -= 1
-        self.timeline.done(worker.id, now)
+        if not answered:
+            self.timeline.done(worker.id, now)
         if ok:
             self.service_times.observe(worker.id, model, latency, now,
                                        in_flight=ahead if ahead >= 0 else worker.in_flight,
@@ -343,7 +354,7 @@ class Dispatcher:
         self.sticky.forget_worker(worker)
         self.service_times.forget(worker)
         self.costs.forget_worker(worker)
-        self._last_done.pop(worker, None)
+        self._last_answer.pop(worker, None)
         self._counters_at.pop(worker, None)
         self.timeline.forget_worker(worker)
         timer = self._hold_timers.pop(worker, None)
@@ -395,8 +406,7 @@ class Dispatcher:
         when a scrape came in since), charge its tenant the cost of the worker it ran on."""
         now = self.clock()
         worker = lease.worker
-        service_s = now - max(lease.started, self._last_done.get(worker.id, 0.0))
-        self._last_done[worker.id] = now
+        service_s = lease.answered - lease.exec_from
         self.costs.observe(worker.id, lease.model, lease.batch_size, service_s)
         if worker.raw_metrics_at != self._counters_at.get(worker.id) \
                 and isinstance(worker.raw_metrics, RawMetrics):

@@ -4,9 +4,10 @@ Two parts, both taking time and costs as arguments:
 
 * :class:`CostModel` — what one request costs the GPU, learned per (worker, model,
   batch-size bucket). The gateway's own timing of each completed request gives the *shape*
-  (how the cost grows with the batch): the departure-based service time, ``done −
-  max(sent, the worker's previous completion)``, which is exact for a worker that executes
-  one request at a time and an underestimate where several execute at once. Triton's
+  (how the cost grows with the batch): the departure-based service time, ``answered −
+  max(sent, the worker's previous answer)`` (answers arrive in execution order; the body
+  relay afterwards may not), which is exact for a worker that executes one request at a
+  time and an underestimate where several execute at once. Triton's
   counters between two scrapes give the *scale*: ``Δnv_inference_compute_infer_duration_us ×
   Δnv_inference_exec_count / Δnv_inference_request_success`` is the GPU time the interval's
   executions took (Triton counts an execution's compute time once per request in it), i.e.

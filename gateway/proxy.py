@@ -249,7 +249,8 @@ class ProxyApp:
                              need_peek=model_cfg.cost == "batch_size"
                              or model_cfg.batching.enabled
                              # fair share: a request's GPU cost goes by its batch size
-                             or bool(cfg.admission.tenants))
+                             or (bool(cfg.admission.tenants)
+                                 and cfg.admission.queue.order == "fair"))
             if head.shared_memory:
                 raise SharedMemoryUnsupported(
                     "shared-memory tensors are host-local and not supported through the "

@@ -3,7 +3,7 @@ FIFO and fair queuing measured side by side in one run.
 
     python -m loadtest.fairshare [--duration 8] [--base-ms 2] [--per-item-ms 1]
                                  [--heavy-batch 32] [--light-share 0.2] [--overload 1.5]
-                                 [--weights-scenario]
+                                 [--weights-scenario] [--overhead | --only-overhead]
 
 The worker is the simulator (``python -m gateway sim --workers 1 --slots 1``): one
 execution at a time, (base + per item × batch) ms each, so one heavy execution (batch 32) and
@@ -32,6 +32,11 @@ here only for their keys) — GPU-second shares (from the
 completed requests) against 75/25, and Jain's index on weight-normalised GPU-seconds, FIFO vs
 fair.
 
+``--overhead`` (or ``--only-overhead``): the cost of fair order on the hot path — the
+overhead benchmark's gateway with every admission feature on, ``order: fair`` vs ``fifo``,
+saturation throughput with wrk against nginx in interleaved rounds (issue target: fair ≥ 0.9
+× fifo).
+
 The client, gateways and simulator share the machine's cores: compare rows of one run.
 Prints a table and writes ``results/fairshare.json``.
 """
@@ -42,6 +47,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from gateway.fairshare import jain_index
 from gateway.tensors import InferRequest, Tensor, encode_infer_request
@@ -61,7 +68,7 @@ from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess
 from gateway.tools.procs import free_port
 from gateway.upstream import Pool, PoolLimits
-from loadtest.overhead import wait_http
+from loadtest.overhead import gateway_yaml, run_wrk, start_nginx, wait_http
 
 RESULTS = Path("results/fairshare.json")
 MODEL = "simple"
@@ -376,6 +383,37 @@ def weights_scenario(args: argparse.Namespace, gws: dict[str, GatewayProcess],
     return out
 
 
+def overhead(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> dict[str, Any]:
+    """``loadtest.overhead``'s gateway with every admission feature on (a tenant key among
+    them), fair order vs ``order: fifo``: saturation throughput with wrk against nginx,
+    interleaved rounds, the median ratio."""
+    upstream = free_port()
+    nginx = start_nginx(tmp, upstream)
+    stack.callback(nginx.wait)
+    stack.callback(nginx.terminate)
+    ports: dict[str, int] = {}
+    for order in ("fifo", "fair"):
+        port = ports[order] = free_port()
+        cfg = yaml.safe_load(gateway_yaml(port, upstream, admission=True))
+        cfg["admission"]["queue"]["order"] = order
+        (tmp / f"overhead-{order}.yaml").write_text(yaml.safe_dump(cfg))
+        with open(tmp / f"overhead-{order}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config",
+                 str(tmp / f"overhead-{order}.yaml")], stdout=subprocess.DEVNULL, stderr=log)
+        stack.callback(procs.stop, proc, 10)
+        wait_http(port, "/v2/health/ready")
+    rounds: dict[str, list[float]] = {"fifo": [], "fair": []}
+    for _ in range(args.overhead_rounds):
+        for order, port in ports.items():
+            rps, _ = run_wrk(tmp, port, args.overhead_duration, 64, {"X-Api-Key": "bench-key"})
+            rounds[order].append(rps)
+            print(f"overhead  {order:<5} {rps:9.0f} req/s", flush=True)
+    fifo, fair = statistics.median(rounds["fifo"]), statistics.median(rounds["fair"])
+    return {"rounds": rounds, "fifo_rps": fifo, "fair_rps": fair,
+            "fair_over_fifo": fair / fifo if fifo else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.fairshare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload", type=float, default=1.5,
                    help="both tenants' demand together, fraction of capacity")
     p.add_argument("--weights-scenario", action="store_true")
+    p.add_argument("--overhead", action="store_true",
+                   help="also: saturation throughput, fair vs fifo (nginx upstream, wrk)")
+    p.add_argument("--overhead-duration", type=float, default=5.0)
+    p.add_argument("--overhead-rounds", type=int, default=3)
+    p.add_argument("--only-overhead", action="store_true")
     p.add_argument("--output", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -398,10 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-fairshare-") as tmp_dir, ExitStack() as stack:
         tmp = Path(tmp_dir)
+        summary: dict[str, Any] = {}
+        if args.overhead or args.only_overhead:
+            with ExitStack() as inner:
+                summary["overhead"] = overhead(args, tmp, inner)
+        if args.only_overhead:
+            print(json.dumps(summary, indent=2))
+            return 0
         url = stack.enter_context(sim_worker(args, lifetime_s))
         before = sim_compute_per_exec_ms(url)
         gws = {order: start_gateway(stack, url, order, tmp / order) for order in ("fifo", "fair")}
-        summary: dict[str, Any] = {"light_heavy": light_heavy(args, gws, rows)}
+        summary["light_heavy"] = light_heavy(args, gws, rows)
         if args.weights_scenario:
             with ExitStack() as inner:
                 wgws = {order: start_gateway(inner, url, order, tmp / f"w-{order}",
