@@ -85,7 +85,10 @@ def redact_tenants(doc: dict[str, Any]) -> dict[str, Any]:
               for row in doc["limits"]]
     rejections = [dict(r, tenant=HIDDEN) if r.get("tenant") else r
                   for r in doc["rejections"]]
-    return {**doc, "limits": limits, "rejections": rejections}
+    fair = doc.get("fair_share")
+    if isinstance(fair, dict):
+        fair = {**fair, "tenants": [dict(row, tenant=HIDDEN) for row in fair["tenants"]]}
+    return {**doc, "limits": limits, "rejections": rejections, "fair_share": fair}
 
 
 def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:

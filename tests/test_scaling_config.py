@@ -28,6 +28,7 @@ GATEWAY_METRICS = {
     "gateway_worker_gpu_total_bytes", "gateway_worker_breaker_state", "gateway_worker_ready",
     "gateway_fleet_utilisation", "gateway_fleet_headroom", "gateway_fleet_saturation",
     "gateway_arrival_rate_per_s", "gateway_desired_replicas",
+    "gateway_event_loop_lag_seconds", "gateway_worker_capacity_units",
     # fair share (gateway.fairshare): per tenant, and Jain's index
     "gateway_tenant_gpu_seconds_total", "gateway_tenant_requests_settled_total",
     "gateway_tenant_queue_wait_seconds_total", "gateway_tenant_gpu_share",
