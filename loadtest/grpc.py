@@ -219,6 +219,15 @@ async def http_phase(name: str, target: str, concurrency: int, duration_s: float
                                  duration_s)
 
 
+def warm_up(fleet: TritonFleet) -> None:
+    """A few requests straight to every worker: a worker's first answers (its model's first
+    run) are slow, and a proxy that learns service times would hold that against it."""
+    for w in fleet.workers:
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{w.ports.grpc}") as c:
+            for _ in range(WARMUP_REQUESTS):
+                c.infer(MODEL, grpc_inputs())
+
+
 def measured(fleet: TritonFleet, phase: Callable[[], Coroutine[Any, Any, Row]]) -> Row:
     """Run ``phase`` and fill in each worker's share of the requests it made."""
     before = worker_counts(fleet)
@@ -268,6 +277,7 @@ def run(duration_s: float, concurrency: int) -> dict[str, Any]:
             tempfile.TemporaryDirectory(prefix="grpc-bench-") as tmpdir:
         tmp = Path(tmpdir)
         w0 = fleet.workers[0]
+        warm_up(fleet)
         rows: dict[str, Row] = {}
         with gateway(gateway_config(fleet), tmp) as gw:
             rows["grpc_direct"] = measured(fleet, lambda: grpc_phase(
