@@ -76,6 +76,7 @@ WIDTH = 16
 CAPACITY_CALLERS = 8
 DRAIN_TIMEOUT_S = 15.0
 KEYS = {"light": "light-key", "heavy": "heavy-key"}
+ADMIN_TOKEN = "bench-admin-token"
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,9 @@ def start_gateway(stack: ExitStack, worker_url: str, order: str, workdir: Path,
     if order != "fair":
         admission["queue"] = {"order": order}
     cfg: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": 0},
-                           "workers": [{"url": worker_url}], "admission": admission}
+                           "workers": [{"url": worker_url}], "admission": admission,
+                           # /status.json names the tenants to the admin only
+                           "admin": {"token": ADMIN_TOKEN}}
     workdir.mkdir(parents=True, exist_ok=True)
     gw = GatewayProcess(cfg, workdir)
     stack.callback(gw.stop)
@@ -264,6 +267,14 @@ def start_gateway(stack: ExitStack, worker_url: str, order: str, workdir: Path,
 
 def _worker_ids(gw: GatewayProcess) -> list[str]:
     return [w["id"] for w in gw.status()["workers"]]
+
+
+def fair_share_status(gw: GatewayProcess) -> dict[str, Any]:
+    request = urllib.request.Request(f"{gw.url}/status.json",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        doc: dict[str, Any] = json.loads(resp.read()).get("fair_share", {})
+    return doc
 
 
 def drained(gw: GatewayProcess) -> None:
@@ -333,7 +344,7 @@ def light_heavy(args: argparse.Namespace, gws: dict[str, GatewayProcess],
         for t, s in (("light", light), ("heavy", heavy)):
             rows.append(row_of(name, "loaded", loaded[t], d, s.rate_per_s, shares[t]))
             print_row(rows[-1])
-        status = gw.status().get("fair_share", {})
+        status = fair_share_status(gw)
         drained(gw)
         eta = cap.ok_rps * heavy_exec_s
         left_rps = max(0.0, eta - args.light_share) / heavy_exec_s
@@ -379,7 +390,7 @@ def weights_scenario(args: argparse.Namespace, gws: dict[str, GatewayProcess],
         jain = jain_index([shares[t] / weights[t] for t in weights])
         out[name] = {"shares": shares, "jain_weighted": jain,
                      "share_error": abs(shares["heavy"] - 0.75),
-                     "gateway_meter": gw.status().get("fair_share", {})}
+                     "gateway_meter": fair_share_status(gw)}
     return out
 
 

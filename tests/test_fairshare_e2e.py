@@ -21,6 +21,7 @@ from gateway.sim.core import WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess
 
+ADMIN_TOKEN = "fair-admin-token"
 BASE_MS, PER_ITEM_MS = 2.0, 0.5   # batch 1: 2.5 ms, batch 32: 18 ms
 HEAVY_MS = BASE_MS + 32 * PER_ITEM_MS
 
@@ -52,6 +53,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
             "workers": [{"url": f"http://{sims.urls[0]}"}],
             "admission": {"tenants": {"light": {"keys": ["light-key"]},
                                       "heavy": {"keys": ["heavy-key"]}}},
+            "admin": {"token": ADMIN_TOKEN},  # /status.json names tenants to the admin only
         }
         gw = GatewayProcess(config, Path(tmp_path_factory.mktemp("fairshare-e2e")))
         with gw:
@@ -95,7 +97,11 @@ def test_light_tenant_is_not_starved_and_the_meter_shows_it(gateway: GatewayProc
     assert set(gpu) == {"light", "heavy"} and gpu["heavy"] > 5 * gpu["light"] > 0, gpu
     assert "gateway_fairness_jain_index " in page
     assert 'gateway_tenant_queue_wait_seconds_total{tenant="heavy"}' in page
-    fair = gateway.status()["fair_share"]
+    assert {t["tenant"] for t in gateway.status()["fair_share"]["tenants"]} == {"(hidden)"}
+    request = urllib.request.Request(f"{gateway.url}/status.json",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        fair = json.loads(resp.read())["fair_share"]
     assert fair["order"] == "fair" and 0.5 <= fair["jain_index"] <= 1.0
     shares = {t["tenant"]: t["share"] for t in fair["tenants"]}
     assert shares["heavy"] > shares["light"] and sum(shares.values()) == pytest.approx(1.0)
