@@ -17,8 +17,9 @@ seconds), desired replicas — and ends with the capacity plan computed from the
 (:mod:`gateway.plan`). ``loadtest`` prints a one-line summary and the ``gateway plan``
 command for its results.
 
-The demo configuration is made to show admission control on a small machine: few slots per
-worker, a short queue, per-tenant token buckets on the tenants the Locust profile sends, and
+The demo configuration is made to show admission control on a small machine: slots learned
+from the workers' model configs (one instance each: one request executing, one waiting), a
+short queue, per-tenant token buckets on the tenants the Locust profile sends, and
 a global rate limit — so the spike is partly shed (429/503) instead of queueing forever.
 
 Ctrl-C (or SIGTERM) at any point stops Locust, the gateway and the Triton servers, and the
@@ -57,7 +58,7 @@ from gateway.tools.demo_view import (
 from gateway.tools.local import FleetError, TritonFleet
 
 DEMO_SERVICE_TIMES_MS = (2.0, 5.0, 10.0)
-DEMO_SLOTS_PER_WORKER = 2
+DEMO_QUEUE_LENGTH = 16
 DEFAULT_GLOBAL_RATE_PER_S = 400.0
 DEFAULT_P99_BUDGET_MS = 200.0
 SAMPLE_PEAK_RPS = 2000.0  # the production peak the sample plan is sized for
@@ -93,17 +94,19 @@ class Interrupted(Exception):
 
 def demo_config_data(fleet: TritonFleet, port: int, *,
                      global_rate_per_s: float | None = DEFAULT_GLOBAL_RATE_PER_S,
-                     slots: int = DEMO_SLOTS_PER_WORKER) -> dict[str, Any]:
-    """Gateway config for the demo fleet: small slots and queue, tenant and global limits
-    (``global_rate_per_s=None``: no rate limits at all, for capacity sweeps)."""
+                     slots: int | None = None) -> dict[str, Any]:
+    """Gateway config for the demo fleet: slots learned from the workers (or ``slots`` per
+    worker), a short queue, tenant and global limits (``global_rate_per_s=None``: no rate
+    limits at all, for capacity sweeps)."""
     data = fleet.gateway_config_dict(port)
-    for worker in data["workers"]:
-        worker["slots"] = slots
+    if slots is not None:
+        for worker in data["workers"]:
+            worker["slots"] = slots
     data.update({
         "health": {"interval_s": 0.5, "rise": 1, "fall": 2},
         "scrape": {"interval_s": 1.0, "stale_after_s": 3.0},
-        "upstream": {"default_slots": slots, "drain_timeout_s": 2.0},
-        "admission": {"queue": {"max_length": 8 * slots, "max_wait_s": 0.5}},
+        "upstream": {"drain_timeout_s": 2.0},
+        "admission": {"queue": {"max_length": DEMO_QUEUE_LENGTH, "max_wait_s": 0.5}},
         # Short history and lead time so the predictive signal moves within a minute.
         "capacity": {"target_utilisation": 0.7, "redundancy": 0, "lead_time_s": 15.0,
                      "history_step_s": 1.0},
@@ -328,7 +331,7 @@ class RunOptions:
     out_dir: Path
     live: bool
     global_rate_per_s: float | None  # None: no rate limits
-    slots: int
+    slots: int | None                # None: learned from the workers' model configs
 
 
 @dataclass(slots=True)
@@ -448,8 +451,9 @@ def _add_common(p: argparse.ArgumentParser, *, workers: int, duration_s: float, 
     p.add_argument("--global-rate", type=float, default=DEFAULT_GLOBAL_RATE_PER_S,
                    help="gateway-wide rate limit, requests/s "
                    f"(default {DEFAULT_GLOBAL_RATE_PER_S:g})")
-    p.add_argument("--slots", type=int, default=DEMO_SLOTS_PER_WORKER,
-                   help=f"in-flight requests per worker (default {DEMO_SLOTS_PER_WORKER})")
+    p.add_argument("--slots", type=int, default=None,
+                   help="in-flight requests per worker (default: learned from the workers' "
+                        "model configs)")
     p.add_argument("--p99-budget-ms", type=float, default=DEFAULT_P99_BUDGET_MS,
                    help="latency budget of the capacity plan")
 
@@ -466,7 +470,7 @@ def _default_port() -> int:
 
 def _options(p: argparse.ArgumentParser, args: argparse.Namespace, shape: str,
              live: bool, *, limits: bool = True) -> RunOptions:
-    if args.workers < 1 or args.slots < 1:
+    if args.workers < 1 or (args.slots is not None and args.slots < 1):
         p.error("--workers and --slots must be at least 1")
     if args.users < 1 or args.duration <= 0:
         p.error("--users and --duration must be positive")
