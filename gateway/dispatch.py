@@ -80,6 +80,7 @@ class Call:
     stream: bool = False
     head: RequestHead | None = None     # infer requests: the head, read once by the proxy
     fair_tag: float | None = None       # start-time fair queuing tag, set once per call
+    fair_served: bool = False           # got a slot at least once (else refunded on exit)
     cost_s: float = 0.0                 # estimated GPU-seconds (gateway.fairshare)
 
 
@@ -218,7 +219,15 @@ class Dispatcher:
     async def acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         """Route ``call`` (waiting in the queue when every worker is busy) and take a slot on
         the chosen worker; pair with :meth:`release`."""
-        worker = await self._acquire(call, tried)
+        try:
+            worker = await self._acquire(call, tried)
+        except BaseException:
+            if call.fair_tag is not None and not call.fair_served and self.is_fair:
+                call.fair_served = True  # refunded once
+                self.fair.refund(tenant_label(call.tenant), self.tenant_weight(call.tenant),
+                                 call.cost_s)
+            raise
+        call.fair_served = True
         self.upstream_attempts += 1
         worker.begin(call.key.name)
         self.in_flight_total += 1

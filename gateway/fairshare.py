@@ -311,6 +311,14 @@ class FairShare:
             acct.finish_tag = start + cost_s / weight
         return start
 
+    def refund(self, tenant: str, weight: float, cost_s: float) -> None:
+        """A tagged request left without being served (refused, expired, gone): its tenant
+        is not charged for it, so a tenant whose excess requests time out in the queue keeps
+        its share (otherwise its finish tag would run ahead by work it never got)."""
+        acct = self._accounts.get(tenant)
+        if acct is not None:
+            acct.finish_tag -= cost_s / weight
+
     def started(self, tag: float, next_waiting: float | None = None) -> None:
         """A request with start tag ``tag`` got its slot; ``next_waiting``: the tag of the
         best request still waiting. Virtual time never passes it: a request that starts out

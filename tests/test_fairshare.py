@@ -271,3 +271,12 @@ def test_next_tag_skips_removed_waiters() -> None:
     q.push(1, 9, 0, tag=0.7)
     q.remove(a)
     assert q.next_tag() == 0.7
+
+
+def test_a_request_that_leaves_unserved_is_refunded() -> None:
+    fair = FairShare(idle_credit_s=0.0)
+    assert fair.tag("a", 2.0, 0.010) == 0.0
+    assert fair.tag("a", 2.0, 0.010) == pytest.approx(0.005)   # queued behind the first
+    fair.refund("a", 2.0, 0.010)                                # the second expired
+    assert fair.tag("a", 2.0, 0.010) == pytest.approx(0.005)   # its place is free again
+    fair.refund("nobody", 1.0, 1.0)                             # unknown tenant: no-op
