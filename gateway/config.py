@@ -16,7 +16,7 @@ and :func:`describe_config`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -483,6 +483,8 @@ class GatewayConfig:
     pools: tuple[PoolConfig, ...] = sub(tuple, "Pools and their priority; unnamed pools get 0.")
     models: dict[str, ModelConfig] = sub(dict, "Per-model settings; models not listed are "
                                          "still served when a worker has them.")
+    batching: BatchingConfig = sub(BatchingConfig, "Gateway-side batching for every model "
+                                   "without a batching section of its own under models.")
     health: HealthConfig = sub(HealthConfig, "Active health probes.")
     upstream: UpstreamConfig = sub(UpstreamConfig, "Connections to workers.")
     scrape: ScrapeConfig = sub(ScrapeConfig, "Triton metrics scraping.")
@@ -526,14 +528,38 @@ class GatewayConfig:
         return 0
 
     def model(self, name: str) -> ModelConfig:
-        return self.models.get(name) or _DEFAULT_MODEL
+        return self.models.get(name) or _default_model(self.batching)
 
 
-_DEFAULT_MODEL = ModelConfig()
+_DEFAULT_MODELS: dict[BatchingConfig, ModelConfig] = {}
+
+
+def _default_model(batching: BatchingConfig) -> ModelConfig:
+    """The settings of a model not listed under ``models``: defaults, with the fleet-wide
+    batching (one object per distinct batching section: reloads only ever make a few)."""
+    model = _DEFAULT_MODELS.get(batching)
+    if model is None:
+        if len(_DEFAULT_MODELS) >= 16:
+            _DEFAULT_MODELS.clear()
+        model = _DEFAULT_MODELS[batching] = ModelConfig(batching=batching)
+    return model
+
+
+def _with_fleet_batching(cfg: GatewayConfig, data: object) -> GatewayConfig:
+    """A model listed under ``models`` without a ``batching`` section of its own gets the
+    top-level one (an explicit section, even ``{enabled: false}``, stands)."""
+    if not isinstance(data, dict) or "batching" not in data or not cfg.models:
+        return cfg
+    raw = data.get("models")
+    raw_models = raw if isinstance(raw, dict) else {}
+    models = {name: m if isinstance(raw_models.get(name), dict)
+              and "batching" in raw_models[name] else replace(m, batching=cfg.batching)
+              for name, m in cfg.models.items()}
+    return replace(cfg, models=models)
 
 
 def parse_config(data: object, env: dict[str, str] | None = None) -> GatewayConfig:
-    return build(GatewayConfig, data, "", env)
+    return _with_fleet_batching(build(GatewayConfig, data, "", env), data)
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

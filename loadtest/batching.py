@@ -5,8 +5,9 @@
 
 By default the issue's measurement: a real Triton model **without** a dynamic batcher
 (``triton-solo``: 10 ms per execution whatever the batch, max_batch_size 64, one instance),
-64 closed-loop batch-1 callers, behind three gateways whose YAML names only the worker and,
-for the model, ``batching`` (no slots, no model facts: both are learned from the worker):
+64 closed-loop batch-1 callers, behind three gateways whose YAML names only the worker and a
+top-level ``batching`` section (no ``models:``, no slots: the model, its batch limit and its
+instances are learned from the worker):
 
 * ``gateway`` — batching off;
 * ``gateway+batching`` — ``batching: {enabled: true, max_delay_ms: 2}``, nothing else: a
@@ -327,10 +328,11 @@ def sim_worker(lifetime_s: float) -> Iterator[str]:
 
 def gateway_for(stack: ExitStack, worker_url: str, metrics_url: str, model: str,
                 batching: dict[str, Any] | None, workdir: Path) -> GatewayProcess:
-    # Defaults are the product: the worker, and the model's batching section, nothing else.
+    # Defaults are the product: the worker and a top-level batching section, nothing else
+    # (no models: the model is found and its batch limit learned).
     cfg: dict[str, Any] = {"workers": [{"url": worker_url, "metrics_url": metrics_url}]}
     if batching:
-        cfg["models"] = {model: {"batching": batching}}
+        cfg["batching"] = batching
     workdir.mkdir(parents=True, exist_ok=True)
     gw = GatewayProcess(cfg, workdir)
     stack.callback(gw.stop)

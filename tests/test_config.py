@@ -380,3 +380,21 @@ def test_readme_configuration_reference_matches_the_schema() -> None:
     assert documented == config_reference_markdown().strip(), (
         "README configuration reference is stale: regenerate it with "
         "`python -m gateway config-reference`")
+
+
+def test_top_level_batching_is_every_models_default_unless_a_model_says_otherwise() -> None:
+    cfg = parse_config({
+        "workers": [{"url": "http://a:1"}],
+        "batching": {"enabled": True, "max_delay_ms": 2},
+        "models": {"named": {"cost": "batch_size"},
+                   "opted_out": {"batching": {"enabled": False}},
+                   "own": {"batching": {"enabled": True, "max_delay_ms": 9}}},
+    })
+    assert cfg.model("unlisted").batching.enabled
+    assert cfg.model("unlisted").batching.max_delay_ms == 2
+    assert cfg.model("named").batching.enabled and cfg.model("named").cost == "batch_size"
+    assert not cfg.model("opted_out").batching.enabled
+    assert cfg.model("own").batching.max_delay_ms == 9
+    # without the section nothing batches
+    plain = parse_config({"workers": [{"url": "http://a:1"}], "models": {"m": {}}})
+    assert not plain.model("m").batching.enabled and not plain.model("x").batching.enabled
