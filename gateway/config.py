@@ -343,8 +343,9 @@ class QueueConfig:
     order: Literal["fair", "fifo"] = opt("fair", "Order inside a priority class: fair "
                                          "(tenants' weighted share of GPU-seconds, start-time "
                                          "fair queuing) or fifo (arrival).")
-    idle_credit_s: float = opt(0.05, "fair: GPU-seconds of other tenants' queued work a "
-                               "tenant back from idle may go ahead of, at most.",
+    idle_credit_s: float = opt(0.0, "fair: virtual GPU-seconds a tenant back from idle may "
+                               "start ahead of the others' queued work, at most (0: none; "
+                               "more trades weighted shares for burst latency).",
                                non_negative())
 
     def __post_init__(self) -> None:

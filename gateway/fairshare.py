@@ -35,7 +35,11 @@ Why start-time fair queuing, not a finish-time scheme (WFQ/WF²Q) or deficit rou
   least one maximal request large, and so delays a batch-1 tenant by whole quanta.
 * **Idle credit is bounded**: a tenant that was idle starts at ``v − idle_credit_s``, never
   lower, however long it was away (its old finish tag is behind ``v``), so it may jump at most
-  ``idle_credit_s`` GPU-seconds of other tenants' queued work, never build a burst.
+  ``idle_credit_s`` GPU-seconds of other tenants' queued work, never build a burst. The
+  default is no credit at all: a tenant whose queue keeps running dry would take the credit
+  at every arrival and so more than its weight (with 50 ms: 82/18 instead of 75/25 in
+  ``loadtest.fairshare --weights-scenario``); a light tenant needs none, its start tag ``v``
+  is already ahead of every queued request of a busier tenant.
 
 ``v`` and the tags are global over the priority bands: the queue orders by band first, so a
 tenant's critical traffic is still charged to its account.
@@ -48,7 +52,7 @@ from collections import deque
 from dataclasses import dataclass
 
 DEFAULT_ITEM_COST_S = 0.001   # per batch item, before anything is learned
-DEFAULT_IDLE_CREDIT_S = 0.05  # GPU-seconds an idle tenant may jump ahead by
+DEFAULT_IDLE_CREDIT_S = 0.0   # virtual GPU-seconds an idle tenant may jump ahead by
 DEFAULT_HALF_LIFE_S = 10.0    # the window of shares and Jain's index
 MAX_COST_KEYS = 4096          # (worker, model, bucket) entries; beyond it nothing new is learned
 MAX_TENANTS = 4096
