@@ -60,9 +60,12 @@ a slower sample replaces the estimate at once, faster ones pull it down with tim
 ``SERVICE_DECAY_S``; each sample is first divided by the same max(1, (ahead + 1) /
 capacity) factor, so queueing inside the worker is not counted twice. A worker with no
 request of the model in flight sees its estimate decay toward zero with time constant
-``IDLE_DECAY_S`` (10 s, Finagle's and Linkerd's default), so a worker judged slow is
-re-measured now and then (an 80 ms worker beside busy 20 ms ones: every few seconds) —
-one probe, since a worker with a request in flight is judged by its undecayed estimate. A
+``IDLE_DECAY_S`` (2 s), so a worker judged slow is re-measured now and then (an 80 ms
+worker beside busy 20 ms ones: every 3 s or so) — one probe, since a worker with a request
+in flight is judged by its undecayed estimate. Finagle and Linkerd use 10 s, but there the
+cost is also multiplied by the worker's load, which keeps a healthy worker in play; here one
+outlier (a stall, a cold first run) would keep an equal worker out of the rotation for
+~20 s, so the decay is shorter. A
 cold worker (no sample yet) is assumed as fast as the fastest measured candidate of the
 decision, and ``PROBE_PENALTY`` × that while its first request is in flight: it gets a
 probe, then a share by its measurement. Without a ``ServiceTimes`` (snapshot-only
@@ -126,7 +129,7 @@ MIN_DRAWS: Final = 8
 MAX_DRAWS: Final = 64        # ... and on to this many while none fit, then scans the level
 
 SERVICE_DECAY_S: Final = 1.0    # peak EWMA: time constant of the pull-down after a peak
-IDLE_DECAY_S: Final = 10.0      # an idle worker's estimate decays toward 0 (re-measurement)
+IDLE_DECAY_S: Final = 2.0       # an idle worker's estimate decays toward 0 (re-measurement)
 PROBE_PENALTY: Final = 4.0      # a cold worker's service × this while its probe is in flight
 MAX_MODELS_PER_WORKER: Final = 64   # service-time estimates kept per worker (stalest go)
 MAX_SERVICE_WORKERS: Final = 65_536  # workers with estimates (oldest go; the shell forgets)
