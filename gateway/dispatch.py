@@ -79,8 +79,6 @@ class Call:
     cost: int = 1
     stream: bool = False
     head: RequestHead | None = None     # infer requests: the head, read once by the proxy
-    fair_tag: float | None = None       # start-time fair queuing tag, set once per call
-    fair_served: bool = False           # got a slot at least once (else refunded on exit)
     cost_s: float = 0.0                 # estimated GPU-seconds (gateway.fairshare)
 
 
@@ -121,7 +119,7 @@ class Dispatcher:
         self.load: routing.LoadSource | None = None
         # Peak-EWMA service time per (worker, model), for the expected-latency scorer.
         self.service_times = routing.ServiceTimes()
-        self.queue = WaitQueue()
+        self.queue = WaitQueue(tagger=self._head_tag, untag=self._head_untag)
         self._futures: dict[int, asyncio.Future[None]] = {}
         self.sticky = StickyTable()
         self.completions = RateMeter()
@@ -219,15 +217,7 @@ class Dispatcher:
     async def acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         """Route ``call`` (waiting in the queue when every worker is busy) and take a slot on
         the chosen worker; pair with :meth:`release`."""
-        try:
-            worker = await self._acquire(call, tried)
-        except BaseException:
-            if call.fair_tag is not None and not call.fair_served and self.is_fair:
-                call.fair_served = True  # refunded once
-                self.fair.refund(tenant_label(call.tenant), self.tenant_weight(call.tenant),
-                                 call.cost_s)
-            raise
-        call.fair_served = True
+        worker = await self._acquire(call, tried)
         self.upstream_attempts += 1
         worker.begin(call.key.name)
         self.in_flight_total += 1
@@ -382,15 +372,36 @@ class Dispatcher:
         found = self.cfg.admission.tenants.get(tenant) if tenant is not None else None
         return found.weight if found is not None else 1.0
 
-    def _tag(self, call: Call) -> float:
-        """The call's start tag (once per call, whatever its retries): its cost estimated
-        from the model and batch size, before the worker is known."""
-        if call.fair_tag is None:
+    def _estimate(self, call: Call) -> None:
+        """The call's cost (once per call, whatever its retries), estimated from the model
+        and batch size before the worker is known."""
+        if call.cost_s == 0.0:
             call.cost_s = self.costs.estimate(call.key.name, call.batch_size)
-            call.fair_tag = (self.fair.tag(tenant_label(call.tenant),
-                                           self.tenant_weight(call.tenant), call.cost_s)
-                             if self.is_fair else 0.0)
-        return call.fair_tag
+
+    def _head_tag(self, ticket: Ticket) -> float:
+        """The wait queue's tagger: a request's start tag when it becomes its flow's head."""
+        if not self.is_fair:
+            return 0.0
+        return self.fair.tag(tenant_label(ticket.tenant), self.tenant_weight(ticket.tenant),
+                             ticket.cost_s)
+
+    def _head_untag(self, ticket: Ticket) -> None:
+        """A head left without a slot (expired, refused, gone): its tenant is not charged."""
+        if self.is_fair:
+            self.fair.refund(tenant_label(ticket.tenant), self.tenant_weight(ticket.tenant),
+                             ticket.cost_s)
+
+    def _start_fair(self, call: Call, ticket: Ticket | None) -> None:
+        """The call takes a slot: virtual time moves to its start tag (a call that never
+        queued is tagged now)."""
+        if not self.is_fair:
+            return
+        if ticket is not None and ticket.tagged:
+            tag = ticket.tag
+        else:
+            tag = self.fair.tag(tenant_label(call.tenant), self.tenant_weight(call.tenant),
+                                call.cost_s)
+        self.fair.started(tag, self.queue.next_tag())
 
     def _hold_s(self, worker: Worker, now: float) -> float:
         """Fair order only, and only where the gateway learned how many requests the worker
@@ -447,7 +458,8 @@ class Dispatcher:
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         ticket: Ticket | None = None
-        tag = self._tag(call)
+        self._estimate(call)
+        served = False
         try:
             while True:
                 decision = self.pick(call, tried)
@@ -475,7 +487,6 @@ class Dispatcher:
                         ticket = await self._wait(call, ticket)
                         continue
                     self._mark_saturated(False)
-                    self.fair.started(tag, self.queue.next_tag())
                     expected_s = worker.latency_ewma_s
                     if expected_s > 0 and call.deadline - now < expected_s:
                         # Sending would only spend GPU time on an answer nobody will read.
@@ -484,6 +495,8 @@ class Dispatcher:
                             f"{(call.deadline - now) * 1000:.0f} ms left, but worker "
                             f"{worker.id} answers in about {expected_s * 1000:.0f} ms",
                             retry_after_s=1.0)
+                    self._start_fair(call, ticket)
+                    served = True
                     return worker
                 if not decision.saturated:
                     if tried:
@@ -496,12 +509,12 @@ class Dispatcher:
                 ticket = await self._wait(call, ticket)
         finally:
             if ticket is not None:
-                self._leave_queue(ticket)
+                self._leave_queue(ticket, served=served)
 
-    def _leave_queue(self, ticket: Ticket) -> None:
+    def _leave_queue(self, ticket: Ticket, *, served: bool = False) -> None:
         if self._futures.pop(ticket.seq, None) is None:
             return  # left already
-        self.queue.remove(ticket)
+        self.queue.remove(ticket, served=served)
         if self.on_queue_wait is not None:
             self.on_queue_wait(ticket.model, ticket.wait_s(self.clock()))
 
@@ -521,8 +534,7 @@ class Dispatcher:
             assert isinstance(decision, Wait)
             ticket = self.queue.push(int(call.priority),
                                      min(call.deadline, now + decision.max_wait_s), now,
-                                     call.key.name, tag=call.fair_tag or 0.0,
-                                     tenant=call.tenant, cost_s=call.cost_s)
+                                     call.key.name, tenant=call.tenant, cost_s=call.cost_s)
             self.counters["queued"] += 1
         else:
             self.queue.requeue(ticket)
