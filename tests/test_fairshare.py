@@ -17,7 +17,7 @@ from gateway.fairshare import (
     jain_index,
     tenant_label,
 )
-from gateway.waitqueue import WaitQueue
+from gateway.waitqueue import Ticket, WaitQueue
 
 
 @pytest.mark.parametrize(("batch", "bucket"), [
@@ -280,3 +280,87 @@ def test_a_request_that_leaves_unserved_is_refunded() -> None:
     fair.refund("a", 2.0, 0.010)                                # the second expired
     assert fair.tag("a", 2.0, 0.010) == pytest.approx(0.005)   # its place is free again
     fair.refund("nobody", 1.0, 1.0)                             # unknown tenant: no-op
+
+
+# ------------------------------------------------------------------ tags given at the head
+
+def _tagged_queue(fair: FairShare, weights: dict[str, float]) -> WaitQueue:
+    def tagger(t: Ticket) -> float:
+        assert t.tenant is not None
+        return fair.tag(t.tenant, weights[t.tenant], t.cost_s)
+
+    def untag(t: Ticket) -> None:
+        assert t.tenant is not None
+        fair.refund(t.tenant, weights[t.tenant], t.cost_s)
+
+    return WaitQueue(tagger=tagger, untag=untag)
+
+
+def test_only_heads_are_tagged_and_a_flow_is_first_come_first_served() -> None:
+    fair = FairShare()
+    q = _tagged_queue(fair, {"a": 1.0, "b": 1.0})
+    a1 = q.push(1, 9, 0, tenant="a", cost_s=1.0)
+    a2 = q.push(1, 9, 0, tenant="a", cost_s=1.0)
+    b1 = q.push(1, 9, 0, tenant="b", cost_s=1.0)
+    assert (a1.tagged, a2.tagged, b1.tagged) == (True, False, True)
+    first = q.pop(0)
+    assert first is a1
+    q.remove(a1)               # served: a2 becomes a's head, tagged now (after a1's 1.0)
+    fair.started(a1.tag, q.next_tag())
+    assert a2.tagged and a2.tag == pytest.approx(1.0)
+    assert q.pop(0) is b1      # b's head (tag 0) goes before a2 (tag 1)
+
+
+def test_requests_expiring_behind_the_head_cost_their_tenant_nothing() -> None:
+    fair = FairShare()
+    q = _tagged_queue(fair, {"a": 1.0})
+    q.push(1, 9, 0, tenant="a", cost_s=1.0)
+    for _ in range(5):
+        q.push(1, 0.5, 0, tenant="a", cost_s=1.0)   # expire before reaching the head
+    head = q.pop(1.0)
+    assert head is not None
+    q.remove(head)
+    assert q.pop(1.0) is None and len(q) == 0
+    assert fair.tag("a", 1.0, 1.0) == pytest.approx(1.0)  # charged for the head only
+
+
+def test_a_head_that_leaves_unserved_is_handed_back() -> None:
+    fair = FairShare()
+    q = _tagged_queue(fair, {"a": 1.0})
+    head = q.push(1, 9, 0, tenant="a", cost_s=1.0)
+    nxt = q.push(1, 9, 0, tenant="a", cost_s=1.0)
+    assert q.pop(0) is head
+    q.remove(head, served=False)                    # its caller gave up
+    assert nxt.tagged and nxt.tag == pytest.approx(0.0)
+
+
+def _overloaded(weights: dict[str, float], steps: int, tagged_at_head: bool) -> dict[str, float]:
+    """Both tenants overload one slot 1.5× each (cost 1, deadline 5 units): most requests
+    expire in the queue. GPU time each tenant got."""
+    fair = FairShare()
+    q = _tagged_queue(fair, weights) if tagged_at_head else WaitQueue()
+    got = dict.fromkeys(weights, 0.0)
+    now = 0.0
+    for step in range(steps):
+        for t in weights:
+            for _ in range(1 + step % 2):      # 1.5 arrivals per unit of time
+                if tagged_at_head:
+                    q.push(1, now + 5, now, tenant=t, cost_s=1.0)
+                else:  # tagged on arrival, the scheme this replaces
+                    q.push(1, now + 5, now, tag=fair.tag(t, weights[t], 1.0), tenant=t)
+        ticket = q.pop(now)
+        if ticket is not None:
+            q.remove(ticket)
+            fair.started(ticket.tag, q.next_tag())
+            assert ticket.tenant is not None
+            got[ticket.tenant] += 1.0
+        now += 1.0
+    return got
+
+
+def test_weighted_shares_hold_when_most_requests_expire() -> None:
+    got = _overloaded({"a": 3.0, "b": 1.0}, steps=2000, tagged_at_head=True)
+    assert got["a"] / sum(got.values()) == pytest.approx(0.75, abs=0.02)
+    # tagged on arrival, expired requests still push their tenant's tags ahead
+    skewed = _overloaded({"a": 3.0, "b": 1.0}, steps=2000, tagged_at_head=False)
+    assert abs(skewed["a"] / sum(skewed.values()) - 0.75) > 0.05
