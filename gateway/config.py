@@ -312,6 +312,10 @@ class TenantConfig:
     priority: Literal["critical", "standard", "sheddable"] = opt(
         "standard", "Default priority class of the tenant's requests.")
     rate_limit: BucketConfig | None = opt(None, "Token bucket for this tenant.")
+    gpu_rate_limit: BucketConfig | None = opt(
+        None, "Token bucket in GPU-seconds: rate_per_s GPU-seconds per second, burst in "
+        "GPU-seconds; a request takes its estimated GPU time (learned per model and batch "
+        "size) before it is sent.")
     weight: float = opt(1.0, "Share of the GPU time this tenant gets under contention, "
                         "relative to the other tenants' weights (anonymous traffic: 1).",
                         check(lambda v: 0 < v <= 1e6, "a number in (0, 1000000]"))

@@ -211,7 +211,11 @@ class Dispatcher:
     async def admit(self, call: Call) -> None:
         """Rate limits for ``call`` (raises a Rejected on refusal)."""
         if call.cost > 0:  # 0: a merged batch whose members were charged one by one
-            await self.limiter.admit(call.tenant, call.key.name, call.cost)
+            gpu_s = 0.0
+            if self.limiter.has_gpu_quota(call.tenant):
+                self._estimate(call)
+                gpu_s = call.cost_s
+            await self.limiter.admit(call.tenant, call.key.name, call.cost, gpu_s=gpu_s)
         self.retry_budget.record_request(self.clock())
 
     async def acquire(self, call: Call, tried: set[WorkerId]) -> Worker:

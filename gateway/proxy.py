@@ -250,7 +250,9 @@ class ProxyApp:
                              or model_cfg.batching.enabled
                              # fair share: a request's GPU cost goes by its batch size
                              or (bool(cfg.admission.tenants)
-                                 and cfg.admission.queue.order == "fair"))
+                                 and (cfg.admission.queue.order == "fair"
+                                      or any(t.gpu_rate_limit
+                                             for t in cfg.admission.tenants.values()))))
             if head.shared_memory:
                 raise SharedMemoryUnsupported(
                     "shared-memory tensors are host-local and not supported through the "

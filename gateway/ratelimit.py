@@ -228,17 +228,21 @@ class RateLimiterStatistics:
 class RateLimiter:
     """Global → tenant → model token buckets. One per process (and per event loop)."""
 
-    __slots__ = ("_global", "_models", "_owns_store", "_store", "_tenants")
+    __slots__ = ("_global", "_gpu", "_models", "_owns_store", "_store", "_tenants")
 
     def __init__(self, *, global_limit: BucketConfig | None = None,
                  tenants: Mapping[str, BucketConfig] | None = None,
                  models: Mapping[str, BucketConfig] | None = None,
+                 gpu_tenants: Mapping[str, BucketConfig] | None = None,
                  store: RedisStore | None = None, owns_store: bool = False) -> None:
         self._store = store
         self._owns_store = owns_store
         self._global = self._make("global", global_limit) if global_limit else None
         self._tenants = {n: self._make(f"tenant:{n}", c) for n, c in (tenants or {}).items()}
         self._models = {n: self._make(f"model:{n}", c) for n, c in (models or {}).items()}
+        # tenants' quotas in GPU-seconds (tokens are GPU-seconds; gateway.fairshare costs)
+        self._gpu = {n: self._make(f"tenant:{n}:gpu_s", c)
+                     for n, c in (gpu_tenants or {}).items()}
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig,
@@ -248,13 +252,14 @@ class RateLimiter:
         adm = cfg.admission
         tenants = {n: t.rate_limit for n, t in adm.tenants.items() if t.rate_limit}
         models = {n: m.rate_limit for n, m in cfg.models.items() if m.rate_limit}
-        every = [*tenants.values(), *models.values(), *([adm.global_limit]
-                                                        if adm.global_limit else [])]
+        gpu = {n: t.gpu_rate_limit for n, t in adm.tenants.items() if t.gpu_rate_limit}
+        every = [*tenants.values(), *models.values(), *gpu.values(),
+                 *([adm.global_limit] if adm.global_limit else [])]
         store, owns = redis_store, False
         if store is None and any(b.scope == "global" for b in every):
             store, owns = RedisStore(adm.redis), True
-        return cls(global_limit=adm.global_limit, tenants=tenants, models=models, store=store,
-                   owns_store=owns)
+        return cls(global_limit=adm.global_limit, tenants=tenants, models=models,
+                   gpu_tenants=gpu, store=store, owns_store=owns)
 
     def _make(self, name: str, cfg: BucketConfig) -> Bucket:
         if cfg.scope == "global":
@@ -278,41 +283,48 @@ class RateLimiter:
             out.append(m)
         return out
 
-    async def admit(self, tenant: str | None, model: str, cost: int = 1) -> None:
-        """Take ``cost`` tokens from every applicable bucket, or none. Raises
-        ``RateLimited`` (429), or ``Overloaded`` (503) for a fail-closed Redis bucket."""
-        chain = self.chain(tenant, model)
-        for bucket in chain:        # cheap local rejection before any Redis round trip
+    def has_gpu_quota(self, tenant: str | None) -> bool:
+        return tenant is not None and tenant in self._gpu
+
+    async def admit(self, tenant: str | None, model: str, cost: int = 1,
+                    gpu_s: float = 0.0) -> None:
+        """Take ``cost`` tokens from every applicable bucket (and ``gpu_s`` from the
+        tenant's GPU-second bucket, when it has one), or none. Raises ``RateLimited``
+        (429), or ``Overloaded`` (503) for a fail-closed Redis bucket."""
+        chain: list[tuple[Bucket, float]] = [(b, cost) for b in self.chain(tenant, model)]
+        if tenant is not None and gpu_s > 0 and (g := self._gpu.get(tenant)) is not None:
+            chain.append((g, gpu_s))
+        for bucket, n in chain:     # cheap local rejection before any Redis round trip
             if isinstance(bucket, LocalBucket):
-                wait = bucket.wait_s(cost)
+                wait = bucket.wait_s(n)
                 if wait > bucket.config.max_wait_s:
                     raise bucket._reject(wait)
-        taken: list[Bucket] = []
+        taken: list[tuple[Bucket, float]] = []
         try:
-            for bucket in chain:
+            for bucket, n in chain:
                 if isinstance(bucket, LocalBucket):
-                    await bucket.take(cost)
-                    taken.append(bucket)
-                elif await bucket.take(cost):
-                    taken.append(bucket)
+                    await bucket.take(n)
+                    taken.append((bucket, n))
+                elif await bucket.take(n):
+                    taken.append((bucket, n))
         except Exception:
-            for bucket in reversed(taken):
+            for bucket, n in reversed(taken):
                 if isinstance(bucket, LocalBucket):
-                    bucket.refund(cost)
+                    bucket.refund(n)
                 else:
-                    await bucket.refund(cost)
+                    await bucket.refund(n)
             raise
         except BaseException:
-            for bucket in reversed(taken):
+            for bucket, n in reversed(taken):
                 if isinstance(bucket, LocalBucket):
-                    bucket.refund(cost)
+                    bucket.refund(n)
             raise
 
     def describe(self) -> list[dict[str, object]]:
         """One row per bucket for /status.json: name, scope, rate, burst and the tokens
         available now (local buckets; None for global ones — that would cost a Redis call)."""
         buckets = [*([self._global] if self._global else []), *self._tenants.values(),
-                   *self._models.values()]
+                   *self._models.values(), *self._gpu.values()]
         return [{"name": b.name, "scope": b.config.scope, "rate_per_s": b.config.rate_per_s,
                  "burst": b.capacity,
                  "available": b.available() if isinstance(b, LocalBucket) else None}
@@ -320,7 +332,7 @@ class RateLimiter:
 
     def statistics(self) -> RateLimiterStatistics:
         buckets = [*([self._global] if self._global else []), *self._tenants.values(),
-                   *self._models.values()]
+                   *self._models.values(), *self._gpu.values()]
         return RateLimiterStatistics(
             buckets={b.name: b.statistics() for b in buckets},
             redis=self._store.statistics() if self._store is not None else None)

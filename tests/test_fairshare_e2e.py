@@ -108,3 +108,30 @@ def test_light_tenant_is_not_starved_and_the_meter_shows_it(gateway: GatewayProc
     # the learned cost of a batch-32 request is several times that of a batch-1 one
     per_request = {t["tenant"]: t["gpu_s"] / t["requests"] for t in fair["tenants"]}
     assert per_request["heavy"] > 3 * per_request["light"], per_request
+
+
+def test_gpu_second_quota_answers_429_with_retry_after(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A tenant with ``gpu_rate_limit`` (GPU-seconds per second) is refused once its
+    batch-32 requests have used the bucket, while its batch-1 requests still fit."""
+    with SimFleetThread([WorkerSpec(slots=1, base_ms=BASE_MS, per_item_ms=PER_ITEM_MS)]) as sims:
+        config: dict[str, Any] = {
+            "workers": [{"url": f"http://{sims.urls[0]}"}],
+            "admission": {"tenants": {"metered": {
+                "keys": ["metered-key"],
+                # ~2 batch-32 requests (18 ms each) per burst, refilled over ~7 minutes
+                "gpu_rate_limit": {"rate_per_s": 0.0001, "burst": 0.04}}}},
+        }
+        with GatewayProcess(config, Path(tmp_path_factory.mktemp("quota-e2e"))) as gw:
+            gw.wait_workers_ready(1)
+            url = f"{gw.url}/v2/models/simple/infer"
+            statuses = [post(url, body(32), "metered-key")[0] for _ in range(6)]
+            assert statuses[0] == 200 and 429 in statuses, statuses
+            request = urllib.request.Request(url, body(32), {
+                "Content-Type": "application/json", "X-Api-Key": "metered-key"},
+                method="POST")
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=10)
+            refused = info.value
+            assert refused.code == 429 and float(refused.headers["Retry-After"]) >= 1
+            assert "tenant:metered:gpu_s" in json.loads(refused.read())["error"]
