@@ -17,9 +17,12 @@ Two parts, both taking time and costs as arguments:
   and settled after, at the learned cost of the worker that ran it.
 * :class:`FairShare` — the tags of **start-time fair queuing** (Goyal, Vin and Cheng, 1996)
   over those costs, plus each tenant's meter. A request of tenant ``i`` with estimated cost
-  ``c`` gets the start tag ``S = max(v − idle_credit_s, F_i)`` and moves the tenant's finish
-  tag to ``F_i = S + c / w_i``; the wait queue serves the lowest ``S`` inside each priority
-  band; ``v`` is the largest start tag handed a slot so far.
+  ``c`` gets, when it becomes the head of its tenant's flow in the wait queue (or takes a
+  slot without waiting), the start tag ``S = max(v − idle_credit_s, F_i)`` and moves the
+  tenant's finish tag to ``F_i = S + c / w_i``; a head that leaves unserved is handed back
+  (:meth:`FairShare.refund`). The wait queue serves the lowest head tag inside each
+  priority band; ``v`` is the largest start tag handed a slot so far, never past the best
+  tag still waiting.
 
 Why start-time fair queuing, not a finish-time scheme (WFQ/WF²Q) or deficit round robin:
 
@@ -37,9 +40,8 @@ Why start-time fair queuing, not a finish-time scheme (WFQ/WF²Q) or deficit rou
   lower, however long it was away (its old finish tag is behind ``v``), so it may jump at most
   ``idle_credit_s`` GPU-seconds of other tenants' queued work, never build a burst. The
   default is no credit at all: a tenant whose queue keeps running dry would take the credit
-  at every arrival and so more than its weight (with 50 ms: 82/18 instead of 75/25 in
-  ``loadtest.fairshare --weights-scenario``); a light tenant needs none, its start tag ``v``
-  is already ahead of every queued request of a busier tenant.
+  at every arrival and so more than its weight; a light tenant needs none, its start tag
+  ``v`` is already ahead of every queued request of a busier tenant.
 
 ``v`` and the tags are global over the priority bands: the queue orders by band first, so a
 tenant's critical traffic is still charged to its account.
@@ -316,9 +318,9 @@ class FairShare:
         return start
 
     def refund(self, tenant: str, weight: float, cost_s: float) -> None:
-        """A tagged request left without being served (refused, expired, gone): its tenant
-        is not charged for it, so a tenant whose excess requests time out in the queue keeps
-        its share (otherwise its finish tag would run ahead by work it never got)."""
+        """A tagged request (a flow's head) left without being served (expired, gone): its
+        tenant is not charged for it, so a tenant whose excess requests time out in the
+        queue keeps its share (its finish tag would run ahead by work it never got)."""
         acct = self._accounts.get(tenant)
         if acct is not None:
             acct.finish_tag -= cost_s / weight
