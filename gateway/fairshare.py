@@ -98,11 +98,15 @@ class CostStatistics:
 class CostModel:
     """GPU-seconds per request, learned per (worker, model, batch bucket)."""
 
-    __slots__ = ("_counters", "_intervals", "_pending", "_scale", "_timing", "item_cost_s")
+    __slots__ = ("_by_model", "_counters", "_entries", "_intervals", "_pending", "_scale",
+                 "_timing", "item_cost_s")
 
     def __init__(self, item_cost_s: float = DEFAULT_ITEM_COST_S) -> None:
         self.item_cost_s = item_cost_s
-        self._timing: dict[tuple[str, str, int], float] = {}
+        # (worker, model) → bucket → seconds; model → its workers (estimate() reads only those)
+        self._timing: dict[tuple[str, str], dict[int, float]] = {}
+        self._by_model: dict[str, set[str]] = {}
+        self._entries = 0
         self._scale: dict[tuple[str, str], float] = {}
         # completions seen since the last counter interval: (count, Σ estimate)
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
@@ -110,23 +114,29 @@ class CostModel:
         self._intervals = 0
 
     def __repr__(self) -> str:
-        return f"<CostModel entries={len(self._timing)} scales={len(self._scale)}>"
+        return f"<CostModel entries={self._entries} scales={len(self._scale)}>"
 
     def observe(self, worker: str, model: str, batch: int, service_s: float) -> None:
         """The gateway's own timing of one completed request on ``worker``."""
         if not service_s > 0 or not math.isfinite(service_s):
             return
-        key = (worker, model, batch_bucket(batch))
-        old = self._timing.get(key)
-        if old is None:
-            if len(self._timing) >= MAX_COST_KEYS:
-                return
-            self._timing[key] = service_s
-        else:
-            self._timing[key] = old + EWMA_ALPHA * (service_s - old)
+        bucket = batch_bucket(batch)
         wm = (worker, model)
+        buckets = self._timing.get(wm)
+        old = buckets.get(bucket) if buckets is not None else None
+        if old is None:
+            if self._entries >= MAX_COST_KEYS:
+                return
+            if buckets is None:
+                buckets = self._timing[wm] = {}
+                self._by_model.setdefault(model, set()).add(worker)
+            buckets[bucket] = service_s
+            self._entries += 1
+        else:
+            assert buckets is not None
+            buckets[bucket] = old + EWMA_ALPHA * (service_s - old)
         n, total = self._pending.get(wm, (0, 0.0))
-        self._pending[wm] = (n + 1, total + self._timing[key])
+        self._pending[wm] = (n + 1, total + buckets[bucket])
 
     def on_counters(self, worker: str, model: str, compute_infer_us: float,
                     exec_count: float, success: float) -> None:
@@ -162,33 +172,35 @@ class CostModel:
 
     def estimate(self, model: str, batch: int) -> float:
         """Before dispatch (worker unknown): the mean over the workers that know ``model``."""
-        costs = [self.cost(w, m, batch) for (w, m) in self._workers_of(model)]
+        costs = [self.cost(w, model, batch) for w in self._by_model.get(model, ())]
         return sum(costs) / len(costs) if costs else self.item_cost_s * max(1, batch)
 
     def forget_worker(self, worker: str) -> None:
         self._timing = {k: v for k, v in self._timing.items() if k[0] != worker}
+        self._entries = sum(len(b) for b in self._timing.values())
+        for workers in self._by_model.values():
+            workers.discard(worker)
+        self._by_model = {m: ws for m, ws in self._by_model.items() if ws}
         self._scale = {k: v for k, v in self._scale.items() if k[0] != worker}
         self._pending = {k: v for k, v in self._pending.items() if k[0] != worker}
         self._counters = {k: v for k, v in self._counters.items() if k[0] != worker}
 
     def statistics(self) -> CostStatistics:
         return CostStatistics(
-            entries=len(self._timing),
+            entries=self._entries,
             scales=tuple(sorted((w, m, s) for (w, m), s in self._scale.items())),
             counter_intervals=self._intervals)
 
-    def _workers_of(self, model: str) -> set[tuple[str, str]]:
-        return {(w, m) for (w, m, _) in self._timing if m == model}
-
     def _timing_for(self, worker: str, model: str, batch: int) -> float | None:
         bucket = batch_bucket(batch)
-        exact = self._timing.get((worker, model, bucket))
+        buckets = self._timing.get((worker, model))
+        if not buckets:
+            return None
+        exact = buckets.get(bucket)
         if exact is not None:
             return exact
         # Not seen yet: the nearest known bucket, scaled by the batch ratio towards it.
-        known = [(b, s) for (w, m, b), s in self._timing.items() if w == worker and m == model]
-        if not known:
-            return None
+        known = list(buckets.items())  # at most ~20 buckets
         b, s = min(known, key=lambda bs: abs(bs[0] - bucket))
         return s * 2.0 ** (bucket - b)
 

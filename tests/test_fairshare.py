@@ -9,6 +9,7 @@ import pytest
 
 from gateway.fairshare import (
     ANONYMOUS,
+    MAX_COST_KEYS,
     SCALE_BOUNDS,
     CostModel,
     FairShare,
@@ -364,3 +365,17 @@ def test_weighted_shares_hold_when_most_requests_expire() -> None:
     # tagged on arrival, expired requests still push their tenant's tags ahead
     skewed = _overloaded({"a": 3.0, "b": 1.0}, steps=2000, tagged_at_head=False)
     assert abs(skewed["a"] / sum(skewed.values()) - 0.75) > 0.05
+
+
+def test_cost_entries_are_bounded_and_forget_worker_frees_them() -> None:
+    costs = CostModel(item_cost_s=0.001)
+    for i in range(MAX_COST_KEYS):
+        costs.observe(f"w{i}", "m", 1, 0.002)
+    costs.observe("late", "m", 1, 0.5)                 # full: nothing new is learned
+    assert costs.statistics().entries == MAX_COST_KEYS
+    assert costs.cost("late", "m", 1) == pytest.approx(0.001)
+    costs.observe("w0", "m", 1, 0.012)                 # known entries still learn
+    assert costs.cost("w0", "m", 1) == pytest.approx(0.004)
+    costs.forget_worker("w1")
+    costs.observe("late", "m", 1, 0.5)
+    assert costs.cost("late", "m", 1) == pytest.approx(0.5)
