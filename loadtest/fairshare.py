@@ -272,8 +272,15 @@ def start_gateway(stack: ExitStack, worker: dict[str, str], order: str, workdir:
     stack.callback(gw.stop)
     gw.start()
     gw.wait_workers_ready(1)
+    # One request first: a model PyTriton binds is missing from Triton's repository index,
+    # so the gateway learns it (and then its config, hence the slots) from traffic.
+    body, headers = infer_body(1)
+    warm = urllib.request.Request(f"{gw.url}/v2/models/{TARGET.model}/infer", body,
+                                  {k.decode(): v.decode() for k, v in headers}, method="POST")
+    with urllib.request.urlopen(warm, timeout=10) as resp:
+        resp.read()
     gw.wait_for(lambda: gw.worker_status(next(iter(_worker_ids(gw))))["slots"] == 2,
-                what="slots learned from the model config")
+                timeout_s=30.0, what="slots learned from the model config")
     return gw
 
 
