@@ -95,3 +95,16 @@ class RateMeter:
 
     def __repr__(self) -> str:
         return f"<RateMeter {self._rate:.2f}/s>"
+
+
+def triton_priority(priority: Priority, levels: int) -> int:
+    """The gateway's priority class as Triton's ``priority`` parameter for a model with
+    ``levels`` priority levels (1 is highest): critical → 1, sheddable → the lowest level,
+    standard → the middle one."""
+    if levels <= 1:
+        return 1
+    if priority is Priority.CRITICAL:
+        return 1
+    if priority is Priority.SHEDDABLE:
+        return levels
+    return (levels + 1) // 2

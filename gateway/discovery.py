@@ -132,6 +132,8 @@ class ModelFacts:
     # the dynamic batcher's queue policy lets a request set its own ``timeout`` (Triton's
     # schedule-policy extension): the gateway passes each request's remaining time on
     timeout_override: bool = False
+    # dynamic_batching.priority_levels: the gateway's priority class goes on as ``priority``
+    priority_levels: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +287,18 @@ def model_facts(config: object) -> ModelFacts | None:
         decoupled=isinstance(policy, dict) and policy.get("decoupled") is True,
         max_queue_delay_us=delay if isinstance(delay, int) and delay > 0 else 0,
         timeout_override=isinstance(batching, dict) and _allows_timeout_override(batching),
+        priority_levels=_priority_levels(batching),
     )
+
+
+def _priority_levels(batching: object) -> int:
+    if not isinstance(batching, dict):
+        return 0
+    levels = batching.get("priority_levels", 0)
+    if isinstance(levels, str) and levels.isdigit():  # protobuf JSON spells uint64 as text
+        levels = int(levels)
+    return levels if isinstance(levels, int) and not isinstance(levels, bool) \
+        and 0 < levels <= 1_000_000 else 0
 
 
 def _allows_timeout_override(batching: dict[str, object]) -> bool:

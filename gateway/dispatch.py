@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from gateway import routing
 from gateway.adaptive import AdaptiveLimit
-from gateway.admission import QueueView, RateMeter, Wait, decide
+from gateway.admission import QueueView, RateMeter, Wait, decide, triton_priority
 from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -44,7 +44,7 @@ from gateway.fairshare import CostModel, FairShare, WorkerTimeline, tenant_label
 from gateway.fleet import Fleet
 from gateway.ratelimit import RateLimiter
 from gateway.redis_store import RedisStore
-from gateway.requesthead import RequestHead, with_timeout
+from gateway.requesthead import RequestHead, with_parameters
 from gateway.retrybudget import RetryBudget, RetryVerdict, decide_retry
 from gateway.signals import RawMetrics
 from gateway.sticky import StickyTable
@@ -246,18 +246,31 @@ class Dispatcher:
         return False
 
     def _with_remaining_time(self, call: Call, worker: Worker) -> tuple[Headers, bytes]:
-        """The request as sent to ``worker``: where the model's queue policy lets a request
-        set Triton's ``timeout`` and the client set none, the time left to the request's
-        deadline goes with it, so Triton drops it from its own queue rather than run it for
-        nobody. Compressed and unreadable bodies go as they came."""
+        """The request as sent to ``worker``, with Triton's schedule-policy parameters where
+        the model's config honours them: the time left to the request's deadline as
+        ``timeout`` where its queue policy lets a request set one (and the client set none),
+        so Triton drops it from its own queue rather than run it for nobody; and the
+        gateway's priority class as ``priority`` where it has priority levels — a client's
+        own ``priority`` may lower that, never raise it. Compressed and unreadable bodies go
+        as they came."""
         head = call.head
-        if (head is None or head.timeout_us is not None or head.body is not call.body
-                or head.header_length == 0 or call.key.name not in worker.passes_timeout
-                or call.deadline == float("inf")):
+        name = call.key.name
+        if (head is None or head.body is not call.body or head.header_length == 0
+                or (name not in worker.passes_timeout and name not in worker.priority_levels)):
             return call.headers, call.body
-        left_us = int((call.deadline - self.clock()) * 1e6)
+        params: dict[str, int] = {}
+        if (name in worker.passes_timeout and head.timeout_us is None
+                and call.deadline != float("inf")):
+            params["timeout"] = int((call.deadline - self.clock()) * 1e6)
+        levels = worker.priority_levels.get(name)
+        if levels:
+            band = triton_priority(call.priority, levels)
+            if head.priority is None or head.priority < band:
+                params["priority"] = band
+        if not params:
+            return call.headers, call.body
         try:
-            body, header_length = with_timeout(call.body, head.header_length, left_us)
+            body, header_length = with_parameters(call.body, head.header_length, params)
         except (ValueError, RecursionError):
             return call.headers, call.body
         if header_length is None:

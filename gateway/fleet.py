@@ -284,6 +284,7 @@ class Fleet:
         executes up to ``max_batch_size`` requests per instance at once."""
         units = slots = 0
         timeouts: set[str] = set()
+        levels: dict[str, int] = {}
         for name in sorted(models)[:64]:  # bounded: model names come from the worker
             try:
                 status, body = await fetch(w.pool, "GET", f"/v2/models/{name}/config",
@@ -296,10 +297,13 @@ class Fleet:
                 continue
             if facts.timeout_override:
                 timeouts.add(name)
+            if facts.priority_levels:
+                levels[name] = facts.priority_levels
             per_instance = facts.max_batch_size if facts.dynamic_batching else 1
             units += facts.instances * max(1, per_instance)
             slots += facts.instances * max(1, per_instance) + facts.instances
         w.passes_timeout = frozenset(timeouts)
+        w.priority_levels = levels
         if not units or self.cfg.upstream.default_slots != "auto" or w.configured_slots is not None:
             return
         derived = min(MAX_DERIVED_SLOTS, max(2, slots))

@@ -23,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.errors import BadRequest
@@ -110,12 +111,12 @@ def read_head(body: bytes, header_length: bytes | None, content_encoding: bytes 
     )
 
 
-def with_timeout(body: bytes, header_length: int | None, timeout_us: int) -> tuple[bytes,
-                                                                                int | None]:
-    """``body`` with the request-level ``parameters.timeout`` set to ``timeout_us``
-    (Triton's schedule-policy timeout, microseconds); returns the new body and its
+def with_parameters(body: bytes, header_length: int | None,
+                    parameters: Mapping[str, int]) -> tuple[bytes, int | None]:
+    """``body`` with request-level ``parameters`` set (Triton's schedule-policy ``timeout``
+    in microseconds, ``priority``); returns the new body and its
     ``Inference-Header-Content-Length`` (None for a pure JSON body). Only for a body whose
-    header is a JSON object; the caller checks that the client set no timeout itself."""
+    header is a JSON object; the caller decides which of the client's own values stand."""
     header = body[:header_length] if header_length is not None else body
     doc = json.loads(header)
     if not isinstance(doc, dict):
@@ -125,7 +126,8 @@ def with_timeout(body: bytes, header_length: int | None, timeout_us: int) -> tup
         params = doc["parameters"] = {}
     if not isinstance(params, dict):
         raise ValueError("parameters is not a JSON object")
-    params["timeout"] = max(1, int(timeout_us))
+    for name, value in parameters.items():
+        params[name] = max(1, int(value))
     new_header = json.dumps(doc, separators=(",", ":")).encode()
     if header_length is None:
         return new_header, None

@@ -114,6 +114,7 @@ class Worker:
         "pool_name",
         "pool_priority",
         "port",
+        "priority_levels",
         "raw_metrics",
         "raw_metrics_at",
         "scrape_errors",
@@ -150,6 +151,8 @@ class Worker:
         # Models whose config lets a request set Triton's ``timeout`` (schedule policy):
         # the dispatcher passes each request's remaining time on to them.
         self.passes_timeout: frozenset[str] = frozenset()
+        # Models with Triton priority levels: the request's class goes on as ``priority``.
+        self.priority_levels: dict[str, int] = {}
         self.state = State.JOINING
         self.ok_streak = 0
         self.fail_streak = 0

@@ -145,3 +145,37 @@ def test_the_remaining_time_goes_on_as_tritons_timeout_where_the_model_honours_i
         assert infer(gw, {"X-Request-Timeout-Ms": "900"},
                      path="/v2/models/plain/infer").status_code == 200
         assert last_timeout() == before
+
+
+
+def test_the_priority_class_goes_on_as_tritons_priority_where_the_model_has_levels(
+        tmp_path: Path) -> None:
+    """A model with 3 priority levels gets the tenant's class as ``parameters.priority``
+    (critical 1, standard 2, sheddable 3); a client's own value may lower it, never raise
+    it."""
+    from gateway.sim.core import SimModel
+    model = SimModel(name="ranked", priority_levels=3)
+    cfg = {"workers": [], "admission": {"tenants": {
+        "gold": {"keys": ["k-gold"], "priority": "critical"},
+        "low": {"keys": ["k-low"], "priority": "sheddable"}}}}
+    with SimFleetThread([WorkerSpec(models=(model,), base_ms=1.0)]) as sim:
+        cfg["workers"] = [{"url": f"http://{sim.urls[0]}"}]
+        with GatewayProcess(cfg, tmp_path) as gw:
+            gw.wait_workers_ready(1)
+
+            def sent(key: str | None, own: int | None = None) -> int | None:
+                params = {} if own is None else {"parameters": {"priority": own}}
+                body = json.dumps({**params, "inputs": [
+                    {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+                     "data": [1.0] * 16}]})
+                headers = {"X-Api-Key": key} if key else {}
+                r = httpx.post(gw.url + "/v2/models/ranked/infer", content=body,
+                               headers=headers, timeout=10)
+                assert r.status_code == 200, r.text
+                return sim.statistics().workers[0].last_priority
+
+            assert sent("k-gold") == 1
+            assert sent(None) == 2
+            assert sent("k-low") == 3
+            assert sent("k-low", own=1) == 3      # a client cannot raise its class
+            assert sent("k-gold", own=3) == 3     # but may lower it

@@ -107,6 +107,10 @@ def test_paths_quote_the_name(key: ModelKey, suffix: str, path: str) -> None:
      ModelFacts(8, True, 1, False)),
     ({"default_queue_policy": {"allow_timeout_override": True}},   # no dynamic batcher
      ModelFacts(0, False, 1, False)),
+    ({"max_batch_size": 4, "dynamic_batching": {"priority_levels": "3"}},
+     ModelFacts(4, True, 1, False, priority_levels=3)),
+    ({"max_batch_size": 4, "dynamic_batching": {"priority_levels": -2}},
+     ModelFacts(4, True, 1, False)),
     ([], None),
 ])
 def test_facts_from_a_model_config(config: object, facts: ModelFacts | None) -> None:

@@ -8,9 +8,10 @@ import zlib
 
 import pytest
 
+from gateway.admission import triton_priority
 from gateway.config import parse_config
 from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.requesthead import read_head, with_timeout
+from gateway.requesthead import read_head, with_parameters
 from gateway.tenants import TenantDirectory
 from gateway.types import Priority
 
@@ -92,10 +93,11 @@ def test_empty_or_blank_keys_never_authenticate() -> None:
     (b'{"parameters":{"priority":1},"inputs":[]}', None),
     (b'{"inputs":[{"name":"X","parameters":{"binary_data_size":4}}]}', b"\x00\x01\x02\x03"),
 ])
-def test_with_timeout_sets_the_parameter_and_keeps_the_tail(header: bytes,
+def test_with_parameters_sets_the_parameter_and_keeps_the_tail(header: bytes,
                                                             tail: bytes | None) -> None:
     body = header + (tail or b"")
-    new, length = with_timeout(body, len(header) if tail is not None else None, 1500)
+    new, length = with_parameters(body, len(header) if tail is not None else None,
+                                  {"timeout": 1500})
     if tail is None:
         assert length is None
         doc = json.loads(new)
@@ -108,6 +110,16 @@ def test_with_timeout_sets_the_parameter_and_keeps_the_tail(header: bytes,
 
 
 @pytest.mark.parametrize("header", [b"[1]", b'{"parameters":[]}', b"{nope"])
-def test_with_timeout_refuses_what_it_cannot_rewrite(header: bytes) -> None:
+def test_with_parameters_refuses_what_it_cannot_rewrite(header: bytes) -> None:
     with pytest.raises(ValueError):
-        with_timeout(header, None, 1000)
+        with_parameters(header, None, {"timeout": 1000})
+
+
+@pytest.mark.parametrize(("priority", "levels", "expected"), [
+    (Priority.CRITICAL, 3, 1), (Priority.STANDARD, 3, 2), (Priority.SHEDDABLE, 3, 3),
+    (Priority.CRITICAL, 2, 1), (Priority.STANDARD, 2, 1), (Priority.SHEDDABLE, 2, 2),
+    (Priority.SHEDDABLE, 1, 1), (Priority.STANDARD, 10, 5),
+])
+def test_the_gateways_class_as_tritons_priority_level(priority: Priority, levels: int,
+                                                     expected: int) -> None:
+    assert triton_priority(priority, levels) == expected

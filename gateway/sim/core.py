@@ -70,6 +70,8 @@ class SimModel:
     # the dynamic batcher's default queue policy allows a request's own ``timeout``
     # (reported in the config; the simulator records the values it receives)
     timeout_override: bool = False
+    # dynamic_batching.priority_levels (reported; the simulator records what it receives)
+    priority_levels: int = 0
     # per-model cost overrides; None = the worker's value
     base_ms: float | None = None
     per_item_ms: float | None = None

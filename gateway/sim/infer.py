@@ -45,8 +45,10 @@ def model_config(model: SimModel, instances: int = 1) -> dict[str, Any]:
         "input": tensors(model.inputs), "output": tensors(model.outputs),
         "instance_group": [{"name": model.name, "kind": "KIND_GPU", "count": max(1, instances)}],
     }
-    if model.dynamic_batching or model.timeout_override:
+    if model.dynamic_batching or model.timeout_override or model.priority_levels:
         config["dynamic_batching"] = {}
+    if model.priority_levels:
+        config["dynamic_batching"]["priority_levels"] = model.priority_levels
     if model.timeout_override:
         config["dynamic_batching"]["default_queue_policy"] = {"allow_timeout_override": True}
     return config

@@ -68,6 +68,8 @@ class SimWorkerStats:
     max_in_flight: int = 0
     # the last request-level ``timeout`` parameter received (microseconds), if any
     last_timeout_us: int | None = None
+    # the last request-level ``priority`` parameter received, if any
+    last_priority: int | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class SimWorker(Handler):
         self.in_flight = 0
         self.max_in_flight = 0
         self.last_timeout_us: int | None = None
+        self.last_priority: int | None = None
         self._pending: dict[int, _Pending] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -184,7 +187,8 @@ class SimWorker(Handler):
             0, self.spec.slots, 0, 0, 0, 0, 0, 0)
         return SimWorkerStats(self.index, self.port, self.is_up, self.spec.faults,
                               self.http_requests, self.hung, core, self.infer_requests,
-                              self.in_flight, self.max_in_flight, self.last_timeout_us)
+                              self.in_flight, self.max_in_flight, self.last_timeout_us,
+                              self.last_priority)
 
     # ----------------------------------------------------------------- request handling
 
@@ -287,6 +291,9 @@ class SimWorker(Handler):
             timeout = infer.parameters.get("timeout")
             if isinstance(timeout, int) and not isinstance(timeout, bool):
                 self.last_timeout_us = timeout
+            priority = infer.parameters.get("priority")
+            if isinstance(priority, int) and not isinstance(priority, bool):
+                self.last_priority = priority
             batch = validate(model, infer)
             encoded = answer(model, infer)
         except (SimError, GatewayError) as exc:
