@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -155,7 +156,7 @@ def test_the_priority_class_goes_on_as_tritons_priority_where_the_model_has_leve
     it."""
     from gateway.sim.core import SimModel
     model = SimModel(name="ranked", priority_levels=3)
-    cfg = {"workers": [], "admission": {"tenants": {
+    cfg: dict[str, Any] = {"workers": [], "admission": {"tenants": {
         "gold": {"keys": ["k-gold"], "priority": "critical"},
         "low": {"keys": ["k-low"], "priority": "sheddable"}}}}
     with SimFleetThread([WorkerSpec(models=(model,), base_ms=1.0)]) as sim:
