@@ -225,8 +225,9 @@ class Dispatcher:
         self.upstream_attempts += 1
         worker.begin(call.key.name)
         self.in_flight_total += 1
-        self.timeline.sent(worker.id, self.clock(),
-                           self.costs.cost(worker.id, call.key.name, call.batch_size))
+        if self.is_fair:  # the just-in-time hold is fair order's; FIFO skips its bookkeeping
+            self.timeline.sent(worker.id, self.clock(),
+                               self.costs.cost(worker.id, call.key.name, call.batch_size))
         return worker
 
     def release(self, worker: Worker, model: str, started: float, *, ok: bool | None,
@@ -452,8 +453,10 @@ class Dispatcher:
                 self.costs.on_counters(worker.id, model, c.compute_infer_us, c.exec_count,
                                        c.success)
         actual_s = self.costs.cost(worker.id, lease.model, lease.batch_size)
+        # Outside fair order no estimate was made and no tag given: nothing to correct.
+        estimated_s = lease.cost_s if lease.cost_s > 0.0 else actual_s
         self.fair.settle(tenant_label(lease.tenant), self.tenant_weight(lease.tenant),
-                         lease.cost_s, actual_s, lease.queued_s, now)
+                         estimated_s, actual_s, lease.queued_s, now)
 
     # routing + queueing -------------------------------------------------------------------
     def pick(self, call: Call, exclude: set[WorkerId]) -> Route | NoRoute:
@@ -475,7 +478,8 @@ class Dispatcher:
 
     async def _acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         ticket: Ticket | None = None
-        self._estimate(call)
+        if self.is_fair:  # start tags need the estimate; FIFO and metering do not
+            self._estimate(call)
         served = False
         try:
             while True:
