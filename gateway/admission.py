@@ -21,6 +21,7 @@ level that would admit the request, at least one second.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gateway.config import QueueConfig
@@ -108,3 +109,39 @@ def triton_priority(priority: Priority, levels: int) -> int:
     if priority is Priority.SHEDDABLE:
         return levels
     return (levels + 1) // 2
+
+
+class WindowMin:
+    """The smallest value seen over the last one to two windows (two rotating windows):
+    the service time of a request that did not wait, robust to samples inflated by
+    queueing — in the worker, or in the gateway's own stalled event loop during a herd.
+    Pure: time passed in."""
+
+    __slots__ = ("_cur", "_prev", "_started", "window_s")
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self._cur = self._prev = math.inf
+        self._started: float | None = None
+
+    def add(self, value: float, now: float) -> None:
+        self._rotate(now)
+        if value < self._cur:
+            self._cur = value
+
+    def value(self, now: float) -> float:
+        """The minimum, 0.0 while nothing was seen in the last two windows."""
+        self._rotate(now)
+        low = min(self._cur, self._prev)
+        return 0.0 if low == math.inf else low
+
+    def _rotate(self, now: float) -> None:
+        if self._started is None:
+            self._started = now
+        elapsed = now - self._started
+        if elapsed >= 2 * self.window_s:
+            self._cur = self._prev = math.inf
+            self._started = now
+        elif elapsed >= self.window_s:
+            self._prev, self._cur = self._cur, math.inf
+            self._started = now

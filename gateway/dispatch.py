@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 from gateway import routing
 from gateway.adaptive import AdaptiveLimit
-from gateway.admission import QueueView, RateMeter, Wait, decide, triton_priority
+from gateway.admission import (
+    QueueView,
+    RateMeter,
+    Wait,
+    WindowMin,
+    decide,
+    triton_priority,
+)
 from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -124,6 +131,13 @@ class Dispatcher:
         self.sticky = StickyTable()
         self.completions = RateMeter()
         self.service_time_ewma_s = 0.0
+        # The fastest recent upstream times: a request's service without queueing (see
+        # drain_rate); and the fleet's execution units, recounted at most every 0.5 s.
+        self.service_floor = WindowMin()
+        # The event loop's recent lateness (set by the service): a response read late because
+        # the gateway itself was busy is not the worker's slowness.
+        self.loop_lag: Callable[[float], float] = lambda now: 0.0
+        self._units: tuple[float, int] = (-1.0, 0)
         self.saturated_since: float | None = None
         self.saturated_total_s = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
@@ -346,6 +360,7 @@ class Dispatcher:
         if ok:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
                                         else 0.9 * self.service_time_ewma_s + 0.1 * latency)
+            self.service_floor.add(max(0.001, latency - self.loop_lag(now)), now)
         self.wake_waiters(1)
         if self.on_release is not None:  # after the queue's waiter took its slot
             self.on_release(model)
@@ -548,7 +563,7 @@ class Dispatcher:
         if ticket is None:
             view = QueueView(length=len(self.queue), ahead=self.queue.ahead_of(call.priority),
                              drain_rate_per_s=self.drain_rate(now),
-                             service_time_s=self.service_time_ewma_s)
+                             service_time_s=self.service_floor.value(now))
             decision = decide(view, call.priority, call.deadline - now, self.cfg.admission.queue)
             if isinstance(decision, Rejected):
                 raise decision
@@ -593,7 +608,7 @@ class Dispatcher:
             return
         view = QueueView(length=waiting, ahead=self.queue.ahead_of(priority) + arriving,
                          drain_rate_per_s=self.drain_rate(now),
-                         service_time_s=self.service_time_ewma_s)
+                         service_time_s=self.service_floor.value(now))
         decision = decide(view, priority, deadline - now, self.cfg.admission.queue)
         if isinstance(decision, Rejected):
             self.counters["refused_before_body"] += 1
@@ -601,13 +616,26 @@ class Dispatcher:
 
     def drain_rate(self, now: float) -> float:
         """Completions per second the queue can count on: the recent completion rate, or,
-        when higher, Little's law over the slots busy now (in flight / mean service time).
-        The decayed meter alone lags for seconds after an idle spell — exactly when a herd
-        arrives — and would refuse as "deadline unmeetable" requests the fleet can serve."""
+        when higher, Little's law over the requests executing now — in flight, at most the
+        fleet's execution units (what the workers run at once; the rest of the slots wait
+        inside them) — over the service time of a request that did not wait (the recent
+        fastest). The decayed meter alone lags for seconds after an idle spell, and a mean
+        service time is inflated by queueing in the workers and by the gateway's own stalls —
+        both exactly when a herd arrives, when they would refuse as "deadline unmeetable"
+        requests the fleet can serve. Refusing is decided on this optimistic estimate; the
+        dispatch-time check (time left against the worker's recent latency) is the backstop."""
         rate = self.completions.rate(now)
-        if self.service_time_ewma_s > 0 and self.in_flight_total > 0:
-            rate = max(rate, self.in_flight_total / self.service_time_ewma_s)
+        service = self.service_floor.value(now)
+        if service > 0 and self.in_flight_total > 0:
+            rate = max(rate, min(self.in_flight_total, self._execution_units(now)) / service)
         return rate
+
+    def _execution_units(self, now: float) -> int:
+        at, units = self._units
+        if now - at >= 0.5 or now < at:
+            units = sum(w.capacity_units for w in self.fleet.workers.values() if w.is_routable)
+            self._units = (now, units)
+        return max(1, units)
 
     def _drain_estimate(self) -> float:
         rate = self.drain_rate(self.clock())

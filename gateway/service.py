@@ -96,6 +96,7 @@ class GatewayService:
         self.aggregates = TritonAggregates(self.fleet.routable, self.fleet.probe_models,
                                            lambda: self.cfg.upstream.read_timeout_s)
         self.loop_lag = LoopLag(clock=clock)
+        self.dispatcher.loop_lag = self.loop_lag.lag_s
         self.telemetry = Telemetry(self)
         self.dispatcher.on_queue_wait = self.telemetry.observe_queue_wait
         self.batching = BatchingGateway(lambda: self.cfg, self.dispatcher,

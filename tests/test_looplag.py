@@ -1,4 +1,5 @@
-"""The loop-lag estimate: jumps up at once, decays by half per half-life, bounded."""
+"""The loop-lag estimate (jumps up at once, decays by half per half-life, bounded) and the
+windowed minimum of service times that the queue's drain estimate reads."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from gateway.admission import WindowMin
 from gateway.looplag import MAX_LAG_S, LoopLag
 
 
@@ -37,3 +39,17 @@ async def test_a_blocked_loop_is_measured() -> None:
         assert lag.lag_s() >= 0.05, lag
     finally:
         lag.stop()
+
+
+@pytest.mark.parametrize(("samples", "at", "expected"), [
+    ([], 0.0, 0.0),                                         # nothing seen
+    ([(0.2, 0.0), (0.05, 1.0), (0.3, 2.0)], 2.0, 0.05),     # the smallest in the window
+    ([(0.05, 0.0), (0.2, 6.0)], 6.0, 0.05),                 # the previous window still counts
+    ([(0.05, 0.0), (0.2, 6.0)], 11.5, 0.2),                 # ... until it rotates out
+    ([(0.05, 0.0)], 11.0, 0.0),                             # two windows of nothing: unknown
+])
+def test_window_min(samples: list[tuple[float, float]], at: float, expected: float) -> None:
+    floor = WindowMin(window_s=5.0)
+    for value, now in samples:
+        floor.add(value, now)
+    assert floor.value(at) == pytest.approx(expected)
