@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -50,13 +48,13 @@ import yaml
 from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess, free_port
 from gateway.tools.local import TritonFleet
+from loadtest.haproxy import find_haproxy, haproxy_config
 
 MODEL = "add_sub"
 WIDTH = 16
 WORKERS = 3
 WARMUP_REQUESTS = 20
 # HAProxy lives in /usr/sbin, which a non-root PATH often lacks
-HAPROXY_DIRS = ("/usr/sbin", "/usr/local/sbin")
 
 
 @dataclass
@@ -84,40 +82,6 @@ class _GrpcGateway(GatewayProcess):
         self.config_path.write_text(raw if raw is not None else yaml.safe_dump(self.config))
 
 
-def find_haproxy() -> str | None:
-    found = shutil.which("haproxy")
-    if found:
-        return found
-    for directory in HAPROXY_DIRS:
-        candidate = Path(directory) / "haproxy"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
-
-
-def haproxy_h2_config(port: int, upstreams: list[int]) -> str:
-    """HAProxy in HTTP mode speaking h2c on both sides (gRPC needs HTTP/2 end to end), one
-    thread like the gateway's one event loop, ``leastconn`` over the workers' gRPC ports: with
-    HTTP/2 multiplexing HAProxy picks a server per request (stream), not per connection."""
-    servers = "".join(f"  server w{i} 127.0.0.1:{p} proto h2\n"
-                      for i, p in enumerate(upstreams))
-    return f"""
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-frontend fe
-  bind 127.0.0.1:{port} proto h2
-  default_backend workers
-backend workers
-  balance leastconn
-  http-reuse always
-{servers}"""
-
-
 @contextlib.contextmanager
 def haproxy_h2(tmp: Path, upstreams: list[int]) -> Iterator[int | None]:
     """Run HAProxy (h2c) in front of ``upstreams``; yields its port, or None when HAProxy is
@@ -128,7 +92,7 @@ def haproxy_h2(tmp: Path, upstreams: list[int]) -> Iterator[int | None]:
         return
     port = free_port()
     conf = tmp / "haproxy-h2.cfg"
-    conf.write_text(haproxy_h2_config(port, upstreams))
+    conf.write_text(haproxy_config(port, upstreams, h2=True))
     proc = procs.start([binary, "-f", str(conf)], log_path=tmp / "haproxy.log")
     try:
         deadline = time.monotonic() + 15

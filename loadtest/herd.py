@@ -360,6 +360,21 @@ def rejections_by_reason(gateway_url: str) -> dict[str, float]:
     return out
 
 
+def storm(gw: GatewayProcess, requests: int, connections: int, deadline_ms: int
+          ) -> tuple[list[Answer], float, dict[str, float], tuple[float, float],
+                     dict[str, float]]:
+    """One herd at a running gateway with the readiness prober running: the answers, the
+    storm's duration, the probe's figures, the gateway's (peak, current) RSS and its
+    rejections by reason."""
+    assert gw.proc is not None
+    prober = Prober(gw.url)
+    time.sleep(0.3)
+    answers, duration = asyncio.run(herd(gw.port, requests, connections,
+                                         headers={"X-Request-Timeout-Ms": str(deadline_ms)}))
+    probe = prober.finish()
+    return answers, duration, probe, _rss_mb(gw.proc.pid), rejections_by_reason(gw.url)
+
+
 def admission_config(*, rate_per_s: float = 1000.0, burst: float = 500.0,
                      queue_max: int = 200) -> dict[str, Any]:
     return {"global_limit": {"rate_per_s": rate_per_s, "burst": burst},
@@ -375,15 +390,8 @@ def run_herd(scenario: str, admission: dict[str, Any], *, requests: int, connect
         try:
             gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == WORKERS,
                         what="every worker ready")
-            assert gw.proc is not None
-            prober = Prober(gw.url)
-            time.sleep(0.3)
-            answers, duration = asyncio.run(herd(
-                gw.port, requests, connections,
-                headers={"X-Request-Timeout-Ms": str(DEADLINE_MS)}))
-            probe = prober.finish()
-            peak, cur = _rss_mb(gw.proc.pid)
-            reasons = rejections_by_reason(gw.url)
+            answers, duration, probe, (peak, cur), reasons = storm(gw, requests, connections,
+                                                                   DEADLINE_MS)
         finally:
             gw.stop()
         stats = sim.stats()
@@ -458,15 +466,8 @@ def run_minimal(requests: int, workdir: Path) -> tuple[HerdFigures, dict[str, An
             gw.wait_for(lambda: all(w["slots"] == 2 * MINIMAL_INSTANCES
                                     for w in gw.status()["workers"]),
                         what="slots learned from the model config")
-            assert gw.proc is not None
-            prober = Prober(gw.url)
-            time.sleep(0.3)
-            answers, duration = asyncio.run(herd(
-                gw.port, requests, requests,
-                headers={"X-Request-Timeout-Ms": str(MINIMAL_DEADLINE_MS)}))
-            probe = prober.finish()
-            rss = _rss_mb(gw.proc.pid)
-            reasons = rejections_by_reason(gw.url)
+            answers, duration, probe, rss, reasons = storm(gw, requests, requests,
+                                                           MINIMAL_DEADLINE_MS)
             time.sleep(1.0)
             calm, _ = asyncio.run(herd(gw.port, 60, 4))   # then calm traffic
             status = gw.status()

@@ -42,6 +42,7 @@ import yaml
 
 from gateway.tools.procs import free_port, stop, stop_all
 from gateway.upstream import Pool, PoolLimits
+from loadtest.haproxy import find_haproxy, haproxy_config
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                "data": list(range(16))}]})
@@ -101,33 +102,16 @@ http {{
     return proc
 
 
-def start_haproxy(tmp: Path, port: int, upstreams: list[int],
-                  maxconn: int | None = None) -> subprocess.Popen[bytes] | None:
-    """HAProxy 2.x, one thread, ``balance leastconn`` over ``upstreams`` (None when haproxy
-    is not installed). ``maxconn`` per server queues the excess in HAProxy (5 s)."""
-    if shutil.which("haproxy") is None:
+def start_haproxy(tmp: Path, port: int, upstreams: list[int], maxconn: int | None = None,
+                  balance: str = "leastconn") -> subprocess.Popen[bytes] | None:
+    """HAProxy (:func:`loadtest.haproxy.haproxy_config`) in front of ``upstreams``; None when
+    haproxy is not installed."""
+    binary = find_haproxy()
+    if binary is None:
         return None
-    limit = f" maxconn {maxconn}" if maxconn else ""
-    servers = "".join(f"  server w{i} 127.0.0.1:{p}{limit}\n" for i, p in enumerate(upstreams))
-    conf = tmp / "haproxy.cfg"
-    conf.write_text(f"""
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  timeout queue 5s
-  option http-keep-alive
-frontend fe
-  bind 127.0.0.1:{port}
-  default_backend workers
-backend workers
-  balance leastconn
-  http-reuse always
-{servers}""")
-    proc = subprocess.Popen(["haproxy", "-f", str(conf)], stdout=subprocess.DEVNULL,
+    conf = tmp / f"haproxy-{balance}.cfg"
+    conf.write_text(haproxy_config(port, upstreams, balance=balance, maxconn=maxconn))
+    proc = subprocess.Popen([binary, "-f", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_http(port, "/v2/health/ready")

@@ -91,7 +91,7 @@ from gateway.tools.procs import free_port, http_get
 from gateway.types import Route
 from gateway.upstream import Pool, PoolLimits
 from loadtest import decision_cost
-from loadtest.overhead import start_haproxy, start_nginx, wait_http
+from loadtest.overhead import start_haproxy, start_nginx
 
 GIB = 2**30
 MODEL = "simple"
@@ -410,37 +410,7 @@ def start_haproxy_balance(tmp: Path, port: int, upstreams: list[int],
                           balance: str) -> subprocess.Popen[bytes] | None:
     """HAProxy, one thread, ``balance <balance>`` over ``upstreams``, no per-server maxconn
     (a generic load balancer); None when haproxy is not installed."""
-    haproxy = shutil.which("haproxy") or next(
-        (str(d / "haproxy") for d in (Path("/usr/sbin"), Path("/usr/bin"))
-         if (d / "haproxy").is_file()), None)
-    if haproxy is None:
-        return None
-    servers = "".join(f"  server w{i} 127.0.0.1:{p}\n" for i, p in enumerate(upstreams))
-    conf = tmp / f"haproxy-{balance}.cfg"
-    conf.write_text(f"""
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend fe
-  bind 127.0.0.1:{port}
-  default_backend workers
-backend workers
-  balance {balance}
-  http-reuse always
-{servers}""")
-    proc = subprocess.Popen([haproxy, "-f", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_http(port, "/v2/health/ready")
-    except RuntimeError:
-        procs.stop(proc, 5)
-        raise
-    return proc
+    return start_haproxy(tmp, port, upstreams, balance=balance)
 
 
 async def closed_loop(port: int, clients: int, duration_s: float,
