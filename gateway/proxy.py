@@ -83,16 +83,8 @@ _MAX_TIMEOUT_MS = 10**12  # ~32 years: longer deadlines mean "no deadline"
 log = logging.getLogger("gateway.proxy")
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for k, v in headers:
-        if k == name:
-            return v
-    return None
-
-
-def _header_deadline_s(headers: list[tuple[bytes, bytes]]) -> float | None:
+def _header_deadline_s(raw: bytes | None) -> float | None:
     """``X-Request-Timeout-Ms`` in seconds; None when absent; 400 unless a positive integer."""
-    raw = _header(headers, b"x-request-timeout-ms")
     if raw is None:
         return None
     try:
@@ -213,21 +205,8 @@ class ProxyApp:
         tenant, default_priority = svc.tenants.identify(headers)
         if tenant is None and cfg.admission.require_api_key:
             raise Unauthorized("missing or unknown API key")
-        header_deadline_s = _header_deadline_s(headers)
-        # Health, /metrics and /status never queue behind a storm of inference requests.
-        await self.turnstile.enter()
-        if header_deadline_s is not None:
-            # Herds are cheap to refuse: a request the queue cannot serve in time is refused
-            # from its headers, before its body is read.
-            svc.dispatcher.precheck(effective_priority(default_priority, _header(
-                headers, b"x-priority")), arrived + header_deadline_s, svc.clock())
-        key = ModelKey(ep.model, ep.version)
-        if ep.version or not svc.model_known(ep.model):
-            await svc.resolve(key, Action.OTHER)
-        svc.telemetry.arrival(ep.model)
-        body = await _read_body(receive, cfg.upstream.max_body_bytes, scope)
         fwd: Headers = []
-        priority_h = ihcl = encoding = None
+        priority_h = timeout_h = ihcl = encoding = None
         for k, v in headers:
             if k in HOP_BY_HOP or k == _REQUEST_ID:
                 continue
@@ -235,6 +214,7 @@ class ProxyApp:
                 priority_h = v
                 continue
             if k == b"x-request-timeout-ms":
+                timeout_h = v
                 continue
             if k == b"inference-header-content-length":
                 ihcl = v
@@ -242,6 +222,19 @@ class ProxyApp:
                 encoding = v
             fwd.append((k, v))
         fwd.append((_REQUEST_ID, rid))
+        header_deadline_s = _header_deadline_s(timeout_h)
+        priority = effective_priority(default_priority, priority_h)
+        # Health, /metrics and /status never queue behind a storm of inference requests.
+        await self.turnstile.enter()
+        if header_deadline_s is not None:
+            # Herds are cheap to refuse: a request the queue cannot serve in time is refused
+            # from its headers, before its body is read.
+            svc.dispatcher.precheck(priority, arrived + header_deadline_s, svc.clock())
+        key = ModelKey(ep.model, ep.version)
+        if ep.version or not svc.model_known(ep.model):
+            await svc.resolve(key, Action.OTHER)
+        svc.telemetry.arrival(ep.model)
+        body = await _read_body(receive, cfg.upstream.max_body_bytes, scope)
         model_cfg = cfg.model(ep.model)
         head = None
         if ep.kind is Kind.INFER:
@@ -249,10 +242,8 @@ class ProxyApp:
                              need_peek=model_cfg.cost == "batch_size"
                              or model_cfg.batching.enabled
                              # fair share: a request's GPU cost goes by its batch size
-                             or (bool(cfg.admission.tenants)
-                                 and (cfg.admission.queue.order == "fair"
-                                      or any(t.gpu_rate_limit
-                                             for t in cfg.admission.tenants.values()))))
+                             or svc.dispatcher.is_fair
+                             or svc.dispatcher.limiter.has_any_gpu_quota)
             if head.shared_memory:
                 raise SharedMemoryUnsupported(
                     "shared-memory tensors are host-local and not supported through the "
@@ -262,7 +253,6 @@ class ProxyApp:
             deadline_s = header_deadline_s
         elif head is not None and head.timeout_us is not None:
             deadline_s = head.timeout_us / 1e6
-        priority = effective_priority(default_priority, priority_h)
         batch = head.batch_size if head is not None else 1
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):

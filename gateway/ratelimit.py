@@ -286,6 +286,10 @@ class RateLimiter:
     def has_gpu_quota(self, tenant: str | None) -> bool:
         return tenant is not None and tenant in self._gpu
 
+    @property
+    def has_any_gpu_quota(self) -> bool:
+        return bool(self._gpu)
+
     async def admit(self, tenant: str | None, model: str, cost: int = 1,
                     gpu_s: float = 0.0) -> None:
         """Take ``cost`` tokens from every applicable bucket (and ``gpu_s`` from the
