@@ -99,6 +99,13 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
     stale = svc.cfg.scrape.stale_after_s
     workers = []
     breakers = board.statistics(now).workers
+    by_worker: dict[str, dict[str, dict[str, object]]] = {}
+    for m in svc.model_limits():
+        by_worker.setdefault(m.worker, {})[m.model] = {
+            "limit": m.limit, "units": m.units, "static": m.static,
+            "in_flight": 0, "adaptive": m.adaptive, "probing": m.probing,
+            "min_latency_ms": m.min_rtt_s * 1000 if m.min_rtt_s is not None else None,
+            "latency_ms": m.smoothed_rtt_s * 1000 if m.smoothed_rtt_s is not None else None}
     for w in svc.workers():
         sig = w.signals
         fresh = w.fresh_signals(now, stale)
@@ -119,6 +126,9 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
             "slots_source": ("configured" if w.configured_slots is not None else
                              "learned" if w.derived_slots is not None else "default"),
             "capacity_units": w.capacity_units,
+            # per model: its learned in-flight limit here (gateway.concurrency)
+            "model_limits": {name: {**entry, "in_flight": w.in_flight_by_model.get(name, 0)}
+                             for name, entry in by_worker.get(w.id, {}).items()},
             "pending": fresh.pending() if fresh else None,
             "gpu_free_bytes": fresh.free_memory_bytes if fresh and fresh.has_gpu else None,
             "gpu_total_bytes": fresh.total_memory_bytes if fresh and fresh.has_gpu else None,

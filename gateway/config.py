@@ -217,6 +217,13 @@ class UpstreamConfig:
         f"priority, deadlines and batching apply. {AUTO_SLOTS_FALLBACK} until the configs are "
         "read. A number fixes it for every worker.",
         check(lambda v: v == "auto" or v > 0, "a number > 0 or 'auto'"))
+    model_limits: Literal["adaptive", "static", "off"] = opt(
+        "adaptive", "In-flight limit per (worker, model), where the worker's slots are learned "
+        "(default_slots: auto, no workers[].slots): 'adaptive' (the default) starts from the "
+        "model config's static figure (its execution units plus one waiting per instance) and "
+        "adapts it online from latency against the unloaded latency (gradient limiter), never "
+        "below the units nor above twice the static figure; 'static' keeps the config's figure; "
+        "'off' limits only each worker's total.")
     max_body_bytes: int = opt(DEFAULT_MAX_BODY_BYTES, "Largest request body accepted (→ 413).",
                               positive())
     max_header_bytes: int = opt(DEFAULT_MAX_HEADER_BYTES, "Largest request header section "

@@ -39,6 +39,7 @@ from gateway.admission import (
     triton_priority,
 )
 from gateway.breaker import BreakerBoard
+from gateway.concurrency import ModelLimits
 from gateway.config import GatewayConfig
 from gateway.errors import (
     DeadlineUnmeetable,
@@ -65,6 +66,10 @@ log = logging.getLogger("gateway.dispatch")
 WORKER_FAILURE_STATUSES = frozenset({500, 502, 503, 504})
 # A read timeout this close to the client's deadline was the client's deadline.
 DEADLINE_SLACK_S = 0.002
+# A waiter woken for a slot its model cannot use passes the wake-up on to another model's
+# waiter at most this many times per release, looking at most this many waiters.
+MAX_WAKE_PASSES = 4
+MAX_SKIPPED = 32
 
 
 @dataclass(slots=True)
@@ -144,6 +149,9 @@ class Dispatcher:
         self.upstream_attempts = 0
         # admission.adaptive: one gradient limit per fleet member (pruned by the table sync)
         self.adaptive: dict[WorkerId, AdaptiveLimit] = {}
+        # upstream.model_limits: the learned in-flight limit per (worker, model)
+        self.model_limits = ModelLimits(adaptive=cfg.upstream.model_limits == "adaptive")
+        self._wake_passes = 0  # wake-ups passed on since the last release (wake_waiters)
         self.in_flight_total = 0
         # Fair share (gateway.fairshare): GPU-second costs and start-time fair queuing tags.
         self.costs = CostModel()
@@ -164,6 +172,8 @@ class Dispatcher:
     def reconfigure(self, cfg: GatewayConfig, redis_store: RedisStore | None = None) -> None:
         if cfg.admission.adaptive != self.cfg.admission.adaptive:
             self.adaptive.clear()
+        if cfg.upstream.model_limits != self.cfg.upstream.model_limits:
+            self.model_limits = ModelLimits(adaptive=cfg.upstream.model_limits == "adaptive")
         self.cfg = cfg
         self.breakers.reconfigure(cfg.admission.breaker)
         self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store)
@@ -350,11 +360,17 @@ class Dispatcher:
         if ok and self.cfg.admission.adaptive.enabled:
             # in flight when it ended, itself included: close to when it started
             self._adaptive_for(worker).on_sample(now, latency, worker.in_flight + 1)
+        if ok and worker.model_capacity:
+            # the gateway's own lateness in reading the answer is not the model's latency
+            self.model_limits.on_sample(worker.id, model, now,
+                                        max(1e-6, latency - self.loop_lag(now)),
+                                        worker.in_flight_by_model.get(model, 0) + 1)
         if ok is None:
             self.breakers.cancel(worker.id, now)
         else:
             self.breakers.record(worker.id, now, ok=ok, latency_s=latency)
         self.completions.add(now)
+        self._wake_passes = 0
         if not self.queue:
             self._mark_saturated(False)  # a slot is free and nobody waits for one
         if ok:
@@ -381,8 +397,9 @@ class Dispatcher:
         return limit
 
     def forget_worker(self, worker: WorkerId) -> None:
-        """A worker left the fleet: drop its adaptive limit, sticky sequences and costs."""
+        """A worker left the fleet: drop its adaptive limits, sticky sequences and costs."""
         self.adaptive.pop(worker, None)
+        self.model_limits.forget(worker)
         self.sticky.forget_worker(worker)
         self.service_times.forget(worker)
         self.costs.forget_worker(worker)
@@ -542,7 +559,16 @@ class Dispatcher:
                     raise NoHealthyWorker(f"no ready worker for model '{call.key}': "
                                           f"{decision.reason}", retry_after_s=1.0)
                 self._mark_saturated(True)
-                ticket = await self._wait(call, ticket)
+                # Woken for a slot this model cannot use (its limit on the worker, or its
+                # workers all full): the slot may serve another model's waiter, so pass the
+                # wake-up on, past this model's waiters — a bounded number of times per
+                # release, so that waiters of full models never ping-pong.
+                pass_on = (ticket is not None and self._wake_passes < MAX_WAKE_PASSES
+                           and len(self.queue) > self.queue.waiting_for(call.key.name))
+                if pass_on:
+                    self._wake_passes += 1
+                ticket = await self._wait(call, ticket,
+                                          pass_on_from=call.key.name if pass_on else None)
         finally:
             if ticket is not None:
                 self._leave_queue(ticket, served=served)
@@ -555,10 +581,12 @@ class Dispatcher:
             self.on_queue_wait(ticket.model, ticket.wait_s(self.clock()))
 
     async def _wait(self, call: Call, ticket: Ticket | None, *,
-                    wake_best: bool = False) -> Ticket:
+                    wake_best: bool = False, pass_on_from: str | None = None) -> Ticket:
         """Wait for a slot; the first call enqueues (or refuses), later calls (woken, but
         another request took the worker) keep the ticket's place. ``wake_best``: a slot is
-        free now, wake the best waiter (perhaps this one) for it."""
+        free now, wake the best waiter (perhaps this one) for it. ``pass_on_from``: this
+        waiter's model could not use the slot it was woken for; wake the best waiter of
+        another model."""
         now = self.clock()
         if ticket is None:
             view = QueueView(length=len(self.queue), ahead=self.queue.ahead_of(call.priority),
@@ -577,6 +605,8 @@ class Dispatcher:
         future = self._futures[ticket.seq] = asyncio.get_running_loop().create_future()
         if wake_best:
             self.wake_waiters(1)
+        elif pass_on_from is not None:
+            self.wake_waiters(1, skip_model=pass_on_from)
         try:
             async with asyncio.timeout(max(0.0, ticket.deadline - now)):
                 await future
@@ -641,8 +671,17 @@ class Dispatcher:
         rate = self.drain_rate(self.clock())
         return len(self.queue) / rate if rate > 0 else 1.0
 
-    def wake_waiters(self, n: int) -> None:
+    def wake_waiters(self, n: int, *, skip_model: str | None = None) -> None:
+        """Wake the ``n`` best waiters; with ``skip_model``, the first waiter of another
+        model (among the first ``MAX_SKIPPED`` waiters), wherever it waits."""
         now = self.clock()
+        if skip_model is not None:
+            for other in self.queue.others(now, skip_model, MAX_SKIPPED):
+                future = self._futures.get(other.seq)
+                if future is not None and not future.done():
+                    future.set_result(None)
+                    return
+            return
         while n > 0:
             ticket = self.queue.pop(now)
             if ticket is None:

@@ -22,6 +22,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 
 from gateway import signals as triton_signals
+from gateway.concurrency import ModelCapacity
 from gateway.config import AUTO_SLOTS_FALLBACK, GatewayConfig, WorkerConfig
 from gateway.discovery import model_facts
 from gateway.errors import UpstreamError
@@ -285,6 +286,7 @@ class Fleet:
         units = slots = 0
         timeouts: set[str] = set()
         levels: dict[str, int] = {}
+        per_model: dict[str, ModelCapacity] = {}
         for name in sorted(models)[:64]:  # bounded: model names come from the worker
             try:
                 status, body = await fetch(w.pool, "GET", f"/v2/models/{name}/config",
@@ -300,12 +302,22 @@ class Fleet:
             if facts.priority_levels:
                 levels[name] = facts.priority_levels
             per_instance = facts.max_batch_size if facts.dynamic_batching else 1
-            units += facts.instances * max(1, per_instance)
-            slots += facts.instances * max(1, per_instance) + facts.instances
+            model_units = facts.instances * max(1, per_instance)
+            units += model_units
+            slots += model_units + facts.instances
+            per_model[name] = ModelCapacity(units=min(MAX_DERIVED_SLOTS, model_units),
+                                            static=min(MAX_DERIVED_SLOTS,
+                                                       model_units + facts.instances))
         w.passes_timeout = frozenset(timeouts)
         w.priority_levels = levels
         if not units or self.cfg.upstream.default_slots != "auto" or w.configured_slots is not None:
+            if w.model_capacity:
+                w.model_capacity = {}
+                self._on_change()
             return
+        if per_model != w.model_capacity:
+            w.model_capacity = per_model
+            self._on_change()
         derived = min(MAX_DERIVED_SLOTS, max(2, slots))
         if derived != w.derived_slots or units != w.derived_units:
             w.derived_slots = derived

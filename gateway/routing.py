@@ -28,8 +28,10 @@ request's footprint (``memory_bytes_per_request`` × batch size, else a learned 
 estimate × batch size; a worker without GPU signals, or with stale ones, passes) — free memory
 *now*, estimated by :func:`live_free_bytes` from the scrape and the live in-flight count, so
 requests decided between two scrapes do not all fit into the same scraped free bytes; gateway
-in-flight at or above ``slots`` — *saturated*: when only saturation stands in the way the
-answer is ``NoRoute(saturated=True)`` so the shell queues instead of failing.
+in-flight at or above ``slots``, or the model's in-flight there at or above its limit on
+that worker (``model_limits``: learned per (worker, model) by ``gateway.concurrency``) —
+*saturated*: when only saturation stands in the way the answer is ``NoRoute(saturated=True)``
+so the shell queues instead of failing.
 
 Scorers, each in [0, 1], 1 best: memory = free / total (0.5 without GPU signals); queue =
 1 / (1 + (pending + in_flight) / slots) — scraped pending overlaps the gateway's own
@@ -204,6 +206,9 @@ def drop_reason(worker: WorkerSnapshot, key: ModelKey, *, in_flight: int | None 
     if not has_memory_for(worker.signals, need_bytes, live):
         return DROP_MEMORY
     if live >= worker.slots:
+        return DROP_SATURATED
+    limit = worker.model_limits.get(key.name)
+    if limit is not None and worker.in_flight_model >= limit:
         return DROP_SATURATED
     return None
 
@@ -418,7 +423,8 @@ class _Entry:
 
     __slots__ = ("ahead_extra", "capacity", "executing_then", "free_bytes", "has_gpu", "id",
                  "idle_free", "in_flight", "in_flight_model", "latency_s", "memory_score",
-                 "pending", "priority", "queue_time_s", "share", "slots", "snapshot")
+                 "model_limits", "pending", "priority", "queue_time_s", "share", "slots",
+                 "snapshot")
 
     def __init__(self, snapshot: WorkerSnapshot) -> None:
         self.refresh(snapshot)
@@ -429,6 +435,7 @@ class _Entry:
         self.id = s.id
         self.priority = s.pool_priority
         self.slots = s.slots
+        self.model_limits = s.model_limits
         self.in_flight = s.in_flight
         self.in_flight_model = s.in_flight_model
         self.pending = sig.pending() if sig is not None else 0.0
@@ -622,6 +629,11 @@ def _classify(e: _Entry, q: _Query, in_flight: int) -> int:
             return _NO_MEMORY
     if in_flight >= e.slots:
         return _FULL
+    if e.model_limits:
+        limit = e.model_limits.get(q.name)
+        if limit is not None and (e.in_flight_model if q.load is None else
+                                  q.load.in_flight_model(e.id, q.name)) >= limit:
+            return _FULL
     if e.pending + in_flight >= q.saturation_queue * e.slots:
         return _BUSY
     return _OK

@@ -26,6 +26,7 @@ from gateway.aggregates import TritonAggregates
 from gateway.batchgateway import BatchingGateway
 from gateway.batching import BatchRecord
 from gateway.breaker import BreakerBoard
+from gateway.concurrency import ModelLimitStatistics
 from gateway.config import GatewayConfig
 from gateway.discovery import Action, Found, ModelDirectory, fetch_via_pools
 from gateway.dispatch import Dispatcher
@@ -221,6 +222,9 @@ class GatewayService:
 
     def loop_lag_worst_s(self) -> float:
         return self.loop_lag.worst_s
+
+    def model_limits(self) -> list[ModelLimitStatistics]:
+        return self.dispatcher.model_limits.statistics()
 
     # running ------------------------------------------------------------------------------
     async def run(self) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from gateway.breaker import BreakerBoard
+    from gateway.concurrency import ModelLimitStatistics
     from gateway.config import GatewayConfig
     from gateway.fairshare import FairShareStatistics
     from gateway.workers import Worker
@@ -50,3 +51,5 @@ class GatewayState(Protocol):
     def loop_lag_s(self) -> float: ...
 
     def loop_lag_worst_s(self) -> float: ...
+
+    def model_limits(self) -> list[ModelLimitStatistics]: ...

@@ -1,6 +1,7 @@
 """Keeps the routing table in step with the fleet: one snapshot per worker (signals,
-readiness, breaker state, slow-start share, effective slots), refreshed on every fleet change
-and every scrape tick — never per request.
+readiness, breaker state, slow-start share, effective slots, the learned in-flight limit of
+each of its models), refreshed on every fleet change and every scrape tick — never per
+request.
 
 A worker that joins, or comes back after start-up, gets a fresh breaker that ramps its
 traffic share up (slow start); a worker that left is removed from the table, the breaker
@@ -64,6 +65,13 @@ class RoutingTableSync:
                 slots = self._dispatcher.effective_slots(w)
                 if slots != snap.slots:
                     snap = dataclasses.replace(snap, slots=slots)
+            limits = self._dispatcher.model_limits
+            limits.learn(w.id, w.model_capacity if cfg.upstream.model_limits != "off" else {})
+            if w.model_capacity and cfg.upstream.model_limits != "off":
+                snap = dataclasses.replace(
+                    snap, model_limits=limits.limits(w.id),
+                    slots=min(snap.slots, limits.worker_bound(w.id, w.slots))
+                    if cfg.admission.adaptive.enabled else limits.worker_bound(w.id, w.slots))
             self.table.update(snap)
         for wid in [wid for wid in board.workers() if wid not in present]:
             board.remove_worker(wid)

@@ -421,6 +421,13 @@ class _StateCollector(Collector):
                 g["gateway_worker_breaker_state"].add_metric([w.id],
                                                              board.state(w.id, now).gauge)
         yield from g.values()
+        limit = GaugeMetricFamily("gateway_model_concurrency_limit",
+                                  "In-flight limit of a model on a worker, learned from its "
+                                  "config and adapted online (upstream.model_limits)",
+                                  labels=["worker", "model"])
+        for m in svc.model_limits():
+            limit.add_metric([m.worker, m.model], m.limit)
+        yield limit
         view = t.fleet_view(now)
         for name, doc, key in (
             ("gateway_fleet_utilisation", "Busy slots / slots of ready workers", "utilisation"),

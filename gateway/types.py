@@ -6,6 +6,7 @@ Nothing here does I/O or reads a clock; times are monotonic seconds passed in by
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 WorkerId = str  # "host:port" of the worker's Triton HTTP endpoint
@@ -116,6 +117,8 @@ class WorkerSnapshot:
     traffic_share: float = 1.0     # slow start: 0..1
     latency_ewma_s: float = 0.0
     capacity_units: int = 0        # requests it executes at once, learned (0: use slots)
+    # in-flight limit per model (gateway.concurrency); a model not listed has none
+    model_limits: Mapping[str, int] = field(default_factory=dict)
 
     def has_model(self, key: ModelKey) -> bool:
         """``models_ready`` holds ``name``, ``name/<version>`` for versions a worker listed,

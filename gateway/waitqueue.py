@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_LENGTH = 1_000_000
@@ -121,8 +121,9 @@ class WaitQueue:
         return ticket
 
     def requeue(self, ticket: Ticket) -> None:
-        """Put a woken ticket back in its old place (same priority, tag and arrival)."""
-        if not ticket.live or ticket.queued:
+        """Put a woken ticket back in its old place (same priority, tag and arrival). A
+        ticket woken from behind its flow's head (:meth:`others`) never left its place."""
+        if not ticket.live or ticket.queued or not ticket.tagged:
             return
         ticket.queued = True
         heapq.heappush(self._heap, ticket)
@@ -161,6 +162,21 @@ class WaitQueue:
                 continue
             return ticket
         return None
+
+    def others(self, now: float, model: str, max_scan: int) -> Iterator[Ticket]:
+        """Live, unexpired waiters for models other than ``model``, best class first and in
+        flow order inside it (not strictly :meth:`pop`'s order across flows): the waiters a
+        slot that ``model`` cannot use may go to, behind a head of ``model`` that would
+        otherwise block them. At most ``max_scan`` tickets are looked at. They stay where
+        they are; the caller removes the one that gets a slot."""
+        scanned = 0
+        for head in sorted(t for t in self._heap if t.live):
+            for ticket in self._flows.get((head.priority, head.tenant), ()):
+                scanned += 1
+                if scanned > max_scan:
+                    return
+                if ticket.live and ticket.model != model and ticket.deadline > now:
+                    yield ticket
 
     def next_tag(self) -> float | None:
         """The tag of the head :meth:`pop` would hand out next (deadlines aside), or None."""

@@ -23,6 +23,7 @@ import enum
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from gateway.concurrency import ModelCapacity
 from gateway.types import ModelKey, WorkerId, WorkerSignals, WorkerSnapshot
 from gateway.upstream import Pool, PoolLimits
 
@@ -106,6 +107,7 @@ class Worker:
         "latency_ewma_s",
         "metrics_path",
         "metrics_pool",
+        "model_capacity",
         "models_ready",
         "name",
         "ok_streak",
@@ -148,6 +150,9 @@ class Worker:
         # What the worker can execute at once, learned from its models' configs: Σ instances
         # (× max_batch_size where Triton's dynamic batcher merges requests). None: unknown.
         self.derived_units: int | None = None
+        # Per model, what its config says it executes at once (gateway.concurrency); empty
+        # while unknown, or where the operator set the worker's slots.
+        self.model_capacity: dict[str, ModelCapacity] = {}
         # Models whose config lets a request set Triton's ``timeout`` (schedule policy):
         # the dispatcher passes each request's remaining time on to them.
         self.passes_timeout: frozenset[str] = frozenset()

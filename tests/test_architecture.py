@@ -17,8 +17,8 @@ PACKAGE = ROOT / "gateway"
 # argument. Keep this list in step with the README's architecture section.
 CORE = frozenset({
     "gateway.adaptive", "gateway.admission", "gateway.batching", "gateway.breaker",
-    "gateway.capacity", "gateway.config", "gateway.errors", "gateway.fairshare",
-    "gateway.forecast", "gateway.grpc_batching",
+    "gateway.capacity", "gateway.concurrency", "gateway.config", "gateway.errors",
+    "gateway.fairshare", "gateway.forecast", "gateway.grpc_batching",
     "gateway.protocol", "gateway.requesthead", "gateway.retrybudget", "gateway.routing",
     "gateway.schema", "gateway.signals", "gateway.sticky", "gateway.tenants",
     "gateway.tensors", "gateway.types", "gateway.waitqueue",

@@ -113,3 +113,24 @@ def test_decide_retry(stage: str, status: int | None, attempts: int, budget: boo
                       verdict: RetryVerdict) -> None:
     assert decide_retry(stage, status, attempts=attempts, max_attempts=3,
                         budget_allows=budget) is verdict
+
+
+def test_others_finds_waiters_of_other_models_behind_a_blocked_head() -> None:
+    """One flow (no tenants): model a's waiters at the front cannot use a slot of model b's;
+    ``others`` reaches b's waiter behind them, in order, leaving everyone in place."""
+    q = WaitQueue()
+    a1 = q.push(1, 10.0, 0.0, "a")
+    a2 = q.push(1, 10.0, 0.0, "a")
+    b1 = q.push(1, 10.0, 0.0, "b")
+    expired = q.push(1, 0.5, 0.0, "c")
+    c1 = q.push(0, 10.0, 0.0, "c")     # a better class comes first
+    assert list(q.others(1.0, "a", 32)) == [c1, b1]
+    assert list(q.others(1.0, "a", 2)) == [c1]          # the scan is bounded
+    assert expired not in list(q.others(1.0, "b", 32))
+    q.requeue(b1)            # b1 was never the head: it keeps its place in the flow
+    q.remove(b1)
+    assert len(q) == 4
+    assert [q.pop(1.0) for _ in range(2)] == [c1, a1]
+    q.remove(c1)
+    q.remove(a1)
+    assert q.pop(1.0) is a2
