@@ -637,26 +637,30 @@ class Dispatcher:
         if waiting == 0:
             return
         view = QueueView(length=waiting, ahead=self.queue.ahead_of(priority) + arriving,
-                         drain_rate_per_s=self.drain_rate(now),
+                         drain_rate_per_s=self.drain_rate(now, backlog=True),
                          service_time_s=self.service_floor.value(now))
         decision = decide(view, priority, deadline - now, self.cfg.admission.queue)
         if isinstance(decision, Rejected):
             self.counters["refused_before_body"] += 1
             raise decision
 
-    def drain_rate(self, now: float) -> float:
+    def drain_rate(self, now: float, *, backlog: bool = False) -> float:
         """Completions per second the queue can count on: the recent completion rate, or,
         when higher, Little's law over the requests executing now — in flight, at most the
         fleet's execution units (what the workers run at once; the rest of the slots wait
-        inside them) — over the service time of a request that did not wait (the recent
-        fastest). The decayed meter alone lags for seconds after an idle spell, and a mean
+        inside them); every unit where requests already wait for one (``backlog``, or a
+        non-empty queue: the units are busy, or about to be — in a herd's first moments
+        the requests still being read have not reached a worker yet) — over the service
+        time of a request that did not wait (the recent fastest). The decayed meter alone lags for seconds after an idle spell, and a mean
         service time is inflated by queueing in the workers and by the gateway's own stalls —
         both exactly when a herd arrives, when they would refuse as "deadline unmeetable"
         requests the fleet can serve. Refusing is decided on this optimistic estimate; the
         dispatch-time check (time left against the worker's recent latency) is the backstop."""
         rate = self.completions.rate(now)
         service = self.service_floor.value(now)
-        if service > 0 and self.in_flight_total > 0:
+        if service > 0 and (backlog or self.queue):
+            rate = max(rate, self._execution_units(now) / service)
+        elif service > 0 and self.in_flight_total > 0:
             rate = max(rate, min(self.in_flight_total, self._execution_units(now)) / service)
         return rate
 
