@@ -651,11 +651,12 @@ class Dispatcher:
         inside them); every unit where requests already wait for one (``backlog``, or a
         non-empty queue: the units are busy, or about to be — in a herd's first moments
         the requests still being read have not reached a worker yet) — over the service
-        time of a request that did not wait (the recent fastest). The decayed meter alone lags for seconds after an idle spell, and a mean
-        service time is inflated by queueing in the workers and by the gateway's own stalls —
-        both exactly when a herd arrives, when they would refuse as "deadline unmeetable"
-        requests the fleet can serve. Refusing is decided on this optimistic estimate; the
-        dispatch-time check (time left against the worker's recent latency) is the backstop."""
+        time of a request that did not wait (the recent fastest). The decayed meter alone
+        lags for seconds after an idle spell, and a mean service time is inflated by
+        queueing in the workers and by the gateway's own stalls — both exactly when a herd
+        arrives, when they would refuse as "deadline unmeetable" requests the fleet can
+        serve. Refusing is decided on this optimistic estimate; the dispatch-time check
+        (time left against the worker's recent latency) is the backstop."""
         rate = self.completions.rate(now)
         service = self.service_floor.value(now)
         if service > 0 and (backlog or self.queue):

@@ -22,7 +22,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, cast
 
 import yaml
 
@@ -90,6 +91,36 @@ def _install_uvloop() -> str:
 _REQUEST_LINE_ALLOWANCE_BYTES = 64 * 1024
 # How long a connection refused for its head size reads and drops what is still coming.
 _LINGER_S = 2.0
+# Answered as soon as their head is parsed (see JsonErrorProtocol._start_asgi_task).
+_EAGER_PATHS = frozenset({"/v2/health/ready", "/v2/health/live"})
+
+
+async def _resume(coro: Coroutine[Any, Any, None], awaited: object) -> None:
+    """Carry on a coroutine that was started by hand and suspended on ``awaited`` (what it
+    yielded: an asyncio future, or None for a bare yield), as a task would have."""
+    while True:
+        try:
+            if awaited is None:
+                await asyncio.sleep(0)
+            else:
+                future = cast("asyncio.Future[Any]", awaited)
+                # As a task does with what it is handed: the flag says "yielded by await",
+                # and awaiting the future again sets it anew.
+                future._asyncio_future_blocking = False
+                await future
+        except asyncio.CancelledError as exc:
+            if not (isinstance(awaited, asyncio.Future) and awaited.done()):
+                try:  # this task was cancelled: so is the coroutine
+                    awaited = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+        except BaseException:
+            pass  # the future's own outcome: the coroutine reads it when resumed
+        try:
+            awaited = coro.send(None)
+        except StopIteration:
+            return
 
 
 def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.Protocol]:
@@ -138,6 +169,25 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
             if self._head_bytes > cap:
                 exc = HeaderFieldsTooLarge(f"request head exceeds {cap} bytes")
                 self._write_error(exc.status, exc.body(), linger=True)
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            # Health probes run at once, in the callback that parsed them, rather than as a
+            # task queued behind every request that arrived in the same instant: when a herd
+            # of thousands lands in one poll, the loop's next turn runs all their tasks, and
+            # a readiness probe among them would wait for the lot (100+ ms here). Their
+            # handlers do not wait for anything, so the answer is written before the next
+            # request is parsed; one that does suspend carries on as a task.
+            if cycle.scope["path"] not in _EAGER_PATHS or cycle.scope["method"] != "GET":
+                super()._start_asgi_task(cycle, app)
+                return
+            coro = cycle.run_asgi(app)
+            try:
+                awaited = coro.send(None)
+            except StopIteration:
+                return
+            task = self.loop.create_task(_resume(coro, awaited))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
         def send_400_response(self, msg: str) -> None:
             self._write_error(400, json.dumps({"error": "malformed HTTP request"}).encode())
