@@ -8,6 +8,7 @@ freed instance and wake-up, and carries the plan out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -80,9 +81,9 @@ class Batcher:
     full). When to close is decided by :func:`~gateway.batching.plan_closes`."""
 
     __slots__ = ("_answered", "_answered_at", "_batches_sent", "_cancelled", "_clock",
-                 "_closed", "_failed", "_fleet", "_flushes", "_max_open_batches",
+                 "_closed", "_execution_s", "_failed", "_fleet", "_flushes", "_max_open_batches",
                  "_max_waiting", "_on_batch", "_open", "_plan_soon", "_rejected",
-                 "_requests_sent", "_rows_sent", "_send", "_sending", "_service_time_s",
+                 "_requests_sent", "_rows_sent", "_send", "_sending", "_sent_at", "_service_time_s",
                  "_size_counts", "_tasks", "_timer", "_timer_at", "_waiting",
                  "flush_when_idle", "max_batch_size", "max_bytes", "max_delay_s",
                  "wait_for_instance")
@@ -114,6 +115,10 @@ class Batcher:
         self._answered_at = float("-inf")  # when the last batch came back, with how many
         self._answered = 0
         self._service_time_s = 0.0
+        # When each batch in flight was sent (oldest first), and how long a batch executes
+        # when it finds the instance idle: when the busy instance frees (batching.py).
+        self._sent_at: list[float] = []
+        self._execution_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._plan_soon: asyncio.Handle | None = None
@@ -197,7 +202,9 @@ class Batcher:
         counts = self._fleet() if self._fleet is not None else None
         return instance_view(counts, own_in_flight=self._sending,
                              answered_at=self._answered_at, answered=self._answered,
-                             service_time_s=self._service_time_s)
+                             service_time_s=self._service_time_s,
+                             oldest_sent=self._sent_at[0] if self._sent_at else None,
+                             execution_s=self._execution_s)
 
     def _plan(self) -> None:
         if not self._open:
@@ -258,8 +265,11 @@ class Batcher:
                 self._on_batch(record)
             except Exception:
                 log.exception("batch metrics hook failed")
+        alone = self._sending == 0
         self._sending += 1
-        task = asyncio.get_running_loop().create_task(self._run(key, members))
+        sent = self._now()
+        self._sent_at.append(sent)
+        task = asyncio.get_running_loop().create_task(self._run(key, members, sent, alone))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -273,10 +283,11 @@ class Batcher:
             if not self._open:
                 self._set_timer(None)
 
-    async def _run(self, key: BatchKey, members: list[_Member]) -> None:
+    async def _run(self, key: BatchKey, members: list[_Member], sent: float,
+                   alone: bool) -> None:
         if all(m.future.done() for m in members):  # every caller has gone: skip the work
             self._waiting -= len(members)
-            self._sent_back(None, 0)
+            self._sent_back(sent, None, 0)
             return
         requests = [m.request for m in members]
         replies: list[HttpReply] | None = None
@@ -293,7 +304,7 @@ class Batcher:
                                                                    headers, meta)
                 finally:
                     sending = False
-                    self._sent_back(self._now() - started, len(members))
+                    self._sent_back(sent, self._now() - started, len(members), alone=alone)
                 replies = replies_for(requests, status, reply_headers, body)
             except GatewayError as exc:
                 replies = [HttpReply.from_error(exc)] * len(members)
@@ -305,7 +316,7 @@ class Batcher:
                 self._failed += 1
         finally:
             if sending:  # merging failed before the send
-                self._sent_back(None, 0)
+                self._sent_back(sent, None, 0)
             if replies is None:  # cancelled (batcher closing): nobody may hang
                 replies = [HttpReply.from_error(UpstreamError("batcher closed"))] * len(members)
             for member, reply in zip(members, replies, strict=True):
@@ -313,8 +324,14 @@ class Batcher:
                 if not member.future.done():
                     member.future.set_result(reply)
 
-    def _sent_back(self, took_s: float | None, members: int) -> None:
+    def _sent_back(self, sent: float, took_s: float | None, members: int, *,
+                   alone: bool = False) -> None:
         self._sending -= 1
+        with contextlib.suppress(ValueError):
+            self._sent_at.remove(sent)
+        if took_s is not None and alone:
+            self._execution_s = (took_s if self._execution_s == 0.0
+                                 else 0.8 * self._execution_s + 0.2 * took_s)
         if took_s is not None:
             self._answered_at = self._now()
             self._answered = members

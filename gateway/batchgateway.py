@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway.batcher import Batcher
 from gateway.batching import (
+    BATCHES_PER_INSTANCE,
     BatchKey,
     BatchMeta,
     BatchRecord,
@@ -84,7 +85,9 @@ class BatchingGateway:
         service time. Instances per worker come from the model's config
         (``instance_group``; one when unknown)."""
         facts = self.model_facts.get(model)
-        per_worker = facts.instances if facts is not None else 1
+        # Each instance takes a batch to execute and one more waiting to start the moment
+        # it ends (gateway.batching.BATCHES_PER_INSTANCE).
+        per_worker = (facts.instances if facts is not None else 1) * BATCHES_PER_INSTANCE
         now = self._clock()
         free = busy = total = 0
         service_s = float("inf")

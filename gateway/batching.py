@@ -28,11 +28,21 @@ When a batch that is not full closes (:func:`plan_closes`, time and the fleet as
 * **idle** — at once when nothing of the model is in flight (a lone caller at low load pays
   no delay), unless a batch of several members came back less than ``max_delay_ms`` ago:
   then until ``max_delay_ms`` after it (see **timer**).
-* **held** — while every eligible instance of the model is busy (the gateway's own in-flight
-  count against the instances learned from the model's config), the batch keeps filling;
-  an instance freeing wakes the planner. Held at most ``max_delay_ms`` plus
-  ``HOLD_SERVICE_TIMES`` service times (``HOLD_MIN_S`` at least), a safety bound for a
-  count that never drops.
+* **held** — while every eligible instance of the model is busy and has a batch waiting
+  behind it (the gateway's own in-flight count against ``BATCHES_PER_INSTANCE`` × the
+  instances learned from the model's config), the batch keeps filling; an instance freeing
+  wakes the planner. The one batch waiting per instance starts the moment the instance
+  ends its execution — holding every batch until an answer came back would leave the
+  instance idle for a round trip each time, which below saturation costs more latency
+  than ``max_delay_ms``. Held at most ``max_delay_ms`` plus ``HOLD_SERVICE_TIMES`` service
+  times (``HOLD_MIN_S`` at least), a safety bound for a count that never drops.
+* **just in time** — while every instance is executing but one still has room for the
+  batch that waits behind it, the batch keeps filling until shortly before the earliest
+  execution is expected to end (its start — its send, or the previous answer if later —
+  plus the execution time measured on batches that found the instance idle, less
+  ``JUST_IN_TIME_MIN_S`` or ``JUST_IN_TIME_SHARE`` of a service time): it reaches the
+  worker in time to start the moment the instance frees, as a request sent at once would,
+  with every member that arrived meanwhile aboard. Bounded like **held**.
 * **timer** — while an instance is free, ``max_delay_ms`` after its first member arrived or
   the last batch of several members came back, whichever is later: the callers that batch
   answered get that long to come back, so a closed loop converges to full batches instead
@@ -91,6 +101,13 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 FlushReason = Literal["full", "timer", "flush", "idle", "deadline", "held"]
 FLUSH_REASONS: tuple[FlushReason, ...] = ("full", "timer", "flush", "idle", "deadline", "held")
+# Batches at once per instance: one executing, one waiting inside the worker to start the
+# moment it ends (module doc, **held**).
+BATCHES_PER_INSTANCE = 2
+# The batch waiting for a busy instance is sent this long before the instance is expected
+# to end (at least), so that it is there when it does (module doc, **just in time**).
+JUST_IN_TIME_MIN_S = 0.0015
+JUST_IN_TIME_SHARE = 0.15
 # A batch held for busy instances goes after max_delay plus this many service times at most
 # (at least HOLD_MIN_S: the service time is unknown until a batch has come back).
 HOLD_SERVICE_TIMES = 4.0
@@ -250,6 +267,9 @@ class InstanceView:
     answered_at: float = float("-inf")
     answered: int = 0
     service_time_s: float = 0.0
+    # Every instance is executing and the earliest is expected to end at this time (None:
+    # an instance is idle, or nothing to go by): see **just in time** in the module doc.
+    frees_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,16 +411,27 @@ def plan_batches(pending: Sequence[PendingItem], max_batch_size: int,
 
 
 def instance_view(counts: FleetCounts | None, *, own_in_flight: int, answered_at: float,
-                  answered: int, service_time_s: float) -> InstanceView:
+                  answered: int, service_time_s: float, oldest_sent: float | None = None,
+                  execution_s: float = 0.0) -> InstanceView:
     """Combine the fleet's counts with the batcher's own batches in flight: a batch already
     sent may not have reached a worker yet (it waits for the dispatcher), but it will take
-    an instance. ``counts`` None (no fleet to ask): instances never run out."""
+    an instance. ``counts`` None (no fleet to ask): instances never run out. ``counts``
+    counts places (``BATCHES_PER_INSTANCE`` per instance). ``oldest_sent``: when the
+    batcher's oldest batch in flight was sent; ``execution_s``: how long a batch executes
+    (measured on batches that found the instance idle; 0 unknown) — together, when the
+    earliest instance frees, where every instance is executing."""
     if counts is None:
         return InstanceView(UNLIMITED_INSTANCES, own_in_flight, answered_at, answered,
                             service_time_s)
     free = max(0, min(counts.free, counts.total - own_in_flight))
-    return InstanceView(free, max(counts.busy, own_in_flight), answered_at, answered,
-                        max(service_time_s, counts.service_time_s))
+    busy = max(counts.busy, own_in_flight)
+    instances = max(1, counts.total // BATCHES_PER_INSTANCE)
+    frees_at = None
+    if busy >= instances and oldest_sent is not None and execution_s > 0:
+        # the oldest batch started when it was sent, or when the one before it came back
+        frees_at = max(oldest_sent, answered_at) + execution_s
+    return InstanceView(free, busy, answered_at, answered,
+                        max(service_time_s, counts.service_time_s), frees_at)
 
 
 def _pack(waiting: Sequence[Waiting], max_batch_size: int,
@@ -462,9 +493,13 @@ def plan_closes(open_batches: Mapping[BatchKey, Sequence[Waiting]], view: Instan
     for _, _, first, due, members_, key in partial:
         if in_flight <= 0 and (free <= 0 or (rule.send_when_idle and not recalling)):
             closes.append(Close(key, members_, "idle"))
-        elif rule.wait_for_instance and free <= 0:
+        elif rule.wait_for_instance and (free <= 0 or view.frees_at is not None):
             hold_until = first + rule.max_delay_s + max(
                 HOLD_MIN_S, HOLD_SERVICE_TIMES * view.service_time_s)
+            if free > 0 and view.frees_at is not None:
+                # A place waits behind a busy instance: go just in time for its end.
+                hold_until = min(hold_until, max(first, view.frees_at - max(
+                    JUST_IN_TIME_MIN_S, JUST_IN_TIME_SHARE * view.service_time_s)))
             if now < hold_until:
                 wake_at = min(wake_at, hold_until, due)
                 continue

@@ -388,6 +388,22 @@ CLOSE_TABLE: list[tuple[str, list[Waiting], InstanceView, CloseRule, float,
      _w(2, at=1.0), ONE_FREE_OF_TWO, RULE, 1.001, [], 1.002),
     ("... then the timer",
      _w(2, at=1.0), ONE_FREE_OF_TWO, RULE, 1.002, [(2, "timer")], None),
+    ("just in time: the instance runs a batch that ends at 10.000; the place behind it is "
+     "free: the batch fills until 1.5 ms before (at least), not max_delay",
+     _w(2, at=9.990), InstanceView(1, 1, service_time_s=0.010, frees_at=10.0), RULE, 9.992,
+     [], 9.9985),
+    ("... then it goes, to be at the worker when the instance frees",
+     _w(4, at=9.990), InstanceView(1, 1, service_time_s=0.010, frees_at=10.0), RULE, 9.9985,
+     [(4, "held")], None),
+    ("... or 15 % of a service time before, when that is more",
+     _w(2, at=9.9), InstanceView(1, 1, service_time_s=0.1, frees_at=10.0), RULE, 9.95, [],
+     9.985),
+    ("... an end already due (or past): at once",
+     _w(2, at=9.999), InstanceView(1, 1, service_time_s=0.010, frees_at=10.0), RULE, 9.999,
+     [(2, "held")], None),
+    ("... a long execution ahead: held, bounded like a held batch",
+     _w(2, at=0.0), InstanceView(1, 1, service_time_s=0.010, frees_at=5.0), RULE, 0.05, [],
+     0.102),
     ("wait_for_instance off: the timer alone, busy or not",
      _w(2, at=0.0), BUSY, CloseRule(8, 1 << 20, 0.002, wait_for_instance=False), 0.002,
      [(2, "timer")], None),
@@ -445,6 +461,27 @@ def test_instance_view_counts_batches_not_yet_at_a_worker() -> None:
     assert (view.free, view.in_flight, view.service_time_s) == (0, 2, 0.02)
     assert instance_view(None, own_in_flight=0, answered_at=0.0, answered=0,
                          service_time_s=0.0).free > 1000
+
+
+@pytest.mark.parametrize(("counts", "own", "oldest_sent", "answered_at", "execution_s",
+                          "frees_at"), [
+    # one instance (two places), our batch sent at 1.0 executing: ends at 1.0 + 10 ms
+    (FleetCounts(free=1, busy=1, total=2), 1, 1.0, 0.5, 0.010, 1.010),
+    # it waited behind another that came back at 1.004: it started then
+    (FleetCounts(free=1, busy=1, total=2), 1, 1.0, 1.004, 0.010, 1.014),
+    # an instance is idle (two instances, one busy): no just-in-time, the timer applies
+    (FleetCounts(free=3, busy=1, total=4), 1, 1.0, 0.5, 0.010, None),
+    # busy with other clients' requests only, or nothing measured: unknown
+    (FleetCounts(free=1, busy=1, total=2), 0, None, 0.5, 0.010, None),
+    (FleetCounts(free=1, busy=1, total=2), 1, 1.0, 0.5, 0.0, None),
+])
+def test_instance_view_knows_when_the_busy_instance_frees(
+        counts: FleetCounts, own: int, oldest_sent: float | None, answered_at: float,
+        execution_s: float, frees_at: float | None) -> None:
+    view = instance_view(counts, own_in_flight=own, answered_at=answered_at, answered=1,
+                         service_time_s=0.01, oldest_sent=oldest_sent,
+                         execution_s=execution_s)
+    assert view.frees_at == (pytest.approx(frees_at) if frees_at is not None else None)
 
 
 @PROPS
