@@ -73,6 +73,30 @@ decision, and ``PROBE_PENALTY`` × that while its first request is in flight: it
 probe, then a share by its measurement. Without a ``ServiceTimes`` (snapshot-only
 callers) the snapshot's per-worker ``latency_ewma_s`` stands in.
 
+Waiting for a faster worker. The scorer only chooses among workers with a free slot, so when
+the fast workers are full, a slow free one would take the request however long it takes
+there. Instead, a decision that met full workers on the way (P2C's draws, or the scan; at
+most ``MAX_WAITABLE``) weighs waiting for one of them: its service × max((work ahead + 1) /
+capacity, 1 + 1 / executing) — the wait for one of its requests to finish, then its run —
+plus ``DEFER_QUEUE_WEIGHT`` × the shell's ``queue_wait_s`` (those already waiting go
+first; the shell's figure drains them through the whole fleet at its best recent pace, while
+requests waiting for the faster workers drain through those alone — counted at face value,
+a fleet that needs every worker, at 95 % load, deferred until its queue grew and lost the
+slow workers' slots meanwhile: mean 1.11 × least-in-flight's in the event simulation of
+``tests/test_routing_defer.py``, 1.02 with 3 ×). When the best free
+candidate's expected completion time is more than ``DEFER_RATIO`` × that, the answer is
+``NoRoute(saturated=True)``: the shell queues the request, and the next completion wakes
+it, to be decided again (the fast worker's freed slot is then the best place). Only a
+worker seen draining counts: it runs the model now, and completed one within
+``DEFER_DRAIN_FACTOR`` × its service time (a stalled worker is not waited for). Bounds:
+the wait counted includes the queue ahead, so deferral stops as the queue grows and the
+slow worker takes the rest at once; a woken request keeps its place at the head of the
+queue, so it gets the next fast slot; and its expected wait is shorter than the slow
+worker's answer (by ``DEFER_RATIO``), so a deadline the wait cannot meet the slow worker
+would most likely not meet either. Same pool level only (spill-over stays the pools'
+rule), ``load_aware`` with the expected-latency scorer and measured service times only,
+never a cold candidate (a probe) or when packing.
+
 Pickers: ``p2c`` draws candidates at random (``choices`` of them, filtered as drawn; a
 bounded number of draws, then an exact scan of the pool level) and takes the best score.
 Its cost does not grow with the fleet until nearly every worker of a level is saturated
@@ -133,6 +157,10 @@ MAX_DRAWS: Final = 64        # ... and on to this many while none fit, then scan
 SERVICE_DECAY_S: Final = 1.0    # peak EWMA: time constant of the pull-down after a peak
 IDLE_DECAY_S: Final = 2.0       # an idle worker's estimate decays toward 0 (re-measurement)
 PROBE_PENALTY: Final = 4.0      # a cold worker's service × this while its probe is in flight
+DEFER_RATIO: Final = 1.5        # defer when the best free worker is this × worse than waiting
+DEFER_DRAIN_FACTOR: Final = 2.0  # a full worker counts as draining: a completion this recent
+DEFER_QUEUE_WEIGHT: Final = 3.0  # the shell's queue wait, counted pessimistically (doc)
+MAX_WAITABLE: Final = 16        # full workers remembered per decision as places to wait for
 MAX_MODELS_PER_WORKER: Final = 64   # service-time estimates kept per worker (stalest go)
 MAX_SERVICE_WORKERS: Final = 65_536  # workers with estimates (oldest go; the shell forgets)
 MIN_SERVICE_S: Final = 1e-6
@@ -661,7 +689,7 @@ _Pick = tuple[_Entry, int, str, float]  # worker, its in-flight, reason, score (
 class _Tally:
     """What the scanned levels held back, for spill-over and the NoRoute reason."""
 
-    __slots__ = ("busy", "busy_in_flight", "full", "no_memory", "no_version")
+    __slots__ = ("busy", "busy_in_flight", "full", "no_memory", "no_version", "waitable")
 
     def __init__(self) -> None:
         self.busy: list[_Entry] = []
@@ -669,6 +697,9 @@ class _Tally:
         self.full = 0
         self.no_memory = 0
         self.no_version = 0
+        # Workers met full (or short of memory) — places a request could wait for: their
+        # in-flight, up to MAX_WAITABLE of them (see Router._defer).
+        self.waitable: list[tuple[_Entry, int]] = []
 
     def reject(self, verdict: int) -> None:
         """Count a worker a filter held back (full, short of memory, or without the model)."""
@@ -693,6 +724,7 @@ class RouterStatistics:
     sticky: int
     packed: int
     scan_fallbacks: int     # P2C draws found nothing; the level was scanned
+    deferred: int           # NoRoute(saturated) to wait for a faster worker's slot
 
 
 def _mib(n_bytes: float) -> str:
@@ -724,7 +756,7 @@ class Router:
         self._pack_targets: dict[str, WorkerId] = {}
         self._counts = dict.fromkeys(
             ("decisions", "routed", "refused", "refused_saturated", "spilled",
-             "queue_fallbacks", "sticky", "packed", "scan_fallbacks"), 0)
+             "queue_fallbacks", "sticky", "packed", "scan_fallbacks", "deferred"), 0)
 
     # -- public
 
@@ -760,6 +792,10 @@ class Router:
                                       depth == len(levels) - 1)
             if picked is not None:
                 entry, in_flight, reason, score = picked
+                if tally.waitable:
+                    deferred = self._defer(entry, in_flight, q, tally)
+                    if deferred is not None:
+                        return deferred
                 if depth:
                     counts["spilled"] += 1
                     reason += f"; spilled to pool priority {priority}, preferred pools saturated"
@@ -767,6 +803,9 @@ class Router:
         if tally.busy:
             counts["queue_fallbacks"] += 1
             entry, in_flight, _, score = self._choose(tally.busy, tally.busy_in_flight, q, "")
+            deferred = self._defer(entry, in_flight, q, tally) if tally.waitable else None
+            if deferred is not None:
+                return deferred
             return self._route(entry, in_flight, q, "every pool saturated by queue; least "
                                "loaded worker below its slot limit", score)
         return self._refuse_from(tally, q)
@@ -776,7 +815,7 @@ class Router:
         return RouterStatistics(self._policy, self._config.picker, c["decisions"], c["routed"],
                                 c["refused"], c["refused_saturated"], c["spilled"],
                                 c["queue_fallbacks"], c["sticky"], c["packed"],
-                                c["scan_fallbacks"])
+                                c["scan_fallbacks"], c["deferred"])
 
     def __repr__(self) -> str:
         c = self._counts
@@ -805,7 +844,7 @@ class Router:
                     return packed
             k = 1 if policy == "random" else self._k
             if len(level) > k:
-                ok, ok_in_flight, busy, busy_in_flight = self._sample(level, q, k)
+                ok, ok_in_flight, busy, busy_in_flight = self._sample(level, q, k, tally)
                 if ok:
                     return self._choose(ok, ok_in_flight, q, how)
                 if busy and last and not tally.busy:
@@ -818,10 +857,11 @@ class Router:
             return None
         return self._choose(ok, ok_in_flight, q, how)
 
-    def _sample(self, level: list[_Entry], q: _Query,
-                k: int) -> tuple[list[_Entry], list[int], list[_Entry], list[int]]:
+    def _sample(self, level: list[_Entry], q: _Query, k: int,
+                tally: _Tally) -> tuple[list[_Entry], list[int], list[_Entry], list[int]]:
         """Up to k distinct fit, unsaturated candidates from a bounded number of draws, and
-        up to k fit ones saturated by queue only (below their slots) met on the way."""
+        up to k fit ones saturated by queue only (below their slots) met on the way; full
+        ones met go to ``tally.waitable``."""
         rnd = self._rng.random
         load = q.load
         n = len(level)
@@ -846,6 +886,8 @@ class Router:
             elif verdict == _BUSY and len(busy) < k and e not in busy:
                 busy.append(e)
                 busy_in_flight.append(in_flight)
+            elif verdict in (_FULL, _NO_MEMORY) and len(tally.waitable) < MAX_WAITABLE:
+                tally.waitable.append((e, in_flight))
         return ok, ok_in_flight, busy, busy_in_flight
 
     def _scan(self, level: list[_Entry], q: _Query,
@@ -874,6 +916,8 @@ class Router:
                     tally.busy_in_flight.append(in_flight)
             else:
                 tally.reject(verdict)
+                if verdict in (_FULL, _NO_MEMORY) and len(tally.waitable) < MAX_WAITABLE:
+                    tally.waitable.append((e, in_flight))
         if ok:
             return ok, ok_in_flight
         return thinned, thinned_in_flight
@@ -1016,6 +1060,50 @@ class Router:
                 out[j] = _expected_on(ok[idx[j]], s, ok_in_flight[idx[j]], name,
                                        q.queue_wait_s)
         return out
+
+    # -- waiting for a faster worker
+
+    def _defer(self, e: _Entry, in_flight: int, q: _Query, tally: _Tally) -> NoRoute | None:
+        """``NoRoute(saturated=True)`` when waiting in the shell's queue for a slot of a
+        faster, full worker met by this decision is expected to finish clearly sooner than
+        ``e``, the best free candidate (module doc, "Waiting for a faster worker"); else
+        None. Runs only when the decision met a full worker: O(MAX_WAITABLE)."""
+        if q.service is None or q.weights[3] <= 0 or self._policy != "load_aware" \
+                or self._pack:
+            return None
+        by_worker = q.service._by_worker
+        now, name, load = q.now, q.name, q.load
+        running = (e.in_flight_model if load is None else load.in_flight_model(e.id, name)) > 0
+        cell = by_worker.get(e.id, {}).get(name)
+        if cell is None:
+            return None  # a cold candidate is a probe: send it
+        s, stamp = cell
+        if not running and now > stamp:
+            s *= math.exp((stamp - now) / IDLE_DECAY_S)
+        free_s = _expected_on(e, max(MIN_SERVICE_S, s), in_flight, name, q.queue_wait_s)
+        best_s, best = free_s / DEFER_RATIO, None
+        for f, f_in_flight in tally.waitable:
+            if f.priority != e.priority:
+                continue  # pools: spill-over is the operator's rule, not deferred
+            if (f.in_flight_model if load is None else load.in_flight_model(f.id, name)) <= 0:
+                continue  # full of other models: its completions free no slot for this one
+            f_cell = by_worker.get(f.id, {}).get(name)
+            if f_cell is None:
+                continue
+            f_s, f_stamp = f_cell
+            if now - f_stamp > DEFER_DRAIN_FACTOR * f_s:
+                continue  # not seen completing lately: stalled, or its estimate is stale
+            executing = max(1, min(f_in_flight, f.capacity))
+            rounds = max((f_in_flight + f.ahead_extra + 1.0) / f.capacity, 1.0 + 1.0 / executing)
+            wait_s = f_s * rounds + DEFER_QUEUE_WEIGHT * q.queue_wait_s
+            if wait_s < best_s:
+                best_s, best = wait_s, f
+        if best is None:
+            return None
+        self._counts["deferred"] += 1
+        return self._refuse(f"deferred: {best.id} is expected to answer in "
+                            f"{best_s * 1000:.0f} ms after a wait for its slot, {e.id} (free) "
+                            f"in {free_s * 1000:.0f} ms", saturated=True)
 
     # -- outcomes
 

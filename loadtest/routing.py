@@ -189,6 +189,7 @@ class Cell:
     offered_rps: float
     sent: int
     ok: int
+    mean_ms: float
     p50_ms: float
     p99_ms: float
     p99_all_ms: float
@@ -325,7 +326,9 @@ def run_cell(name: str, port: int, sim: SimProcess, load: float, rate: float,
     good = sum(1 for x in lat if x <= slo_s)
     sent = max(1, result["sent"])
     unanswered = [math.inf] * (result["sent"] - len(lat))  # failed, shed, dropped: never
-    return Cell(name, load, rate, result["sent"], result["ok"], pct(lat, 0.5), pct(lat, 0.99),
+    mean_ms = 1000 * sum(lat) / len(lat) if lat else float("nan")
+    return Cell(name, load, rate, result["sent"], result["ok"], mean_ms, pct(lat, 0.5),
+                pct(lat, 0.99),
                 pct(sorted(lat + unanswered), 0.99),
                 good / args.duration, good / sent, result["oom"], oom_sim, result["failed"],
                 result["shed"],
@@ -384,8 +387,9 @@ def routing_quality(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> di
                 cell = run_cell(name, port, sim, load, load * measured, args, slo_s,
                                 seed=1000 * li + 17)
                 cells.append(cell)
-                print(f"  {name:<22} {load:>4.0%}  p50 {cell.p50_ms:7.1f}  p99 "
-                      f"{cell.p99_ms:8.1f}  good {cell.slo_attained:6.1%}  oom {cell.oom:>5}"
+                print(f"  {name:<22} {load:>4.0%}  mean {cell.mean_ms:7.1f}  p50 "
+                      f"{cell.p50_ms:7.1f}  p99 {cell.p99_ms:8.1f}  good "
+                      f"{cell.slo_attained:6.1%}  oom {cell.oom:>5}"
                       f"  shed {cell.shed:>5}", flush=True)
         finally:
             if isinstance(proc, GatewayProcess):
@@ -525,6 +529,7 @@ def three_workers(args: argparse.Namespace, tmp: Path, stack: ExitStack) -> dict
             open_rows.append({"target": name, "offered_rps": rate, "sent": got["sent"],
                               "ok": got["ok"], "rps": got["ok"] / args.three_s,
                               "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                              "mean_ms": 1000 * sum(lat) / len(lat) if lat else float("nan"),
                               "not_ok": got["sent"] - got["ok"],
                               "share": [x / sum(served) for x in served] if sum(served)
                               else []})
@@ -575,15 +580,15 @@ def three_report(three: dict[str, Any]) -> list[str]:
         olc = orows.get("haproxy leastconn")
         print(f"\nopen loop (Poisson) at {opened['load']:.0%} of the measured "
               f"{opened['capacity_rps']:.0f} req/s")
-        print(f"{'target':<32} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99/lc':>7} "
-              f"{'req/s/lc':>8} {'share (20, 20, 80 ms)':>24} {'not 200':>7}")
+        print(f"{'target':<32} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8} "
+              f"{'p99/lc':>7} {'req/s/lc':>8} {'share (20, 20, 80 ms)':>24} {'not 200':>7}")
         for r in opened["rows"]:
             share = " / ".join(f"{x:.1%}" for x in r["share"]) if r["share"] else "-"
             rel_p99 = f"{r['p99_ms'] / olc['p99_ms']:.2f}" if olc else "-"
             rel_rps = f"{r['rps'] / olc['rps']:.3f}" if olc else "-"
             print(f"{r['target']:<32} {r['rps']:>7.0f} {r['p50_ms']:>7.1f} "
-                  f"{r['p99_ms']:>7.1f} {rel_p99:>7} {rel_rps:>8} {share:>24} "
-                  f"{r['not_ok']:>7}")
+                  f"{r['p99_ms']:>7.1f} {r['mean_ms']:>8.1f} {rel_p99:>7} {rel_rps:>8} "
+                  f"{share:>24} {r['not_ok']:>7}")
         ogw = orows.get("gateway (default config)")
         if ogw is not None and olc is not None:
             out.append(f"three workers, open loop at {opened['load']:.0%}: gateway p99 / "
@@ -722,6 +727,18 @@ def verdicts(cells: list[dict[str, Any]], costs: list[dict[str, Any]],
             out.append(f"85 %, {what}: {name} / round_robin = {ratio(la[col], rr[col])} "
                        f"(target ≤ 0.5); / least_inflight = {ratio(la[col], li[col])} "
                        "(target ≤ 0.8)")
+    # Issue 12: at every load, mean ≤ 0.8 × least-in-flight's and p99 no worse (successes;
+    # fair with --baseline-slots 4, the operator's slot cap on both).
+    for load in sorted({c["load"] for c in cells}):
+        row = {c["policy"]: c for c in cells if c["load"] == load}
+        base = row.get("least_inflight")
+        for name in ("load_aware p2c", "load_aware full_scan"):
+            la = row.get(name)
+            if la is None or base is None:
+                continue
+            out.append(f"{load:.0%}: {name} / least_inflight: mean "
+                       f"{la['mean_ms'] / base['mean_ms']:.2f} (target ≤ 0.8), p99 "
+                       f"{ratio(la['p99_ms'], base['p99_ms'])} (target ≤ 1)")
     for c in cells:
         if c["policy"].startswith("load_aware") and c["oom"]:
             rr_load = next((r for r in cells if r["policy"] == "round_robin"
@@ -813,13 +830,14 @@ def main(argv: list[str] | None = None) -> int:
     if quality["cells"]:
         print(f"\nrouting quality (SLO {quality['slo_ms']:.0f} ms, capacity "
               f"{quality['capacity_measured_rps']:.0f} req/s measured)")
-        print(f"{'policy':<22} {'load':>5} {'req/s':>6} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'p99 all':>8} "
+        print(f"{'policy':<22} {'load':>5} {'req/s':>6} {'mean ms':>8} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'p99 all':>8} "
               f"{'goodput/s':>9} {'in SLO':>7} {'OOM':>5} {'OOM sim':>7} {'failed':>6} "
               f"{'shed':>5} {'err':>4} {'drop':>5}")
         for c in sorted(quality["cells"], key=lambda c: (c["load"], POLICY_ORDER[c["policy"]])):
             print(f"{c['policy']:<22} {c['load']:>5.0%} {c['offered_rps']:>6.0f} "
-                  f"{c['p50_ms']:>8.1f} {c['p99_ms']:>8.1f} {ms(c['p99_all_ms']):>8} "
+                  f"{c['mean_ms']:>8.1f} {c['p50_ms']:>8.1f} {c['p99_ms']:>8.1f} "
+                  f"{ms(c['p99_all_ms']):>8} "
                   f"{c['goodput_rps']:>9.1f} "
                   f"{c['slo_attained']:>7.1%} {c['oom']:>5} {c['oom_sim']:>7} {c['failed']:>6} "
                   f"{c['shed']:>5} "
