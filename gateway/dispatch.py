@@ -660,7 +660,10 @@ class Dispatcher:
         rate = self.completions.rate(now)
         service = self.service_floor.value(now)
         if service > 0 and (backlog or self.queue):
-            rate = max(rate, self._execution_units(now) / service)
+            # A gateway running late refills a freed unit that much later: each unit turns
+            # over once per service time, or per loop lag when that is longer.
+            turnover = max(service, self.loop_lag(now))
+            rate = max(rate, self._execution_units(now) / turnover)
         elif service > 0 and self.in_flight_total > 0:
             rate = max(rate, min(self.in_flight_total, self._execution_units(now)) / service)
         return rate
