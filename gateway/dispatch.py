@@ -491,13 +491,14 @@ class Dispatcher:
                          estimated_s, actual_s, lease.queued_s, now)
 
     # routing + queueing -------------------------------------------------------------------
-    def pick(self, call: Call, exclude: set[WorkerId]) -> Route | NoRoute:
+    def pick(self, call: Call, exclude: set[WorkerId], *, defer: bool = True) -> Route | NoRoute:
         sticky = self.sticky.worker_for(call.sequence_id)
         if sticky is not None and sticky in exclude:
             sticky = None
         return self.router.decide(self.table, call.key, self.load, batch_size=call.batch_size,
                                   sticky=sticky, exclude=exclude, service=self.service_times,
-                                  now=self.clock(), queue_wait_s=self._queue_wait_s(call))
+                                  now=self.clock(), queue_wait_s=self._queue_wait_s(call),
+                                  defer=defer)
 
     def _queue_wait_s(self, call: Call) -> float:
         """How long the queue's waiters for the model take to drain (the expected-latency
@@ -513,9 +514,10 @@ class Dispatcher:
         if self.is_fair:  # start tags need the estimate; FIFO and metering do not
             self._estimate(call)
         served = False
+        defer = True
         try:
             while True:
-                decision = self.pick(call, tried)
+                decision = self.pick(call, tried, defer=defer)
                 if isinstance(decision, Route) and ticket is None and self.is_fair \
                         and self.queue.waiting_for(call.key.name):
                     # Others wait for this model: a free slot goes to the best tag, not to
@@ -567,8 +569,17 @@ class Dispatcher:
                            and len(self.queue) > self.queue.waiting_for(call.key.name))
                 if pass_on:
                     self._wake_passes += 1
-                ticket = await self._wait(call, ticket,
-                                          pass_on_from=call.key.name if pass_on else None)
+                try:
+                    ticket = await self._wait(call, ticket,
+                                              pass_on_from=call.key.name if pass_on else None)
+                except Rejected:
+                    if not decision.deferred or ticket is not None:
+                        raise
+                    # Deferred for a faster worker, but the queue will not hold it (full, or
+                    # the deadline beyond its wait): the free, slower worker it passed over
+                    # takes it after all.
+                    self.counters["deferral_refused"] += 1
+                    defer = False
         finally:
             if ticket is not None:
                 self._leave_queue(ticket, served=served)

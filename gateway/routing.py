@@ -765,8 +765,10 @@ class Router:
                sticky: WorkerId | None = None,
                exclude: AbstractSet[WorkerId] = frozenset(),
                service: ServiceTimes | None = None, now: float = 0.0,
-               queue_wait_s: float = 0.0) -> Decision:
+               queue_wait_s: float = 0.0, defer: bool = True) -> Decision:
         """Route one request for ``key``; ``load`` gives live in-flight counts (module doc).
+        ``defer`` False: never wait for a faster worker (the shell's queue refused to hold
+        the request).
         ``exclude``: workers that already failed this request (a retry goes elsewhere).
         ``service``: the measured service times, read at ``now`` (expected-latency scorer;
         without it the snapshots' latency EWMA stands in). ``queue_wait_s``: how long the
@@ -792,7 +794,7 @@ class Router:
                                       depth == len(levels) - 1)
             if picked is not None:
                 entry, in_flight, reason, score = picked
-                if tally.waitable:
+                if tally.waitable and defer:
                     deferred = self._defer(entry, in_flight, q, tally)
                     if deferred is not None:
                         return deferred
@@ -803,7 +805,8 @@ class Router:
         if tally.busy:
             counts["queue_fallbacks"] += 1
             entry, in_flight, _, score = self._choose(tally.busy, tally.busy_in_flight, q, "")
-            deferred = self._defer(entry, in_flight, q, tally) if tally.waitable else None
+            deferred = (self._defer(entry, in_flight, q, tally) if tally.waitable and defer
+                        else None)
             if deferred is not None:
                 return deferred
             return self._route(entry, in_flight, q, "every pool saturated by queue; least "
@@ -1101,9 +1104,10 @@ class Router:
         if best is None:
             return None
         self._counts["deferred"] += 1
-        return self._refuse(f"deferred: {best.id} is expected to answer in "
-                            f"{best_s * 1000:.0f} ms after a wait for its slot, {e.id} (free) "
-                            f"in {free_s * 1000:.0f} ms", saturated=True)
+        refused = self._refuse(f"deferred: {best.id} is expected to answer in "
+                               f"{best_s * 1000:.0f} ms after a wait for its slot, {e.id} "
+                               f"(free) in {free_s * 1000:.0f} ms", saturated=True)
+        return NoRoute(refused.reason, saturated=True, deferred=True)
 
     # -- outcomes
 

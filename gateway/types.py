@@ -144,6 +144,9 @@ class NoRoute:
 
     reason: str
     saturated: bool = False
+    # saturated only by choice: a worker is free, but waiting for a faster one is expected
+    # to be quicker (routing.Router._defer); the shell may send it there after all
+    deferred: bool = False
 
 
 Decision = Route | NoRoute

@@ -133,6 +133,23 @@ def test_a_deferred_request_takes_the_fast_workers_freed_slot() -> None:
     assert r.statistics().deferred == 1
 
 
+def test_a_deferral_says_so_and_the_shell_can_decline_it() -> None:
+    """A deferral is a NoRoute marked ``deferred`` (a worker is free); with ``defer=False``
+    (the queue would not hold the request) the free, slower worker takes it; a fleet that
+    is really full is never marked deferred."""
+    table = RoutingTable([worker("fast"), worker("slow")])
+    load = InFlightCounters()
+    fill(load, "fast", 4)
+    st = measured(fast=0.020, slow=0.080)
+    d = router().decide(table, M, load, service=st, now=0.002)
+    assert isinstance(d, NoRoute) and d.saturated and d.deferred
+    d = router().decide(table, M, load, service=st, now=0.002, defer=False)
+    assert isinstance(d, Route) and d.worker == "slow"
+    fill(load, "slow", 4)
+    d = router().decide(table, M, load, service=st, now=0.002)
+    assert isinstance(d, NoRoute) and d.saturated and not d.deferred
+
+
 def test_p2c_meets_full_workers_while_drawing_and_stays_bounded() -> None:
     fleet = [worker(f"f{i}") for i in range(100)] + [worker("slow")]
     load = InFlightCounters()
