@@ -41,7 +41,8 @@ STATUS: dict[str, Any] = {
         {"id": "10.0.0.11:8000", "pool": "main", "state": "serving", "ready": True,
          "breaker": "closed", "score": 0.8125, "in_flight": 12, "slots": 64, "pending": 3.0,
          "gpu_free_bytes": 12.5 * GIB, "gpu_total_bytes": 80 * GIB, "gpu_utilisation": 0.42,
-         "latency_ms": 12.34, "signals_age_s": 0.8, "models": ["add_sub", "strings"]},
+         "latency_ms": 12.34, "signals_age_s": 0.8, "models": ["add_sub", "strings"],
+         "model_limits": {"add_sub": {"limit": 8, "units": 4, "static": 8, "in_flight": 3}}},
         {"id": "10.0.0.12:8000", "pool": "main", "state": "serving", "ready": True,
          "breaker": "half_open", "score": 0.25, "in_flight": 60, "slots": 64, "pending": 17.0,
          "gpu_free_bytes": 512 * MIB, "gpu_total_bytes": 24 * GIB, "gpu_utilisation": 0.97,
@@ -216,7 +217,8 @@ def test_workers_table(rendered: tuple[str, _Text]) -> None:
     assert dead["GPU memory free / total"] == "no GPU"
     assert healthy["GPU util"] == "42.0 %" and healthy["Latency"] == "12.3 ms"
     assert half["Latency"] == "187 ms" and half["Signal age"] == "9.5 s"
-    assert healthy["Models"] == "add_sub, strings" and dead["Models"] == "–"
+    # a model with a learned limit shows its in-flight count over it
+    assert healthy["Models"] == "add_sub (3/8), strings" and dead["Models"] == "–"
     # Rows are coloured by breaker state, and a stale signal is flagged.
     assert re.search(r'<tr class="w-open w-down" data-worker="10\.0\.0\.13:8000"', dom)
     assert re.search(r'<tr class="w-half_open" data-worker="10\.0\.0\.12:8000"', dom)
