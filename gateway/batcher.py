@@ -297,7 +297,8 @@ class Batcher:
                 encoded = encode_infer_request(merge(requests), binary=True)
                 headers = [*encoded.headers(), (b"accept-encoding", b"identity")]
                 meta = BatchMeta.of([(m.priority, m.deadline, m.tenant) for m in members],
-                                    rows=sum(m.rows for m in members))
+                                    rows=sum(m.rows for m in members),
+                                    member_rows=[m.rows for m in members])
                 started = self._now()
                 try:
                     status, reply_headers, body = await self._send(key, encoded.body,

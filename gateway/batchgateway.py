@@ -145,12 +145,16 @@ class BatchingGateway:
     async def _send_batch(self, bkey: BatchKey, body: bytes, headers: Headers,
                           meta: BatchMeta) -> tuple[int, Headers, bytes]:
         """One merged request, routed as one request of ``rows`` rows (members were
-        charged to the rate limits one by one already)."""
+        charged to the rate limits one by one already). In fair order it waits in the flow
+        of the tenant with the most rows aboard, and its GPU time is charged to the members'
+        tenants by their rows."""
+        shares = meta.rows_by_tenant()
         call = Call(method="POST", target=bkey.infer_path, headers=list(headers), body=body,
                     key=ModelKey(bkey.model, bkey.version), cost=0,
                     priority=Priority(max(min(meta.priority, Priority.SHEDDABLE),
                                           Priority.CRITICAL)),
-                    deadline=meta.deadline, batch_size=max(1, meta.rows))
+                    deadline=meta.deadline, batch_size=max(1, meta.rows),
+                    tenant=shares[0][0] if shares else None, shares=shares)
         lease = await self._dispatcher.dispatch(call)
         try:
             data = await lease.response.read()

@@ -130,20 +130,33 @@ UpstreamReply = tuple[int, HeadersLike, bytes]
 class BatchMeta:
     """What a merged batch inherits from its members: the most urgent member's priority
     (lowest value) and the latest member deadline (members with an earlier one stop waiting
-    for it on their own); ``tenants`` for accounting."""
+    for it on their own); ``tenants`` (and each member's rows) for accounting."""
 
     priority: int = 1
     deadline: float = float("inf")
     tenants: tuple[str | None, ...] = ()
     rows: int = 1
+    member_rows: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, members: Sequence[tuple[int, float, str | None]], rows: int) -> BatchMeta:
+    def of(cls, members: Sequence[tuple[int, float, str | None]], rows: int,
+           member_rows: Sequence[int] = ()) -> BatchMeta:
         if not members:
             return cls(rows=rows)
         return cls(priority=min(p for p, _, _ in members),
                    deadline=max(d for _, d, _ in members),
-                   tenants=tuple(t for _, _, t in members), rows=rows)
+                   tenants=tuple(t for _, _, t in members), rows=rows,
+                   member_rows=tuple(member_rows))
+
+    def rows_by_tenant(self) -> tuple[tuple[str | None, int], ...]:
+        """Each tenant's rows in the batch (one per member where rows are not known), the
+        tenant with the most first (ties: the one whose member came first)."""
+        rows: dict[str | None, int] = {}
+        for i, tenant in enumerate(self.tenants):
+            n = self.member_rows[i] if i < len(self.member_rows) else 1
+            rows[tenant] = rows.get(tenant, 0) + max(1, n)
+        order = {t: i for i, t in reversed(list(enumerate(self.tenants)))}
+        return tuple(sorted(rows.items(), key=lambda kv: (-kv[1], order[kv[0]])))
 
 
 @dataclass(frozen=True, slots=True)

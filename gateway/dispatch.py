@@ -92,6 +92,8 @@ class Call:
     stream: bool = False
     head: RequestHead | None = None     # infer requests: the head, read once by the proxy
     cost_s: float = 0.0                 # estimated GPU-seconds (gateway.fairshare)
+    # a merged batch: its members' tenants and their rows, who pay for its GPU time
+    shares: tuple[tuple[str | None, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -109,6 +111,7 @@ class Lease:
     ahead: int = -1        # other requests in flight on the worker when it was sent
     answered: float = 0.0  # when its response (headers) came back: the execution's end
     exec_from: float = 0.0  # sent, or the worker's previous answer if later: the start
+    shares: tuple[tuple[str | None, int], ...] = ()  # a merged batch's tenants, by rows
 
 
 class Dispatcher:
@@ -229,7 +232,8 @@ class Dispatcher:
                 self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
             return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s,
                          tenant=call.tenant, batch_size=call.batch_size, cost_s=call.cost_s,
-                         ahead=ahead, answered=answered, exec_from=exec_from)
+                         ahead=ahead, answered=answered, exec_from=exec_from,
+                         shares=call.shares)
 
     # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
     async def admit(self, call: Call) -> None:
@@ -487,8 +491,21 @@ class Dispatcher:
         actual_s = self.costs.cost(worker.id, lease.model, lease.batch_size)
         # Outside fair order no estimate was made and no tag given: nothing to correct.
         estimated_s = lease.cost_s if lease.cost_s > 0.0 else actual_s
-        self.fair.settle(tenant_label(lease.tenant), self.tenant_weight(lease.tenant),
-                         estimated_s, actual_s, lease.queued_s, now)
+        if len(lease.shares) <= 1:
+            self.fair.settle(tenant_label(lease.tenant), self.tenant_weight(lease.tenant),
+                             estimated_s, actual_s, lease.queued_s, now)
+            return
+        # A merged batch of several tenants: each pays its rows' part of the GPU time. In
+        # fair order the batch was tagged in its lead tenant's flow (the first share) with
+        # the whole estimate, which that tenant's settlement corrects; the others were never
+        # tagged, so their whole part moves their finish tags on.
+        tagged = lease.cost_s > 0.0
+        rows = sum(n for _, n in lease.shares)
+        for i, (tenant, n) in enumerate(lease.shares):
+            part_s = actual_s * n / rows
+            charged_s = (lease.cost_s if i == 0 else 0.0) if tagged else part_s
+            self.fair.settle(tenant_label(tenant), self.tenant_weight(tenant), charged_s,
+                             part_s, lease.queued_s, now)
 
     # routing + queueing -------------------------------------------------------------------
     def pick(self, call: Call, exclude: set[WorkerId], *, defer: bool = True) -> Route | NoRoute:

@@ -1023,7 +1023,8 @@ async def test_merged_batch_carries_its_members_priority_and_deadline() -> None:
         batcher.submit(r, key_of(r), priority=p, deadline=d, tenant=t)
         for r, p, d, t in members)), 5)
     # Members sit in the batch in priority order (most urgent first).
-    assert seen == [BatchMeta(priority=0, deadline=30.0, tenants=("b", None, "a"), rows=3)]
+    assert seen == [BatchMeta(priority=0, deadline=30.0, tenants=("b", None, "a"), rows=3,
+                              member_rows=(1, 1, 1))]
 
 
 async def test_a_busy_instance_holds_the_batch_until_it_frees() -> None:
@@ -1089,3 +1090,18 @@ async def test_a_held_batch_leaves_in_time_for_its_earliest_deadline() -> None:
     assert 0.04 <= elapsed < 0.09  # (the hold bound alone would wait until 0.101)
     stats = batcher.statistics()
     assert stats.flushes["deadline"] == 1 and stats.batches_sent == 1
+
+
+@pytest.mark.parametrize(("tenants", "member_rows", "expected"), [
+    (("a", "b", "a"), (1, 1, 1), (("a", 2), ("b", 1))),
+    (("a", "b", "a"), (1, 8, 1), (("b", 8), ("a", 2))),
+    (("b", "a"), (2, 2), (("b", 2), ("a", 2))),          # a tie: the first member's tenant
+    ((None, "a"), (), (("a", 1), (None, 1))[::-1]),     # rows unknown: one per member
+    ((), (), ()),
+])
+def test_a_batch_knows_its_tenants_rows(tenants: tuple[str | None, ...],
+                                        member_rows: tuple[int, ...],
+                                        expected: tuple[tuple[str | None, int], ...]) -> None:
+    meta = BatchMeta.of([(1, 1.0, t) for t in tenants], rows=sum(member_rows) or len(tenants),
+                        member_rows=member_rows)
+    assert meta.rows_by_tenant() == expected

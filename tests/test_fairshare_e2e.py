@@ -135,3 +135,49 @@ def test_gpu_second_quota_answers_429_with_retry_after(
             refused = info.value
             assert refused.code == 429 and float(refused.headers["Retry-After"]) >= 1
             assert "tenant:metered:gpu_s" in json.loads(refused.read())["error"]
+
+
+def test_gateway_made_batches_are_charged_to_their_members_tenants(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With gateway batching on, two tenants' batch-1 requests share merged batches: each
+    batch's GPU time goes to the members' tenants by their rows (here about half each),
+    none of it to an anonymous account."""
+    with SimFleetThread([WorkerSpec(slots=1, base_ms=BASE_MS, per_item_ms=PER_ITEM_MS)]) as sims:
+        config: dict[str, Any] = {
+            "workers": [{"url": f"http://{sims.urls[0]}"}],
+            "batching": {"enabled": True, "max_delay_ms": 2},
+            "admission": {"tenants": {"a": {"keys": ["a-key"]}, "b": {"keys": ["b-key"]}}},
+            "admin": {"token": ADMIN_TOKEN},
+        }
+        with GatewayProcess(config, Path(tmp_path_factory.mktemp("batch-fair"))) as gw:
+            gw.wait_workers_ready(1)
+            url = f"{gw.url}/v2/models/simple/infer"
+            results: list[int] = []
+
+            def caller(key: str) -> None:
+                for _ in range(30):
+                    results.append(post(url, body(1), key)[0])
+
+            threads = [threading.Thread(target=caller, args=(k,))
+                       for k in ("a-key", "b-key") * 6]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert set(results) == {200} and len(results) == 360
+            request = urllib.request.Request(f"{gw.url}/status.json",
+                                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                doc = json.loads(resp.read())
+            gpu = {t["tenant"]: t["gpu_s"] for t in doc["fair_share"]["tenants"]}
+            assert gpu.get("a", 0) > 0 and gpu.get("b", 0) > 0, gpu
+            assert gpu.get("(anonymous)", 0.0) == 0.0 and set(gpu) == {"a", "b"}, gpu
+            assert 0.5 < gpu["a"] / gpu["b"] < 2.0, gpu
+            with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as resp:
+                page = resp.read().decode()
+            def total(name: str) -> float:
+                return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                           if line.startswith(name + "{") or line.startswith(name + " "))
+
+            batches = total("gateway_batch_size_count")
+            assert batches > 0 and total("gateway_batch_size_sum") / batches > 1.2, page
