@@ -1,20 +1,14 @@
 """Quotas in GPU-seconds: a tenant's ``gpu_rate_limit`` bucket holds GPU-seconds and a
-request takes its estimated GPU time, beside the request-count buckets, locally and in
-Redis (a real server)."""
+request takes its estimated GPU time, beside the request-count buckets (shared in Redis:
+``tests/test_redis_limits.py``)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
-
 import pytest
 
-from gateway.config import BucketConfig, RedisConfig, parse_config
+from gateway.config import BucketConfig, parse_config
 from gateway.errors import RateLimited
 from gateway.ratelimit import RateLimiter
-from gateway.redis_store import RedisStore
-from gateway.schema import Secret
-from tests.redis_server import RedisServer
 
 # no refill during a test: 1 GPU-millisecond per second
 SLOW = 0.001
@@ -44,35 +38,3 @@ def test_config_gpu_rate_limit_builds_a_bucket() -> None:
     tenant = cfg.admission.tenants["acme"]
     assert tenant.weight == 2 and tenant.gpu_rate_limit is not None
     assert RateLimiter.from_config(cfg).has_gpu_quota("acme")
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-async def store(server: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore(RedisConfig(url=Secret(server.url), timeout_s=1.0,
-                               key_prefix=f"test:{uuid.uuid4().hex[:8]}:"))
-    try:
-        yield s
-    finally:
-        await s.aclose()
-
-
-@pytest.mark.redis
-async def test_global_gpu_quota_is_shared_by_replicas(store: RedisStore) -> None:
-    quota = {"acme": BucketConfig(rate_per_s=SLOW, burst=0.1, scope="global")}
-    replicas = [RateLimiter(gpu_tenants=quota, store=store) for _ in range(2)]
-    await replicas[0].admit("acme", "m", 1, gpu_s=0.05)
-    await replicas[1].admit("acme", "m", 1, gpu_s=0.04)
-    for rl in replicas:                                  # 0.01 GPU-s left in Redis
-        with pytest.raises(RateLimited) as info:
-            await rl.admit("acme", "m", 1, gpu_s=0.03)
-        assert info.value.retry_after_s == pytest.approx(0.02 / SLOW, rel=0.05)
-    await replicas[1].admit("acme", "m", 1, gpu_s=0.01)

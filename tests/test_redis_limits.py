@@ -280,3 +280,20 @@ async def test_password_never_shown() -> None:
 ])
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+GPU_MS_PER_S = 0.001
+
+
+async def test_global_gpu_quota_is_shared_by_replicas(store: RedisStore) -> None:
+    """A tenant's gpu_rate_limit with scope global: two replicas draw GPU-seconds from one
+    Redis bucket (no refill during the test: 1 GPU-millisecond per second)."""
+    quota = {"acme": BucketConfig(rate_per_s=GPU_MS_PER_S, burst=0.1, scope="global")}
+    replicas = [RateLimiter(gpu_tenants=quota, store=store) for _ in range(2)]
+    await replicas[0].admit("acme", "m", 1, gpu_s=0.05)
+    await replicas[1].admit("acme", "m", 1, gpu_s=0.04)
+    for rl in replicas:                                  # 0.01 GPU-s left in Redis
+        with pytest.raises(RateLimited) as info:
+            await rl.admit("acme", "m", 1, gpu_s=0.03)
+        assert info.value.retry_after_s == pytest.approx(0.02 / GPU_MS_PER_S, rel=0.05)
+    await replicas[1].admit("acme", "m", 1, gpu_s=0.01)
