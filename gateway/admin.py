@@ -103,7 +103,7 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
     for m in svc.model_limits():
         by_worker.setdefault(m.worker, {})[m.model] = {
             "limit": m.limit, "units": m.units, "static": m.static,
-            "in_flight": 0, "adaptive": m.adaptive, "probing": m.probing,
+            "adaptive": m.adaptive, "probing": m.probing,
             "min_latency_ms": m.min_rtt_s * 1000 if m.min_rtt_s is not None else None,
             "latency_ms": m.smoothed_rtt_s * 1000 if m.smoothed_rtt_s is not None else None}
     for w in svc.workers():

@@ -8,7 +8,6 @@ freed instance and wake-up, and carries the plan out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -83,7 +82,7 @@ class Batcher:
     __slots__ = ("_answered", "_answered_at", "_batches_sent", "_cancelled", "_clock",
                  "_closed", "_execution_s", "_failed", "_fleet", "_flushes", "_max_open_batches",
                  "_max_waiting", "_on_batch", "_open", "_plan_soon", "_rejected",
-                 "_requests_sent", "_rows_sent", "_send", "_sending", "_sent_at", "_service_time_s",
+                 "_requests_sent", "_rows_sent", "_send", "_sent_at", "_service_time_s",
                  "_size_counts", "_tasks", "_timer", "_timer_at", "_waiting",
                  "flush_when_idle", "max_batch_size", "max_bytes", "max_delay_s",
                  "wait_for_instance")
@@ -111,12 +110,12 @@ class Batcher:
         self._open: dict[BatchKey, list[_Member]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting = 0  # members whose reply is not set yet (open or in flight)
-        self._sending = 0  # batches handed to send() that have not come back
         self._answered_at = float("-inf")  # when the last batch came back, with how many
         self._answered = 0
         self._service_time_s = 0.0
-        # When each batch in flight was sent (oldest first), and how long a batch executes
-        # when it finds the instance idle: when the busy instance frees (batching.py).
+        # When each batch handed to send() that has not come back was sent (oldest first),
+        # and how long a batch executes when it finds the instance idle: together, when the
+        # busy instance frees (batching.py).
         self._sent_at: list[float] = []
         self._execution_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -200,7 +199,7 @@ class Batcher:
     def view(self) -> InstanceView:
         """What the close planner knows about the model's instances now."""
         counts = self._fleet() if self._fleet is not None else None
-        return instance_view(counts, own_in_flight=self._sending,
+        return instance_view(counts, own_in_flight=len(self._sent_at),
                              answered_at=self._answered_at, answered=self._answered,
                              service_time_s=self._service_time_s,
                              oldest_sent=self._sent_at[0] if self._sent_at else None,
@@ -265,8 +264,7 @@ class Batcher:
                 self._on_batch(record)
             except Exception:
                 log.exception("batch metrics hook failed")
-        alone = self._sending == 0
-        self._sending += 1
+        alone = not self._sent_at
         sent = self._now()
         self._sent_at.append(sent)
         task = asyncio.get_running_loop().create_task(self._run(key, members, sent, alone))
@@ -327,9 +325,7 @@ class Batcher:
 
     def _sent_back(self, sent: float, took_s: float | None, members: int, *,
                    alone: bool = False) -> None:
-        self._sending -= 1
-        with contextlib.suppress(ValueError):
-            self._sent_at.remove(sent)
+        self._sent_at.remove(sent)
         if took_s is not None and alone:
             self._execution_s = (took_s if self._execution_s == 0.0
                                  else 0.8 * self._execution_s + 0.2 * took_s)

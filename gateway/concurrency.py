@@ -34,6 +34,7 @@ only), :meth:`ModelLimits.forget` a worker that left. Time is an argument throug
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,6 +55,12 @@ class ModelCapacity:
 
     units: int
     static: int
+
+
+def worker_bound(static_slots: int, limits: Mapping[str, int]) -> int:
+    """In flight a worker takes at once over all its models: its static slots, or the sum
+    of its models' ``limits`` where they grew beyond, at most ``GROWTH`` × the slots."""
+    return min(GROWTH * static_slots, max(static_slots, sum(limits.values())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,24 +118,16 @@ class ModelLimits:
     def limit(self, worker: WorkerId, model: str) -> int | None:
         """The limit now; None when the model's capacity is not known (no per-model limit)."""
         facts = self._capacity.get(worker, {}).get(model)
-        if facts is None:
-            return None
-        adaptive = self._limits.get((worker, model))
-        return adaptive.limit if adaptive is not None else facts.static
+        return None if facts is None else self._current(worker, model, facts)
 
     def limits(self, worker: WorkerId) -> dict[str, int]:
         """Every known model's limit on the worker."""
-        out: dict[str, int] = {}
-        for model, facts in self._capacity.get(worker, {}).items():
-            adaptive = self._limits.get((worker, model))
-            out[model] = adaptive.limit if adaptive is not None else facts.static
-        return out
+        return {model: self._current(worker, model, facts)
+                for model, facts in self._capacity.get(worker, {}).items()}
 
-    def worker_bound(self, worker: WorkerId, static_slots: int) -> int:
-        """In flight the worker takes at once over all its models: its static slots, or the
-        sum of its models' limits where they grew beyond, at most ``GROWTH`` × the slots."""
-        grown = sum(self.limits(worker).values())
-        return min(GROWTH * static_slots, max(static_slots, grown))
+    def _current(self, worker: WorkerId, model: str, facts: ModelCapacity) -> int:
+        adaptive = self._limits.get((worker, model))
+        return adaptive.limit if adaptive is not None else facts.static
 
     def on_sample(self, worker: WorkerId, model: str, now: float, rtt_s: float,
                   in_flight: int) -> None:

@@ -364,10 +364,10 @@ class Dispatcher:
         if ok and self.cfg.admission.adaptive.enabled:
             # in flight when it ended, itself included: close to when it started
             self._adaptive_for(worker).on_sample(now, latency, worker.in_flight + 1)
+        # the gateway's own lateness in reading the answer is not the worker's service time
+        served_s = latency - self.loop_lag(now) if ok else 0.0
         if ok and worker.model_capacity:
-            # the gateway's own lateness in reading the answer is not the model's latency
-            self.model_limits.on_sample(worker.id, model, now,
-                                        max(1e-6, latency - self.loop_lag(now)),
+            self.model_limits.on_sample(worker.id, model, now, max(1e-6, served_s),
                                         worker.in_flight_by_model.get(model, 0) + 1)
         if ok is None:
             self.breakers.cancel(worker.id, now)
@@ -380,7 +380,7 @@ class Dispatcher:
         if ok:
             self.service_time_ewma_s = (latency if self.service_time_ewma_s == 0.0
                                         else 0.9 * self.service_time_ewma_s + 0.1 * latency)
-            self.service_floor.add(max(0.001, latency - self.loop_lag(now)), now)
+            self.service_floor.add(max(0.001, served_s), now)
         self.wake_waiters(1)
         if self.on_release is not None:  # after the queue's waiter took its slot
             self.on_release(model)
@@ -489,19 +489,15 @@ class Dispatcher:
                 self.costs.on_counters(worker.id, model, c.compute_infer_us, c.exec_count,
                                        c.success)
         actual_s = self.costs.cost(worker.id, lease.model, lease.batch_size)
-        # Outside fair order no estimate was made and no tag given: nothing to correct.
-        estimated_s = lease.cost_s if lease.cost_s > 0.0 else actual_s
-        if len(lease.shares) <= 1:
-            self.fair.settle(tenant_label(lease.tenant), self.tenant_weight(lease.tenant),
-                             estimated_s, actual_s, lease.queued_s, now)
-            return
-        # A merged batch of several tenants: each pays its rows' part of the GPU time. In
-        # fair order the batch was tagged in its lead tenant's flow (the first share) with
-        # the whole estimate, which that tenant's settlement corrects; the others were never
-        # tagged, so their whole part moves their finish tags on.
+        # Each tenant pays its rows' part (a merged batch may carry several tenants). In fair
+        # order the request was tagged in its (lead) tenant's flow, the first share, with the
+        # whole estimate, which that settlement corrects; a batch's other tenants were never
+        # tagged, so their whole part moves their finish tags on. Outside fair order no
+        # estimate was made and no tag given: nothing to correct.
         tagged = lease.cost_s > 0.0
-        rows = sum(n for _, n in lease.shares)
-        for i, (tenant, n) in enumerate(lease.shares):
+        shares = lease.shares or ((lease.tenant, 1),)
+        rows = sum(n for _, n in shares)
+        for i, (tenant, n) in enumerate(shares):
             part_s = actual_s * n / rows
             charged_s = (lease.cost_s if i == 0 else 0.0) if tagged else part_s
             self.fair.settle(tenant_label(tenant), self.tenant_weight(tenant), charged_s,
@@ -634,7 +630,7 @@ class Dispatcher:
         if wake_best:
             self.wake_waiters(1)
         elif pass_on_from is not None:
-            self.wake_waiters(1, skip_model=pass_on_from)
+            self._wake_another_model(pass_on_from)
         try:
             async with asyncio.timeout(max(0.0, ticket.deadline - now)):
                 await future
@@ -707,17 +703,17 @@ class Dispatcher:
         rate = self.drain_rate(self.clock())
         return len(self.queue) / rate if rate > 0 else 1.0
 
-    def wake_waiters(self, n: int, *, skip_model: str | None = None) -> None:
-        """Wake the ``n`` best waiters; with ``skip_model``, the first waiter of another
-        model (among the first ``MAX_SKIPPED`` waiters), wherever it waits."""
+    def _wake_another_model(self, model: str) -> None:
+        """Wake the first waiter of a model other than ``model`` (among the first
+        ``MAX_SKIPPED`` waiters), wherever it waits."""
+        for other in self.queue.others(self.clock(), model, MAX_SKIPPED):
+            future = self._futures.get(other.seq)
+            if future is not None and not future.done():
+                future.set_result(None)
+                return
+
+    def wake_waiters(self, n: int) -> None:
         now = self.clock()
-        if skip_model is not None:
-            for other in self.queue.others(now, skip_model, MAX_SKIPPED):
-                future = self._futures.get(other.seq)
-                if future is not None and not future.done():
-                    future.set_result(None)
-                    return
-            return
         while n > 0:
             ticket = self.queue.pop(now)
             if ticket is None:

@@ -283,7 +283,6 @@ class Fleet:
         and one more waiting per instance; the rest waits in the gateway's own queue, where
         priority, deadlines and batching apply. A model with Triton's dynamic batcher
         executes up to ``max_batch_size`` requests per instance at once."""
-        units = slots = 0
         timeouts: set[str] = set()
         levels: dict[str, int] = {}
         per_model: dict[str, ModelCapacity] = {}
@@ -303,13 +302,13 @@ class Fleet:
                 levels[name] = facts.priority_levels
             per_instance = facts.max_batch_size if facts.dynamic_batching else 1
             model_units = facts.instances * max(1, per_instance)
-            units += model_units
-            slots += model_units + facts.instances
             per_model[name] = ModelCapacity(units=min(MAX_DERIVED_SLOTS, model_units),
                                             static=min(MAX_DERIVED_SLOTS,
                                                        model_units + facts.instances))
         w.passes_timeout = frozenset(timeouts)
         w.priority_levels = levels
+        units = sum(c.units for c in per_model.values())
+        slots = sum(c.static for c in per_model.values())
         if not units or self.cfg.upstream.default_slots != "auto" or w.configured_slots is not None:
             if w.model_capacity:
                 w.model_capacity = {}

@@ -1077,12 +1077,9 @@ class Router:
         by_worker = q.service._by_worker
         now, name, load = q.now, q.name, q.load
         running = (e.in_flight_model if load is None else load.in_flight_model(e.id, name)) > 0
-        cell = by_worker.get(e.id, {}).get(name)
-        if cell is None:
+        s = q.service.estimate(e.id, name, now, probing=running)
+        if s is None:
             return None  # a cold candidate is a probe: send it
-        s, stamp = cell
-        if not running and now > stamp:
-            s *= math.exp((stamp - now) / IDLE_DECAY_S)
         free_s = _expected_on(e, max(MIN_SERVICE_S, s), in_flight, name, q.queue_wait_s)
         best_s, best = free_s / DEFER_RATIO, None
         for f, f_in_flight in tally.waitable:

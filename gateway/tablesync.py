@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from gateway import routing
+from gateway.concurrency import worker_bound
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
 from gateway.fleet import Fleet
@@ -65,13 +66,15 @@ class RoutingTableSync:
                 slots = self._dispatcher.effective_slots(w)
                 if slots != snap.slots:
                     snap = dataclasses.replace(snap, slots=slots)
+            per_model = cfg.upstream.model_limits != "off"
             limits = self._dispatcher.model_limits
-            limits.learn(w.id, w.model_capacity if cfg.upstream.model_limits != "off" else {})
-            if w.model_capacity and cfg.upstream.model_limits != "off":
-                snap = dataclasses.replace(
-                    snap, model_limits=limits.limits(w.id),
-                    slots=min(snap.slots, limits.worker_bound(w.id, w.slots))
-                    if cfg.admission.adaptive.enabled else limits.worker_bound(w.id, w.slots))
+            limits.learn(w.id, w.model_capacity if per_model else {})
+            if w.model_capacity and per_model:
+                model_limits = limits.limits(w.id)
+                bound = worker_bound(w.slots, model_limits)
+                # admission.adaptive's per-worker limit, where on, may only lower it
+                slots = min(snap.slots, bound) if cfg.admission.adaptive.enabled else bound
+                snap = dataclasses.replace(snap, model_limits=model_limits, slots=slots)
             self.table.update(snap)
         for wid in [wid for wid in board.workers() if wid not in present]:
             board.remove_worker(wid)

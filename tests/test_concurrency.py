@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from gateway import routing
-from gateway.concurrency import GROWTH, MAX_MODELS_PER_WORKER, ModelCapacity, ModelLimits
+from gateway.concurrency import (
+    GROWTH,
+    MAX_MODELS_PER_WORKER,
+    ModelCapacity,
+    ModelLimits,
+    worker_bound,
+)
 from gateway.config import RoutingConfig
 from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
@@ -77,10 +83,10 @@ def test_static_mode_keeps_the_configs_figure() -> None:
 def test_the_worker_bound_follows_limits_that_grew_up_to_growth() -> None:
     limits = ModelLimits()
     limits.learn("w", {"m": ModelCapacity(units=1, static=2)})
-    assert limits.worker_bound("w", 2) == 2
+    assert worker_bound(2, limits.limits("w")) == 2
     drive(limits, true_parallel=8, service_s=0.02, seconds=20.0)
-    assert limits.worker_bound("w", 2) == min(GROWTH * 2, limits.limit("w", "m") or 0)
-    assert limits.worker_bound("w", 2) > 2
+    assert worker_bound(2, limits.limits("w")) == min(GROWTH * 2, limits.limit("w", "m") or 0)
+    assert worker_bound(2, limits.limits("w")) > 2
 
 
 def test_new_facts_start_over_and_forgotten_workers_leave_nothing() -> None:
