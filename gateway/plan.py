@@ -14,7 +14,7 @@ The per-GPU rate comes from ``--instance-rps`` or from a load test with ``--p99-
   order load was applied; any JSON holding such a list (keys ``throughput_rps``/``rps``/
   ``req_per_s`` and ``p99_ms``/``p99_s``) is accepted, e.g. the overhead benchmark's.
 
-The knee (:func:`gateway.capacity.find_knee`) is the per-GPU rate. ``--trace FILE`` (CSV
+The knee (:func:`gateway.core.capacity.find_knee`) is the per-GPU rate. ``--trace FILE`` (CSV
 ``t_s,rps`` or JSON ``{"t_s": […], "rps": […]}``) gives the peak when ``--peak-rps`` is absent
 and adds forecast-vs-capacity to ``--plot``. Bad input exits with status 2 and a message.
 """
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gateway.capacity import (
+from gateway.core.capacity import (
     HOURS_PER_MONTH,
     CapacityPlan,
     Knee,
@@ -378,7 +378,7 @@ def write_plot(path: Path, result: PlanResult, budget_ms: float | None,
 
 def _plot_trace(ax: Any, result: PlanResult, trace: tuple[list[float], list[float]],
                 lead_time_s: float) -> None:
-    from gateway.forecast import Forecaster
+    from gateway.core.forecast import Forecaster
 
     times, rates = trace
     step_s = max(1.0, (times[-1] - times[0]) / max(1, len(times) - 1))

@@ -8,7 +8,7 @@
   were in flight, how many are left once a second, and whether the drain finished or timed
   out (and how many requests that cut off).
 * ``admin.listen`` set: the gateway's own pages get a second uvicorn server in the same event
-  loop, and the inference port answers 404 for them (``gateway.admin.not_here``). It keeps
+  loop, and the inference port answers 404 for them (``gateway.ops.admin.not_here``). It keeps
   answering during a drain and stops last.
 """
 
@@ -27,9 +27,9 @@ from typing import Any, cast
 
 import yaml
 
-from gateway.config import GatewayConfig, describe_config, load_config
-from gateway.schema import ConfigError, reference
-from gateway.service import GatewayService
+from gateway.app.service import GatewayService
+from gateway.core.config import GatewayConfig, describe_config, load_config
+from gateway.core.schema import ConfigError, reference
 
 log = logging.getLogger("gateway")
 
@@ -135,8 +135,8 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
     """
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-    from gateway.errors import HeaderFieldsTooLarge
-    from gateway.proxy import http_date, new_request_id
+    from gateway.core.errors import HeaderFieldsTooLarge
+    from gateway.http.proxy import http_date, new_request_id
 
     class JsonErrorProtocol(HttpToolsProtocol):
         _head_bytes = 0
@@ -215,12 +215,12 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
 
 async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
                 on_ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None) -> int:
+                stop: asyncio.Event | None = None, reuse_port: bool = False) -> int:
     """Run the gateway in the current event loop until SIGTERM/SIGINT (or ``stop``)."""
     import uvicorn
 
-    from gateway.admin import build_admin_app, not_here
-    from gateway.proxy import ProxyApp
+    from gateway.http.proxy import ProxyApp
+    from gateway.ops.admin import build_admin_app, not_here
 
     class _Server(uvicorn.Server):
         """uvicorn's server without its own signal capture: the gateway owns SIGTERM/SIGINT
@@ -249,7 +249,7 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
     ucfg = uvicorn.Config(app, host=cfg.listen.host, port=cfg.listen.port, lifespan="off",
                           access_log=False, log_level="warning", http=http_protocol,
                           # One Date per answer: the worker's when it sent one, else the
-                          # gateway's own (gateway.proxy adds it), never uvicorn's as well.
+                          # gateway's own (gateway.http.proxy adds it), never uvicorn's as well.
                           date_header=False,
                           # No WebSocket endpoint: an Upgrade request is plain HTTP to the
                           # gateway, never a handshake answered in text/plain.
@@ -340,13 +340,20 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
 
     grpc_listener = None
     if cfg.listen.grpc_port is not None:  # grpcio is imported only when the listener is on
-        from gateway.grpc_server import start_grpc
+        from gateway.grpc.server import start_grpc
         grpc_listener = await start_grpc(svc)
     background = asyncio.create_task(svc.run())
-    admin_task = asyncio.create_task(admin_server.serve()) if admin_server else None
+    # serve --processes N: every process binds the same ports with SO_REUSEPORT
+    from gateway.app.processes import reuse_port_socket
+    admin_sockets = None
+    if reuse_port and admin_server is not None and cfg.admin.listen is not None:
+        admin_sockets = [reuse_port_socket(cfg.admin.listen.host, cfg.admin.listen.port)]
+    admin_task = asyncio.create_task(admin_server.serve(sockets=admin_sockets)) \
+        if admin_server else None
     helpers += [asyncio.create_task(announce()), asyncio.create_task(external_stop())]
     try:
-        await server.serve()
+        await server.serve(sockets=[reuse_port_socket(cfg.listen.host, cfg.listen.port)]
+                           if reuse_port else None)
     finally:
         svc.draining = True
         end_drain()
@@ -367,15 +374,16 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
 
 
 def run(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | None = None,
-        config_path: str | None = None) -> int:
+        config_path: str | None = None, reuse_port: bool = False) -> int:
     """Blocking: run the gateway until SIGTERM/SIGINT; returns the exit status."""
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main = serve(cfg, on_ready=on_ready, config_path=config_path, reuse_port=reuse_port)
     if _install_uvloop() == "uvloop":
         import uvloop
 
-        return uvloop.run(serve(cfg, on_ready=on_ready, config_path=config_path))
-    return asyncio.run(serve(cfg, on_ready=on_ready, config_path=config_path))
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 # commands -----------------------------------------------------------------------------------
@@ -383,7 +391,13 @@ def main_serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gateway serve", description="Run the gateway.")
     parser.add_argument("--config", "-c", required=True, help="YAML configuration file")
     parser.add_argument("--port", type=int, help="override listen.port")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="N gateway processes on one port (SO_REUSEPORT), one per core; "
+                             "they share the fleet as replicas do (default 1)")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes: expected at least 1")
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -393,7 +407,11 @@ def main_serve(argv: list[str]) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, listen=replace(cfg.listen, port=args.port))
-    return run(cfg, config_path=args.config)
+    if args.processes > 1:
+        from gateway.app import processes
+
+        return processes.run(args.config, args.processes, cfg.listen.host, cfg.listen.port)
+    return run(cfg, config_path=args.config, reuse_port=args.reuse_port)
 
 
 def main_check_config(argv: list[str]) -> int:

@@ -67,11 +67,11 @@ from typing import Any
 
 import numpy as np
 
-from gateway.tensors import InferRequest, Tensor, encode_infer_request
+from gateway.core.tensors import InferRequest, Tensor, encode_infer_request
+from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess
 from gateway.tools.procs import free_port, free_ports
-from gateway.upstream import Pool, PoolLimits
 from loadtest.overhead import start_nginx, wait_http
 
 RESULTS = Path("results/batching.json")

@@ -27,9 +27,16 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from gateway.config import RoutingConfig
-from gateway.routing import InFlightCounters, Router, RoutingTable
-from gateway.types import GpuSignal, ModelKey, ModelSignal, Route, WorkerSignals, WorkerSnapshot
+from gateway.core.config import RoutingConfig
+from gateway.core.routing import InFlightCounters, Router, RoutingTable
+from gateway.core.types import (
+    GpuSignal,
+    ModelKey,
+    ModelSignal,
+    Route,
+    WorkerSignals,
+    WorkerSnapshot,
+)
 
 GIB = 2**30
 SLOTS = 8

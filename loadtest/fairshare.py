@@ -62,12 +62,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from gateway.fairshare import jain_index
-from gateway.tensors import InferRequest, Tensor, encode_infer_request
+from gateway.core.fairshare import jain_index
+from gateway.core.tensors import InferRequest, Tensor, encode_infer_request
+from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess
 from gateway.tools.procs import free_port
-from gateway.upstream import Pool, PoolLimits
 from loadtest.overhead import gateway_yaml, run_wrk, start_nginx, wait_http
 
 RESULTS = Path("results/fairshare.json")

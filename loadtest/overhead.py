@@ -40,8 +40,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.tools.procs import free_port, stop, stop_all
-from gateway.upstream import Pool, PoolLimits
 from loadtest.haproxy import find_haproxy, haproxy_config
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",

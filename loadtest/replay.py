@@ -33,7 +33,7 @@ Modes:
 * ``reactive`` — HPA on gateway_fleet_utilisation: ``ceil(ready × util / 0.7) + 1`` with
   ±10 % tolerance; utilisation is busy-slot based, so it cannot exceed 1 when overloaded.
 * ``predictive`` — ``ceil(max(forecast peak over the next startup+1 minutes, observed
-  arrival rate) / (20 × 0.7)) + 1`` using gateway.forecast trained on the history.
+  arrival rate) / (20 × 0.7)) + 1`` using gateway.core.forecast trained on the history.
 * ``arrival_rate`` — the same with the forecast switched off (observed arrival rate only):
   shows how much of the gain is the forecast and how much the better signal.
 
@@ -42,7 +42,7 @@ model were not touched. The forecaster's model selection first backtested over t
 of history only — a Sunday, on which the flat ``recent_level`` model won — so it missed the
 Monday 08:00 rise (predictive 19 vs reactive 22 over-budget minutes, seed 1). Selection now
 backtests over the last week (every weekday's shape) and the level window is 10 minutes;
-both are defaults of ``gateway.forecast``, chosen on history, not on the replayed day.
+both are defaults of ``gateway.core.forecast``, chosen on history, not on the replayed day.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gateway.capacity import predictive_desired_replicas, reactive_desired_replicas
-from gateway.forecast import DAY_S, Forecaster
+from gateway.core.capacity import predictive_desired_replicas, reactive_desired_replicas
+from gateway.core.forecast import DAY_S, Forecaster
 
 Array = npt.NDArray[np.float64]
 

@@ -82,14 +82,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config import RoutingConfig
-from gateway.errors import UpstreamError
-from gateway.routing import InFlightCounters, Router, RoutingTable, ServiceTimes
+from gateway.core.config import RoutingConfig
+from gateway.core.errors import UpstreamError
+from gateway.core.routing import InFlightCounters, Router, RoutingTable, ServiceTimes
+from gateway.core.types import Route
+from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess
 from gateway.tools.procs import free_port, http_get
-from gateway.types import Route
-from gateway.upstream import Pool, PoolLimits
 from loadtest import decision_cost
 from loadtest.overhead import start_haproxy, start_nginx
 

@@ -140,9 +140,9 @@ class RedisServer:
 
 async def _hammer(url: str, key: str, rate_per_s: float, burst: float, duration_s: float,
                   concurrency: int) -> dict[str, float]:
-    from gateway.config import RedisConfig
-    from gateway.redis_store import RedisStore, StoreUnavailable
-    from gateway.schema import Secret
+    from gateway.core.config import RedisConfig
+    from gateway.core.schema import Secret
+    from gateway.engine.redis_store import RedisStore, StoreUnavailable
 
     store = RedisStore(RedisConfig(url=Secret(url), timeout_s=1.0, breaker_failures=1000))
     await store.ping()

@@ -7,8 +7,8 @@ import heapq
 
 import pytest
 
-from gateway.adaptive import AdaptiveLimit
-from gateway.config import AdaptiveConfig
+from gateway.core.adaptive import AdaptiveLimit
+from gateway.core.config import AdaptiveConfig
 
 CFG = AdaptiveConfig(enabled=True, min_limit=1, smoothing=0.2, tolerance=1.5)
 

@@ -1,7 +1,7 @@
-"""The boundary the README draws, held by test: the decision core is pure (no I/O library,
-no asyncio, no clock, no shell module), the import graph has no cycle (lazy and type-only
-imports count), the runtime never imports the tools, and ``loadtest`` never imports
-``tests``."""
+"""The boundary docs/architecture.md draws, held by test: the layers are packages that import
+only downwards, the decision core (``gateway.core``) is pure (no I/O library, no asyncio, no
+clock, no shell module), the import graph has no cycle (lazy and type-only imports count), the
+runtime never imports the tools, and ``loadtest`` never imports ``tests``."""
 
 from __future__ import annotations
 
@@ -13,16 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gateway"
 
-# The decision core: synchronous functions and state machines over snapshots; time is an
-# argument. Keep this list in step with the README's architecture section.
-CORE = frozenset({
-    "gateway.adaptive", "gateway.admission", "gateway.batching", "gateway.breaker",
-    "gateway.capacity", "gateway.concurrency", "gateway.config", "gateway.errors",
-    "gateway.fairshare", "gateway.forecast", "gateway.grpc_batching",
-    "gateway.protocol", "gateway.requesthead", "gateway.retrybudget", "gateway.routing",
-    "gateway.schema", "gateway.signals", "gateway.sticky", "gateway.tenants",
-    "gateway.tensors", "gateway.types", "gateway.waitqueue",
-})
+# The layers of the runtime, bottom to top. A module may import the gateway modules of its own
+# package and of the packages named in its layer's entry; a new module falls under its
+# package's rule without editing this test. The top-level modules (``gateway.server``,
+# ``gateway.plan``, ``gateway.__main__``) are the entry points and may import any layer.
+CORE_PACKAGE = "gateway.core"
+LAYERS: dict[str, frozenset[str]] = {
+    "gateway.core": frozenset(),
+    "gateway.fleet": frozenset({"gateway.core"}),
+    "gateway.engine": frozenset({"gateway.core", "gateway.fleet"}),
+    "gateway.ops": frozenset({"gateway.core", "gateway.fleet", "gateway.engine"}),
+    "gateway.app": frozenset({"gateway.core", "gateway.fleet", "gateway.engine", "gateway.ops"}),
+    "gateway.http": frozenset({"gateway.core", "gateway.fleet", "gateway.engine", "gateway.ops",
+                               "gateway.app"}),
+    "gateway.grpc": frozenset({"gateway.core", "gateway.fleet", "gateway.engine", "gateway.ops",
+                               "gateway.app"}),
+}
 FORBIDDEN_IN_CORE = frozenset({
     "asyncio", "socket", "ssl", "selectors", "subprocess", "threading", "time",
     "httptools", "uvicorn", "starlette", "redis", "aiolimiter", "prometheus_client", "grpc",
@@ -72,6 +78,15 @@ def project_graph() -> dict[str, set[str]]:
 
 
 GRAPH = project_graph()
+# The decision core: synchronous functions and state machines over snapshots; time is an
+# argument. Every module of the core package, found, not listed.
+CORE = frozenset(m for m in GRAPH if m.startswith(CORE_PACKAGE + "."))
+
+
+def package_of(module: str) -> str:
+    """The layer package a runtime module belongs to (``gateway`` for the entry points)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or module in LAYERS else "gateway"
 
 
 def reachable(start: str) -> set[str]:
@@ -119,7 +134,7 @@ def test_the_decision_core_imports_no_shell_no_io_and_no_clock(module: str) -> N
                 if m in FORBIDDEN_IN_CORE or m.split(".")[0] in FORBIDDEN_IN_CORE)
     assert not io, f"{module} imports {io}"
     shell = sorted(m for m in GRAPH[module] if m.startswith("gateway") and m not in CORE
-                   and m != "gateway")
+                   and m not in ("gateway", CORE_PACKAGE))
     assert not shell, f"{module} (core) imports shell modules {shell}"
 
 
@@ -135,6 +150,37 @@ def test_loadtest_never_imports_tests() -> None:
     assert not bad, bad
 
 
-def test_core_list_names_real_modules() -> None:
-    missing = sorted(m for m in CORE if m not in GRAPH)
+def test_the_core_package_holds_the_decisions() -> None:
+    expected = {"routing", "breaker", "admission", "fairshare", "waitqueue", "batching",
+                "concurrency", "capacity", "forecast", "config", "types", "errors"}
+    missing = sorted(f"{CORE_PACKAGE}.{m}" for m in expected
+                     if f"{CORE_PACKAGE}.{m}" not in CORE)
     assert not missing, missing
+
+
+RUNTIME = sorted(m for m in GRAPH if m.startswith("gateway") and not m.startswith(TOOLS))
+
+
+def test_every_runtime_module_sits_in_a_layer_or_is_an_entry_point() -> None:
+    entry_points = {"gateway", "gateway.__main__", "gateway.server", "gateway.plan"}
+    stray = sorted(m for m in RUNTIME if package_of(m) not in LAYERS and m not in entry_points)
+    assert not stray, f"modules outside every layer package: {stray}"
+
+
+@pytest.mark.parametrize("module", RUNTIME)
+def test_layers_import_only_downwards(module: str) -> None:
+    package = package_of(module)
+    if package not in LAYERS:
+        return  # an entry point: may import any layer (but never the tools, tested below)
+    allowed = LAYERS[package] | {package}
+    upward = sorted(d for d in GRAPH[module] if d.startswith("gateway.")
+                    and package_of(d) != "gateway" and package_of(d) not in allowed)
+    assert not upward, f"{module} ({package}) imports {upward}"
+    entry = sorted(d for d in GRAPH[module] if d.startswith("gateway.")
+                   and package_of(d) == "gateway" and d not in LAYERS)
+    assert not entry, f"{module} imports the entry points {entry}"
+
+
+def test_the_tools_may_use_loadtest_but_the_runtime_never() -> None:
+    runtime_reach = set().union(*(reachable(m) for m in RUNTIME))
+    assert not sorted(m for m in runtime_reach if m.startswith(("loadtest", "tests")))

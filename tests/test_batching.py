@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.batcher import Batcher
-from gateway.batching import (
+from gateway.core.batching import (
     BatchKey,
     BatchMeta,
     BatchRecord,
@@ -42,9 +41,9 @@ from gateway.batching import (
     replies_for,
     split,
 )
-from gateway.config import BatchingConfig
-from gateway.errors import BadRequest, Overloaded, UpstreamError
-from gateway.tensors import (
+from gateway.core.config import BatchingConfig
+from gateway.core.errors import BadRequest, Overloaded, UpstreamError
+from gateway.core.tensors import (
     InferRequest,
     InferResponse,
     Parameters,
@@ -59,7 +58,8 @@ from gateway.tensors import (
     peek_infer_header,
     split_bytes_elements,
 )
-from gateway.types import ModelKey
+from gateway.core.types import ModelKey
+from gateway.engine.batcher import Batcher
 
 MODEL = ModelKey("ref")
 FIXED_NUMPY = {

@@ -39,9 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sim.core import SimModel, WorkerSpec
-from gateway.sim.server import SimFleetThread
-from gateway.tensors import (
+from gateway.core.tensors import (
     InferRequest,
     InferResponse,
     RequestedOutput,
@@ -51,6 +49,8 @@ from gateway.tensors import (
     join_bytes_elements,
     parse_infer_response,
 )
+from gateway.sim.core import SimModel, WorkerSpec
+from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess
 from gateway.tools.local import TritonFleet
 from gateway.tools.procs import free_port

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.breaker import (
+from gateway.core.breaker import (
     SLOW_START_FLOOR,
     BreakerBoard,
     BreakerEvent,
@@ -21,7 +21,7 @@ from gateway.breaker import (
     next_state,
     slow_start_share,
 )
-from gateway.config import BreakerConfig
+from gateway.core.config import BreakerConfig
 
 C, O, H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN  # noqa: E741
 

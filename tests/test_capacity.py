@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.capacity import (
+from gateway.core.capacity import (
     HOURS_PER_MONTH,
     LoadPoint,
     PlanInputs,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gateway.config import GatewayConfig, load_config
+from gateway.core.config import GatewayConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

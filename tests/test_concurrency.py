@@ -1,4 +1,4 @@
-"""Per-(worker, model) concurrency limits (gateway.concurrency): pure, time as an argument."""
+"""Per-(worker, model) concurrency limits (gateway.core.concurrency): pure, time as an argument."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import routing
-from gateway.concurrency import (
+from gateway.core import routing
+from gateway.core.concurrency import (
     GROWTH,
     MAX_MODELS_PER_WORKER,
     ModelCapacity,
     ModelLimits,
     worker_bound,
 )
-from gateway.config import RoutingConfig
+from gateway.core.config import RoutingConfig
+from gateway.core.types import ModelKey, NoRoute, Route, WorkerSnapshot
 from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess
-from gateway.types import ModelKey, NoRoute, Route, WorkerSnapshot
 
 
 def drive(limits: ModelLimits, *, true_parallel: int, service_s: float, seconds: float,

@@ -1,7 +1,7 @@
 """Configuration: typed loading, errors with dotted paths (all of a file's at once), ranges
 and cross-field rules, duplicate YAML keys, env and file secrets, credentials masked, the CLI,
-the shipped examples without fallback keys, and the README's reference kept in step with the
-schema."""
+the shipped examples without fallback keys, and the reference in docs/configuration.md kept in
+step with the schema."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from gateway.config import (
+from gateway.app.service import GatewayService
+from gateway.core.config import (
     GatewayConfig,
     UniqueKeyLoader,
     describe_config,
     load_config,
     parse_config,
 )
-from gateway.schema import ConfigError, ConfigIssue, Secret, mask_url
+from gateway.core.schema import ConfigError, ConfigIssue, Secret, mask_url
 from gateway.server import config_reference_markdown, reload_from_file
-from gateway.service import GatewayService
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {"listen": {"host": "127.0.0.1", "port": 8000},
@@ -373,12 +373,12 @@ def test_documented_check_config_commands_parse() -> None:
 
 
 def test_readme_configuration_reference_matches_the_schema() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     begin, end = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
     assert begin in readme and end in readme
     documented = readme.split(begin, 1)[1].split(end, 1)[0].strip()
     assert documented == config_reference_markdown().strip(), (
-        "README configuration reference is stale: regenerate it with "
+        "docs/configuration.md configuration reference is stale: regenerate it with "
         "`python -m gateway config-reference`")
 
 

@@ -1,4 +1,4 @@
-"""Model discovery (``gateway.discovery``): the pure catalog on a fake clock, then the async
+"""Model discovery (``gateway.fleet.discovery``): the pure catalog on a fake clock, then the async
 directory against real servers on loopback — the Triton simulator and a real Triton
 (PyTriton) — counting the probes each lookup costs on the server side."""
 
@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.discovery import (
+from gateway.core.errors import BadRequest, NoHealthyWorker, NotFound, Overloaded
+from gateway.core.types import ModelKey, WorkerId
+from gateway.fleet.discovery import (
     Action,
     Deferred,
     DiscoveryLimits,
@@ -31,12 +33,10 @@ from gateway.discovery import (
     model_facts,
     model_path,
 )
-from gateway.errors import BadRequest, NoHealthyWorker, NotFound, Overloaded
+from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleet
 from gateway.tools.local import TritonFleet
-from gateway.types import ModelKey, WorkerId
-from gateway.upstream import Pool, PoolLimits
 
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
 SIMPLE = ModelKey("simple")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gateway.fairshare import (
+from gateway.core.fairshare import (
     ANONYMOUS,
     MAX_COST_KEYS,
     SCALE_BOUNDS,
@@ -18,7 +18,7 @@ from gateway.fairshare import (
     jain_index,
     tenant_label,
 )
-from gateway.waitqueue import Ticket, WaitQueue
+from gateway.core.waitqueue import Ticket, WaitQueue
 
 
 @pytest.mark.parametrize(("batch", "bucket"), [

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import BucketConfig, parse_config
-from gateway.errors import RateLimited
-from gateway.ratelimit import RateLimiter
+from gateway.core.config import BucketConfig, parse_config
+from gateway.core.errors import RateLimited
+from gateway.engine.ratelimit import RateLimiter
 
 # no refill during a test: 1 GPU-millisecond per second
 SLOW = 0.001

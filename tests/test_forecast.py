@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from gateway.forecast import (
+from gateway.core.forecast import (
     BASELINE,
     DAY_S,
     MODELS,

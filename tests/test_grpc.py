@@ -453,7 +453,7 @@ def test_decoupled_stream_passes_final_markers_when_asked(
 def test_rate_limit_is_resource_exhausted_with_retry_after(gateway: GrpcGatewayProcess) -> None:
     import grpc
 
-    from gateway.grpc_channels import method_path
+    from gateway.grpc.channels import method_path
 
     data = np.ones((1, 1024), dtype=np.float32)
     inp = grpcclient.InferInput("INPUT", [1, 1024], "FP32")
@@ -673,8 +673,8 @@ async def test_model_infer_joins_batches_and_gets_its_own_rows(
 ])
 def test_failed_attempt_maps_to_the_http_retry_rule(code: str, connected: bool,
                                                     retryable: bool) -> None:
-    from gateway.grpc_protocol import failed_attempt
-    from gateway.retrybudget import is_retryable
+    from gateway.core.retrybudget import is_retryable
+    from gateway.grpc.protocol import failed_attempt
 
     assert is_retryable(*failed_attempt(code, connected=connected)) is retryable
 

@@ -1,5 +1,5 @@
-"""``gateway.grpc_batching``: a ModelInferRequest read as the gateway's InferRequest (which
-``gateway.batching`` keys, merges and splits), and a member's response written back."""
+"""``gateway.core.batching_grpc``: a ModelInferRequest read as the gateway's InferRequest (which
+``gateway.core.batching`` keys, merges and splits), and a member's response written back."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.batching import NotBatchable, compatibility_key, merge, split
-from gateway.grpc_batching import read_request, response_bytes
-from gateway.tensors import InferRequest, InferResponse, Tensor
-from gateway.types import ModelKey
+from gateway.core.batching import NotBatchable, compatibility_key, merge, split
+from gateway.core.batching_grpc import read_request, response_bytes
+from gateway.core.tensors import InferRequest, InferResponse, Tensor
+from gateway.core.types import ModelKey
 
 MODEL = ModelKey("m")
 

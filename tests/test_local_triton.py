@@ -26,7 +26,7 @@ pytest.importorskip("pytriton")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from gateway.config import parse_config  # noqa: E402
+from gateway.core.config import parse_config  # noqa: E402
 from gateway.tools import procs  # noqa: E402
 from gateway.tools.local import (  # noqa: E402
     FleetError,

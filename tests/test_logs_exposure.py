@@ -10,7 +10,7 @@ subprocess in front of the simulator.
 * a breaker opening and a worker going down are logged with their reason;
 * SIGTERM logs the drain: how many in flight, and done or timed out.
 
-Plus the pure parts: :class:`~gateway.accesslog.LineBudget` on a fake clock, and the breaker's
+Plus the pure parts: :class:`~gateway.ops.accesslog.LineBudget` on a fake clock, and the breaker's
 transition records.
 """
 
@@ -30,10 +30,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.accesslog import AccessLog, LineBudget
-from gateway.breaker import BreakerBoard, BreakerState
-from gateway.config import AccessLogConfig, BreakerConfig, parse_config
-from gateway.schema import ConfigError
+from gateway.core.breaker import BreakerBoard, BreakerState
+from gateway.core.config import AccessLogConfig, BreakerConfig, parse_config
+from gateway.core.schema import ConfigError
+from gateway.ops.accesslog import AccessLog, LineBudget
 from gateway.sim.core import WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess, free_port

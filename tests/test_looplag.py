@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gateway.admission import WindowMin
-from gateway.looplag import MAX_LAG_S, LoopLag
+from gateway.core.admission import WindowMin
+from gateway.engine.looplag import MAX_LAG_S, LoopLag
 
 
 @pytest.mark.parametrize(("observed", "at", "expected"), [

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway.config import BucketConfig, ModelConfig, parse_config
-from gateway.errors import RateLimited
-from gateway.ratelimit import LocalBucket, RateLimiter, request_cost, tokens_wait_s
+from gateway.core.config import BucketConfig, ModelConfig, parse_config
+from gateway.core.errors import RateLimited
+from gateway.engine.ratelimit import LocalBucket, RateLimiter, request_cost, tokens_wait_s
 
 T = TypeVar("T")
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.breaker import BreakerState
-from gateway.config import BucketConfig, RedisConfig
-from gateway.errors import Overloaded, RateLimited
-from gateway.ratelimit import RateLimiter
-from gateway.redis_store import RedisStore, StoreUnavailable, mask_url
-from gateway.schema import Secret
+from gateway.core.breaker import BreakerState
+from gateway.core.config import BucketConfig, RedisConfig
+from gateway.core.errors import Overloaded, RateLimited
+from gateway.core.schema import Secret
+from gateway.engine.ratelimit import RateLimiter
+from gateway.engine.redis_store import RedisStore, StoreUnavailable, mask_url
 from tests.redis_server import RedisServer, command
 
 pytestmark = pytest.mark.redis

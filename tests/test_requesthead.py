@@ -8,12 +8,12 @@ import zlib
 
 import pytest
 
-from gateway.admission import triton_priority
-from gateway.config import parse_config
-from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.requesthead import read_head, with_parameters
-from gateway.tenants import TenantDirectory
-from gateway.types import Priority
+from gateway.core.admission import triton_priority
+from gateway.core.config import parse_config
+from gateway.core.errors import BadRequest, PayloadTooLarge
+from gateway.core.requesthead import read_head, with_parameters
+from gateway.core.tenants import TenantDirectory
+from gateway.core.types import Priority
 
 
 def _body(params: dict[str, object] | None = None, rows: int = 3) -> bytes:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import RetryConfig
-from gateway.retrybudget import AttemptStage, RetryBudget, is_retryable
+from gateway.core.config import RetryConfig
+from gateway.core.retrybudget import AttemptStage, RetryBudget, is_retryable
 
 
 @pytest.mark.parametrize(("stage", "status", "expected"), [

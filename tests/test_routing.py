@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import routing
-from gateway.config import ModelConfig, RoutingConfig, WeightsConfig
-from gateway.routing import (
+from gateway.core import routing
+from gateway.core.config import ModelConfig, RoutingConfig, WeightsConfig
+from gateway.core.routing import (
     DROP_BREAKER,
     DROP_MEMORY,
     DROP_NO_MODEL,
@@ -38,7 +38,7 @@ from gateway.routing import (
     required_memory_bytes,
     route,
 )
-from gateway.types import (
+from gateway.core.types import (
     GpuSignal,
     ModelKey,
     ModelSignal,

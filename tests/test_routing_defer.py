@@ -2,7 +2,7 @@
 than waiting in the gateway's queue for a slot of a faster, full one, the decision is
 ``NoRoute(saturated=True)`` (the shell queues it). Tables with time as an argument, and an
 open-loop event simulation of the shell's queue (woken on each completion, as
-``gateway.dispatch`` does) that checks a deferred request is served and never starved."""
+``gateway.engine.dispatch`` does) that checks a deferred request is served and never starved."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import pytest
 
-from gateway import routing
-from gateway.config import RoutingConfig, WeightsConfig
-from gateway.routing import InFlightCounters, Router, RoutingTable, ServiceTimes
-from gateway.types import ModelKey, ModelSignal, NoRoute, Route, WorkerSignals, WorkerSnapshot
+from gateway.core import routing
+from gateway.core.config import RoutingConfig, WeightsConfig
+from gateway.core.routing import InFlightCounters, Router, RoutingTable, ServiceTimes
+from gateway.core.types import ModelKey, ModelSignal, NoRoute, Route, WorkerSignals, WorkerSnapshot
 
 M = ModelKey("m")
 
@@ -173,7 +173,7 @@ def open_loop(policy: str, *, rate_per_s: float, seconds: float = 20.0,
               slots: int | tuple[int, ...] = 8,
               capacity: int = 4, seed: int = 7) -> tuple[list[float], Counter[str], float]:
     """Poisson arrivals at a gateway in front of workers executing ``capacity`` requests at
-    once (FIFO beyond, up to ``slots`` sent). As ``gateway.dispatch`` does: a new request
+    once (FIFO beyond, up to ``slots`` sent). As ``gateway.engine.dispatch`` does: a new request
     is decided at once; a saturated one joins a FIFO queue; each completion wakes the
     queue's head, which is decided again (and keeps its place if deferred again);
     ``queue_wait_s`` = waiters (the head included) over the completion rate, at least

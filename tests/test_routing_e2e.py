@@ -19,14 +19,21 @@ from typing import Any
 
 import pytest
 
-from gateway import routing
-from gateway.config import ModelConfig, RoutingConfig
-from gateway.routing import drop_reason
+from gateway.core import routing
+from gateway.core.config import ModelConfig, RoutingConfig
+from gateway.core.routing import drop_reason
+from gateway.core.types import (
+    GpuSignal,
+    ModelKey,
+    ModelSignal,
+    Route,
+    WorkerSignals,
+    WorkerSnapshot,
+)
+from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.sim.core import GIB, WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess
-from gateway.types import GpuSignal, ModelKey, ModelSignal, Route, WorkerSignals, WorkerSnapshot
-from gateway.upstream import Pool, PoolLimits
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,8 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.config import parse_config
-from gateway.schema import ConfigError
+from gateway.core.config import parse_config
+from gateway.core.schema import ConfigError
 from tests.tools import require_tool
 
 ROOT = Path(__file__).parent.parent
@@ -29,10 +29,12 @@ GATEWAY_METRICS = {
     "gateway_fleet_utilisation", "gateway_fleet_headroom", "gateway_fleet_saturation",
     "gateway_arrival_rate_per_s", "gateway_desired_replicas",
     "gateway_event_loop_lag_seconds", "gateway_worker_capacity_units",
-    # fair share (gateway.fairshare): per tenant, and Jain's index
+    # fair share (gateway.core.fairshare): per tenant, and Jain's index
     "gateway_tenant_gpu_seconds_total", "gateway_tenant_requests_settled_total",
     "gateway_tenant_queue_wait_seconds_total", "gateway_tenant_gpu_share",
     "gateway_tenant_weight", "gateway_fairness_jain_index",
+    # replicas as one (gateway.engine.coordinator)
+    "gateway_cluster_members", "gateway_cluster_share", "gateway_cluster_coordinated",
 }
 GATEWAY_HISTOGRAMS = {"gateway_request_duration_seconds", "gateway_upstream_duration_seconds",
                       "gateway_queue_wait_seconds", "gateway_batch_size"}

@@ -38,14 +38,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.config import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
-from gateway.errors import BadRequest
+from gateway.core.config import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
+from gateway.core.errors import BadRequest
+from gateway.core.tenants import effective_priority, is_admin
+from gateway.core.types import Priority
+from gateway.fleet.upstream import Pool, PoolLimits, safe_target
 from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
-from gateway.tenants import effective_priority, is_admin
 from gateway.tools.gatewayproc import GatewayProcess
-from gateway.types import Priority
-from gateway.upstream import Pool, PoolLimits, safe_target
 from tests.upstreams import ThreadedUpstream
 
 ADMIN_TOKEN = "admin-token-for-tests"

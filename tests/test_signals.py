@@ -1,4 +1,4 @@
-"""Tests of the Triton metrics parser (gateway.signals): real pages, tables, properties."""
+"""Tests of the Triton metrics parser (gateway.core.signals): real pages, tables, properties."""
 # ruff: noqa: E501  (the captured page keeps Triton's own long HELP lines)
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.signals import ModelCounters, RawMetrics, derive_signals, parse_metrics
-from gateway.types import GpuSignal, ModelSignal
+from gateway.core.signals import ModelCounters, RawMetrics, derive_signals, parse_metrics
+from gateway.core.types import GpuSignal, ModelSignal
 
 # Captured from a real Triton 2.51 (nvidia-pytriton 0.7.0, CPU only) after 5 inferences of
 # batch 2 on model "simple": no nv_gpu_* series and no gpu_uuid labels.

@@ -24,8 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import BadRequest
-from gateway.signals import derive_signals, parse_metrics
+from gateway.core.errors import BadRequest
+from gateway.core.signals import derive_signals, parse_metrics
+from gateway.core.tensors import parse_infer_request
 from gateway.sim.cli import _parser, main, specs_from_args
 from gateway.sim.core import (
     GIB,
@@ -42,7 +43,6 @@ from gateway.sim.core import (
 )
 from gateway.sim.infer import answer, validate
 from gateway.sim.server import SimFleet, SimFleetThread
-from gateway.tensors import parse_infer_request
 from gateway.tools import procs
 
 # ------------------------------------------------------------------ pure core, fake clock
@@ -219,7 +219,7 @@ def _json_request(shape: list[int], data: list[float], **extra: object) -> bytes
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
-        # malformed bodies: the gateway's codec (gateway.tensors) judges them
+        # malformed bodies: the gateway's codec (gateway.core.tensors) judges them
         (b"{bad", 400, "malformed request JSON"),
         (b"[]", 400, "request JSON must be an object"),
         (_json_request([1, 16], [0.0] * 15), 400, "15 values in data"),
@@ -681,7 +681,7 @@ async def test_control_port_restart_after_and_runtime_capacity() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["gateway/sim/core.py", "gateway/sim/infer.py", "gateway/signals.py"])
+    "module", ["gateway/sim/core.py", "gateway/sim/infer.py", "gateway/core/signals.py"])
 def test_pure_modules_do_no_io(module: str) -> None:
     import ast
     from pathlib import Path

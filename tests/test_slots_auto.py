@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.config import parse_config
-from gateway.fleet import instance_count
-from gateway.schema import ConfigError
+from gateway.core.config import parse_config
+from gateway.core.schema import ConfigError
+from gateway.fleet.monitor import instance_count
 from gateway.sim.core import SimModel, WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess

@@ -1,4 +1,4 @@
-"""gateway/status.html rendered by a real headless Chromium against a loopback HTTP server
+"""gateway/ops/status.html rendered by a real headless Chromium against a loopback HTTP server
 that serves the page at /status and a realistic /status.json; the test reads the DOM the
 page produced, as a person would see it."""
 
@@ -22,7 +22,7 @@ import pytest
 
 from tests.tools import require_tool
 
-PAGE = Path(__file__).resolve().parent.parent / "gateway" / "status.html"
+PAGE = Path(__file__).resolve().parent.parent / "gateway" / "ops" / "status.html"
 CHROMIUM = ("chromium", "chromium-browser")    # either name
 GIB = 1024**3
 MIB = 1024**2

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.tensors import (
+from gateway.core.errors import BadRequest, PayloadTooLarge
+from gateway.core.tensors import (
     ELEMENT_SIZE_BYTES,
     InferRequest,
     InferResponse,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.turnstile import Turnstile
+from gateway.http.turnstile import Turnstile
 
 
 async def test_at_most_per_turn_start_in_one_turn_and_order_is_kept() -> None:

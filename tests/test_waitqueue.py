@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.retrybudget import RetryVerdict, decide_retry
-from gateway.sticky import StickyTable
-from gateway.types import WorkerId
-from gateway.waitqueue import QueueFull, WaitQueue
+from gateway.core.retrybudget import RetryVerdict, decide_retry
+from gateway.core.sticky import StickyTable
+from gateway.core.types import WorkerId
+from gateway.core.waitqueue import QueueFull, WaitQueue
 
 
 def _drain(q: WaitQueue, now: float) -> list[int]:

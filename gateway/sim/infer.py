@@ -1,5 +1,5 @@
 """What a simulated model is and computes: its metadata and config, the check of a request
-against it, and its answer — on the gateway's one KServe codec (:mod:`gateway.tensors`).
+against it, and its answer — on the gateway's one KServe codec (:mod:`gateway.core.tensors`).
 
 The model computes its outputs for real: output *i* is input *i* times two (``op="double"``,
 the default ``simple`` model: FP32 INPUT0 [-1, 16] → OUTPUT0 = 2 × INPUT0) or unchanged
@@ -11,8 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.core.tensors import (
+    EncodedBody,
+    InferRequest,
+    InferResponse,
+    Tensor,
+    encode_infer_response,
+)
 from gateway.sim.core import SimError, SimModel, TensorSpec
-from gateway.tensors import EncodedBody, InferRequest, InferResponse, Tensor, encode_infer_response
 
 _PASSED_THROUGH = frozenset({"BYTES", "BOOL", "BF16"})
 

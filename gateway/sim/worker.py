@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
+from gateway.core.tensors import (
+    BINARY_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    decode_content,
+    header_length_of,
+    parse_infer_request,
+)
 from gateway.sim.connection import (
     MAX_BODY_BYTES,
     Connection,
@@ -38,13 +45,6 @@ from gateway.sim.core import (
     WorkerStats,
 )
 from gateway.sim.infer import answer, model_config, model_metadata, validate
-from gateway.tensors import (
-    BINARY_CONTENT_TYPE,
-    JSON_CONTENT_TYPE,
-    decode_content,
-    header_length_of,
-    parse_infer_request,
-)
 
 SERVER_VERSION = "2.51.0"
 EXTENSIONS = ["classification", "sequence", "model_repository", "schedule_policy",

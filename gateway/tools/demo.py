@@ -45,7 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gateway.config import GatewayConfig, parse_config
+from gateway.core.config import GatewayConfig, parse_config
 from gateway.tools import procs
 from gateway.tools.demo_view import (
     FETCH_TIMEOUT_S,

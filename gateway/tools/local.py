@@ -354,7 +354,7 @@ class TritonFleet:
             return [w.ready_after_s for w in self._workers]
 
     def gateway_config_dict(self, port: int = 0) -> dict[str, Any]:
-        """Plain config data for ``gateway.config.parse_config``: listen, workers, models.
+        """Plain config data for ``gateway.core.config.parse_config``: listen, workers, models.
 
         The models are listed because PyTriton's servers leave them out of the repository
         index: the gateway learns them by probing ``/v2/models/{m}/ready`` by name.
@@ -554,7 +554,7 @@ def build_config_data(fleet: TritonFleet, port: int | None,
     listen = dict(data.get("listen") or {})
     listen.setdefault("host", HOST)
     if port is not None or "port" not in listen:
-        from gateway.config import DEFAULT_PORT
+        from gateway.core.config import DEFAULT_PORT
 
         listen["port"] = port if port is not None else DEFAULT_PORT
     data["listen"] = listen
@@ -564,7 +564,7 @@ def build_config_data(fleet: TritonFleet, port: int | None,
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    from gateway.schema import ConfigError
+    from gateway.core.schema import ConfigError
 
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -621,8 +621,8 @@ def main(argv: list[str]) -> int:
     if args.workers < 1:
         p.error("--workers must be at least 1")
 
-    from gateway.config import parse_config
-    from gateway.schema import ConfigError
+    from gateway.core.config import parse_config
+    from gateway.core.schema import ConfigError
 
     run: Callable[..., int] | None = None
     if not args.no_gateway:

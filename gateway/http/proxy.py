@@ -1,0 +1,524 @@
+"""The ASGI application: the KServe v2 surface of the gateway.
+
+Pure ASGI on the hot path (inference), because every microsecond spent here comes out of
+the gateway's throughput budget; the gateway's own pages (``/metrics``, ``/status``,
+``/admin/*``) are a Starlette app it delegates to. No per-request state lives on the
+instance.
+
+What each endpoint does (see docs/http.md, "Endpoints, as the gateway answers them"):
+
+* ``/v2/health/live`` — the gateway is up. ``/v2/health/ready`` — at least one worker is
+  ready. ``/v2/models/{m}/ready`` — some ready worker has the model (and version) ready.
+* ``/v2`` — the gateway's own metadata; ``extensions`` lists only what it really supports.
+* model metadata/config — proxied to one ready worker that has the model.
+* ``infer``/``generate``/``generate_stream`` — admitted, routed, forwarded byte for byte
+  (JSON or binary tensors, compressed or not); ``generate_stream`` is streamed.
+* ``/v2/models[/{m}]/stats`` — **aggregated**: the sum over every ready worker.
+* ``/v2/repository/index`` — the union over ready workers (plus models known by probing).
+* ``/v2/repository/models/{m}/load|unload`` — broadcast to every ready worker, only with
+  the admin token (``Authorization: Bearer <admin.token>``); 403 when no token is set.
+* shared memory (system or CUDA) — 400: regions are host-local and cannot be balanced.
+* trace/logging settings — 400: per-server settings, set them on the workers.
+
+Hostile input: header bounds are checked before anything else (431); every error the
+gateway makes is Triton's ``{"error": ...}`` JSON with an ``X-Request-Id``; anything that
+escapes as a non-gateway exception is a bug, logged once and answered as a JSON 500. Each
+answer carries one ``Date`` header: the worker's when it sent one, else the gateway's (the
+server layer adds none, see ``gateway.server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from email.utils import formatdate
+from typing import Any
+
+from gateway import __version__
+from gateway.app.service import GatewayService
+from gateway.core.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    HeaderFieldsTooLarge,
+    MethodNotAllowed,
+    NoHealthyWorker,
+    NotFound,
+    PayloadTooLarge,
+    Rejected,
+    SharedMemoryUnsupported,
+    Unauthorized,
+    UpstreamError,
+)
+from gateway.core.protocol import Endpoint, Kind, classify, model_target
+from gateway.core.requesthead import read_head
+from gateway.core.tenants import effective_priority, is_admin
+from gateway.core.types import ModelKey
+from gateway.engine.dispatch import Call, Lease
+from gateway.fleet.discovery import Action
+from gateway.fleet.upstream import HOP_BY_HOP, Headers, fetch
+from gateway.http.turnstile import Turnstile
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+EXTENSIONS = ["classification", "sequence", "binary_tensor_data", "parameters", "statistics",
+              "generate"]
+_JSON = (b"content-type", b"application/json")
+_REQUEST_ID = b"x-request-id"
+_BOOT = os.urandom(4).hex()
+_ids = itertools.count(1)
+_MAX_REQUEST_ID = 128
+_DATE = b"date"
+_MAX_TIMEOUT_MS = 10**12  # ~32 years: longer deadlines mean "no deadline"
+log = logging.getLogger("gateway.http.proxy")
+
+
+def _header_deadline_s(raw: bytes | None) -> float | None:
+    """``X-Request-Timeout-Ms`` in seconds; None when absent; 400 unless a positive integer."""
+    if raw is None:
+        return None
+    try:
+        timeout_ms = int(raw)
+    except ValueError:
+        raise BadRequest("X-Request-Timeout-Ms must be an integer") from None
+    if timeout_ms <= 0:
+        raise BadRequest("X-Request-Timeout-Ms must be a positive number of milliseconds")
+    # Bounded: a 400-digit number of milliseconds is no float (and no deadline).
+    return min(timeout_ms, _MAX_TIMEOUT_MS) / 1000.0
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+class ProxyApp:
+    def __init__(self, service: GatewayService, admin_app: ASGIApp) -> None:
+        self.service = service
+        self.admin_app = admin_app
+        self.turnstile = Turnstile()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return
+        limits = self.service.cfg.upstream
+        too_large = header_bounds_error(scope["headers"], limits.max_header_bytes,
+                                        limits.max_headers)
+        if too_large is not None:
+            await _send_error(send, too_large, new_request_id())
+            return
+        endpoint = classify(scope["method"], scope["path"])
+        if endpoint.kind is Kind.GATEWAY:
+            await self.admin_app(scope, receive, _dated(send))
+            return
+        rid = _request_id(scope)
+        try:
+            await self._handle(endpoint, scope, receive, send, rid)
+        except GatewayError as exc:
+            self.service.telemetry.request_failed(
+                endpoint.model or "_none", exc, is_rejection=isinstance(exc, Rejected), rid=rid,
+                tenant=self.service.tenants.identify(scope["headers"])[0])
+            await _send_error(send, exc, rid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug, not the client's doing: one log record, and still Triton's JSON shape.
+            log.exception("internal error answering %s %.200s", scope["method"], scope["path"])
+            await _send_error(send, GatewayError("internal gateway error"), rid)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _handle(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
+                      rid: bytes) -> None:
+        kind = ep.kind
+        svc = self.service
+        if kind in (Kind.INFER, Kind.GENERATE, Kind.GENERATE_STREAM):
+            await self._infer(ep, scope, receive, send, rid)
+        elif kind is Kind.HEALTH_LIVE:
+            await _send_empty(send, 200, rid)
+        elif kind is Kind.HEALTH_READY:
+            ready = svc.fleet.any_ready() and not svc.draining
+            await _send_empty(send, 200 if ready else 400, rid)
+        elif kind is Kind.SERVER_METADATA:
+            await _send_json(send, 200, {"name": "triton-gateway", "version": __version__,
+                                         "extensions": EXTENSIONS}, rid)
+        elif kind is Kind.MODEL_READY:
+            await svc.resolve(ModelKey(ep.model, ep.version), Action.READY)
+            await _send_empty(send, 200, rid)
+        elif kind in (Kind.MODEL_METADATA, Kind.MODEL_CONFIG):
+            suffix = "config" if kind is Kind.MODEL_CONFIG else ""
+            await self._forward_one(ep, scope, send, rid, model_target(ep.model, ep.version,
+                                                                        suffix))
+        elif kind is Kind.MODEL_STATS:
+            await _send_json(send, *await svc.aggregates.stats(ep.model, ep.version), rid)
+        elif kind is Kind.REPOSITORY_INDEX:
+            body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
+            _check_json(body)
+            await _send_json(send, 200, await svc.aggregates.repository_index(body), rid)
+        elif kind is Kind.REPOSITORY_CONTROL:
+            # Checked before the body is read: an unauthorised upload never reaches a worker.
+            _authorise_repository_control(scope, svc.cfg.admin.token.reveal())
+            body = await _read_body(receive, svc.cfg.upstream.max_body_bytes, scope)
+            status, payload = await svc.aggregates.broadcast("POST", scope["path"], body)
+            await _send_raw(send, status, [_JSON], payload, rid)
+        elif kind is Kind.SHARED_MEMORY:
+            raise SharedMemoryUnsupported(
+                "shared memory is host-local and not supported through the gateway; send "
+                "tensors in the request body (binary tensor extension) instead")
+        elif kind is Kind.TRACE_LOGGING:
+            raise BadRequest("trace and logging settings are per server; set them on each "
+                             "worker directly, not through the gateway")
+        elif kind is Kind.METHOD_NOT_ALLOWED:
+            raise MethodNotAllowed("Method Not Allowed")
+        else:
+            raise NotFound("Not Found")
+
+    # inference ----------------------------------------------------------------------------
+    async def _infer(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
+                     rid: bytes) -> None:
+        svc = self.service
+        # The deadline counts from arrival at the gateway: dated back by the loop's recent
+        # lateness (the turns the request's bytes waited before this code could run), and
+        # taken before the turnstile, whose wait is the gateway's too.
+        now = svc.clock()
+        arrived = now - svc.loop_lag.lag_s(now)
+        cfg = svc.cfg
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        tenant, default_priority = svc.tenants.identify(headers)
+        if tenant is None and cfg.admission.require_api_key:
+            raise Unauthorized("missing or unknown API key")
+        fwd: Headers = []
+        priority_h = timeout_h = ihcl = encoding = None
+        for k, v in headers:
+            if k in HOP_BY_HOP or k == _REQUEST_ID:
+                continue
+            if k == b"x-priority":
+                priority_h = v
+                continue
+            if k == b"x-request-timeout-ms":
+                timeout_h = v
+                continue
+            if k == b"inference-header-content-length":
+                ihcl = v
+            elif k == b"content-encoding":
+                encoding = v
+            fwd.append((k, v))
+        fwd.append((_REQUEST_ID, rid))
+        header_deadline_s = _header_deadline_s(timeout_h)
+        priority = effective_priority(default_priority, priority_h)
+        # Health, /metrics and /status never queue behind a storm of inference requests.
+        await self.turnstile.enter()
+        if header_deadline_s is not None:
+            # Herds are cheap to refuse: a request the queue cannot serve in time is refused
+            # from its headers, before its body is read.
+            svc.dispatcher.precheck(priority, arrived + header_deadline_s, svc.clock())
+        key = ModelKey(ep.model, ep.version)
+        if ep.version or not svc.model_known(ep.model):
+            await svc.resolve(key, Action.OTHER)
+        svc.telemetry.arrival(ep.model)
+        body = await _read_body(receive, cfg.upstream.max_body_bytes, scope)
+        model_cfg = cfg.model(ep.model)
+        head = None
+        if ep.kind is Kind.INFER:
+            head = read_head(body, ihcl, encoding, max_bytes=cfg.upstream.max_body_bytes,
+                             need_peek=model_cfg.cost == "batch_size"
+                             or model_cfg.batching.enabled
+                             # fair share: a request's GPU cost goes by its batch size
+                             or svc.dispatcher.is_fair
+                             or svc.dispatcher.limiter.has_any_gpu_quota)
+            if head.shared_memory:
+                raise SharedMemoryUnsupported(
+                    "shared-memory tensors are host-local and not supported through the "
+                    "gateway; send tensor data in the request body instead")
+        deadline_s = cfg.admission.queue.default_deadline_s
+        if header_deadline_s is not None:
+            deadline_s = header_deadline_s
+        elif head is not None and head.timeout_us is not None:
+            deadline_s = head.timeout_us / 1e6
+        batch = head.batch_size if head is not None else 1
+        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        call = Call(
+            method="POST", target=target, headers=fwd, body=body, key=key, priority=priority,
+            tenant=tenant, deadline=arrived + deadline_s,
+            sequence_id=head.sequence_id if head else None,
+            sequence_end=head.sequence_end if head else False,
+            batch_size=batch, cost=batch if model_cfg.cost == "batch_size" else 1,
+            stream=ep.kind is Kind.GENERATE_STREAM, head=head,
+        )
+        if model_cfg.batching.enabled and head is not None and head.sequence_id is None:
+            await self._run_batched(call, scope, receive, send, rid, now)
+            return
+        await self._run_guarded(call, scope, receive, send, rid, now)
+
+    async def _run_guarded(self, call: Call, scope: Scope, receive: Receive, send: Send,
+                           rid: bytes, started: float) -> None:
+        """Dispatch and relay; a client that disconnects cancels the upstream request."""
+        svc = self.service
+        watch = _DisconnectWatch(receive)
+        lease: Lease | None = None
+        try:
+            lease = await svc.dispatcher.dispatch(call)
+            await _relay(lease, send, rid, call.stream)
+            watch.done = True
+            svc.dispatcher.finish(lease)
+            svc.telemetry.request_done(call.key.name, lease.response.status,
+                                       svc.clock() - started, svc.clock() - lease.started,
+                                       rid=rid, tenant=call.tenant, worker=lease.worker.id,
+                                       queue_s=lease.queued_s)
+        except asyncio.CancelledError:
+            if lease is not None:
+                lease.response.close()
+                svc.dispatcher.finish(lease, aborted=True)
+            svc.telemetry.request_aborted(call.key.name, rid=rid, tenant=call.tenant,
+                                          worker=lease.worker.id if lease else None)
+            if watch.done:
+                raise
+            return
+        except UpstreamError as exc:
+            if lease is not None:
+                svc.dispatcher.finish(lease, ok=svc.dispatcher.judge_failure(call, exc))
+            raise
+        finally:
+            watch.close()
+
+    async def _run_batched(self, call: Call, scope: Scope, receive: Receive, send: Send,
+                           rid: bytes, started: float) -> None:
+        """The batched path; falls back to a plain forward of the same call (its priority,
+        tenant and deadline intact) when it cannot join a batch. A client that disconnects
+        withdraws its request from the batch."""
+        svc = self.service
+        watch = _DisconnectWatch(receive)
+        try:
+            reply = await svc.batching.submit(call)
+            if reply is None:
+                watch.close()
+                await self._run_guarded(call, scope, receive, send, rid, started)
+                return
+            watch.done = True
+            out = [(k, v) for k, v in reply.headers if k not in HOP_BY_HOP]
+            out.append((_REQUEST_ID, rid))
+            await _send_raw(send, reply.status, out, reply.body, rid=None)
+            svc.telemetry.request_done(call.key.name, reply.status, svc.clock() - started, 0.0,
+                                       rid=rid, tenant=call.tenant)
+        except asyncio.CancelledError:
+            if watch.done:
+                raise
+            svc.telemetry.request_aborted(call.key.name, rid=rid, tenant=call.tenant)
+        finally:
+            watch.close()
+
+    async def _forward_one(self, ep: Endpoint, scope: Scope, send: Send, rid: bytes,
+                           target: str) -> None:
+        svc = self.service
+        key = ModelKey(ep.model, ep.version)
+        await svc.resolve(key, Action.OTHER)
+        worker = svc.any_worker_with(key)
+        if worker is None:
+            raise NoHealthyWorker(f"no ready worker has model '{ep.model}'", retry_after_s=1.0)
+        query = scope.get("query_string") or b""
+        if query:
+            target += "?" + query.decode("latin-1")
+        status, body = await fetch(worker.pool, "GET", target,
+                                   timeout_s=svc.cfg.upstream.read_timeout_s)
+        await _send_raw(send, status, [_JSON], body, rid)
+
+
+class _DisconnectWatch:
+    """Cancels the current task when the client disconnects before ``done``.
+
+    Watching needs a task blocked in ``receive()``; most requests finish long before a
+    client could give up, so the task is only created once the request has taken
+    ``ARM_AFTER_S`` — a timer costs far less than a task on the hot path."""
+
+    ARM_AFTER_S = 0.02
+    __slots__ = ("_receive", "_task", "_timer", "_watcher", "done")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[None] | None = None
+        self.done = False
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            self.ARM_AFTER_S, self._arm)
+
+    def _arm(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.done and self._task is not None:
+            self._task.cancel()
+
+    def close(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+
+async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
+    resp = lease.response
+    out = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != _REQUEST_ID]
+    out.append((_REQUEST_ID, rid))
+    if resp.header(_DATE) is None:
+        out.append((_DATE, http_date()))
+    if resp.status == 503 and resp.header(b"retry-after") is None:
+        # A worker's own "unavailable" (its queue is full): tell the client when to retry,
+        # like every rejection the gateway makes itself.
+        out.append((b"retry-after", b"1"))
+    if not stream:
+        body = await resp.read()
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.start", "status": resp.status, "headers": out})
+    async for chunk in resp.stream():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _request_id(scope: Scope) -> bytes:
+    for k, v in scope["headers"]:
+        if k == _REQUEST_ID:
+            if 0 < len(v) <= _MAX_REQUEST_ID and all(32 <= c < 127 for c in v):
+                return bytes(v)
+            break
+    return new_request_id()
+
+
+def new_request_id() -> bytes:
+    return f"{_BOOT}-{next(_ids):x}".encode()
+
+
+def header_bounds_error(headers: list[tuple[bytes, bytes]], max_bytes: int,
+                        max_count: int) -> HeaderFieldsTooLarge | None:
+    """431 when the request has more than ``max_count`` header fields or more than
+    ``max_bytes`` of names and values together; None when it is within bounds."""
+    if len(headers) > max_count:
+        return HeaderFieldsTooLarge(
+            f"request has {len(headers)} header fields; at most {max_count} are accepted")
+    size = 0
+    for k, v in headers:
+        size += len(k) + len(v)
+    if size > max_bytes:
+        return HeaderFieldsTooLarge(
+            f"request headers are {size} bytes; at most {max_bytes} are accepted")
+    return None
+
+
+_date_second = 0
+_date_value = b""
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value for now, formatted once per second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_value = now, formatdate(now, usegmt=True).encode()
+    return _date_value
+
+
+def _dated(send: Send) -> Send:
+    """``send`` that adds a ``Date`` header to the response start (the gateway's own pages)."""
+    async def dated(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (_DATE, http_date())]
+        await send(message)
+    return dated
+
+
+def _authorise_repository_control(scope: Scope, token: str) -> None:
+    """Repository load/unload changes every worker: the admin token or nothing."""
+    if not token:
+        raise Forbidden("repository control is disabled: set admin.token in the configuration "
+                        "and send it as 'Authorization: Bearer <admin.token>'")
+    if not is_admin(scope["headers"], token):
+        raise Unauthorized("repository control needs the admin token "
+                           "('Authorization: Bearer <admin.token>'); an API key is not enough")
+
+
+def _check_json(body: bytes) -> None:
+    """An optional JSON body the gateway reads itself: malformed or too deep is a 400."""
+    if body.strip():
+        try:
+            json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest("failed to parse the request JSON buffer") from None
+
+
+async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            try:
+                if int(v) > max_bytes:
+                    raise PayloadTooLarge(
+                        f"request body of {int(v)} bytes exceeds the limit of {max_bytes}")
+            except ValueError:
+                raise BadRequest("invalid Content-Length") from None
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send_raw(send: Send, status: int, headers: Headers, body: bytes,
+                    rid: bytes | None) -> None:
+    out = [*headers, (b"content-length", str(len(body)).encode())]
+    if not any(k == _DATE for k, _ in headers):
+        out.append((_DATE, http_date()))
+    if rid is not None:
+        out.append((_REQUEST_ID, rid))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_empty(send: Send, status: int, rid: bytes) -> None:
+    await _send_raw(send, status, [], b"", rid)
+
+
+async def _send_json(send: Send, status: int, payload: object, rid: bytes) -> None:
+    await _send_raw(send, status, [_JSON], json.dumps(payload).encode(), rid)
+
+
+async def _send_error(send: Send, exc: GatewayError, rid: bytes) -> None:
+    with contextlib.suppress(RuntimeError, OSError):
+        await _send_raw(send, exc.status, exc.headers(), exc.body(), rid)
