@@ -1,6 +1,7 @@
 """Thundering herd: N requests released at once at a small simulated fleet behind the gateway.
 
     python -m loadtest.herd [--requests 5000] [--connections 1000] [--quick]
+    python -m loadtest.herd --minimal [--processes 3]
 
 Every part is a real process on loopback: the simulator (``python -m gateway sim``, 4 workers,
 20 ms per request, room for 64 at once — the gateway's 4 slots per worker are the limit that
@@ -457,13 +458,16 @@ def run_floor(requests: int, workdir: Path) -> HerdFigures:
                     rss=(0.0, 0.0), reasons={})
 
 
-def run_minimal(requests: int, workdir: Path) -> tuple[HerdFigures, dict[str, Any]]:
-    """The README's minimal config in front of 3 workers × 4 instances × 50 ms."""
+def run_minimal(requests: int, workdir: Path, processes: int = 1
+                ) -> tuple[HerdFigures, dict[str, Any]]:
+    """The README's minimal config in front of 3 workers × 4 instances × 50 ms; with
+    ``processes`` > 1, ``gateway serve --processes N`` (replicas sharing the fleet)."""
     with SimProcess(MINIMAL_WORKERS, slots=MINIMAL_INSTANCES,
                     base_ms=MINIMAL_SERVICE_MS) as sim:
         cfg = {"workers": [{"url": u, "metrics_url": u + "/metrics"} for u in sim.urls],
                "log_level": "warning"}
-        gw = GatewayProcess(cfg, workdir)
+        args = ["--processes", str(processes)] if processes > 1 else []
+        gw = GatewayProcess(cfg, workdir, args=args)
         gw.start()
         try:
             gw.wait_for(lambda: gw.status()["fleet"]["workers_ready"] == MINIMAL_WORKERS,
@@ -471,6 +475,9 @@ def run_minimal(requests: int, workdir: Path) -> tuple[HerdFigures, dict[str, An
             gw.wait_for(lambda: all(w["slots"] == 2 * MINIMAL_INSTANCES
                                     for w in gw.status()["workers"]),
                         what="slots learned from the model config")
+            if processes > 1:
+                gw.wait_for(lambda: (gw.status()["cluster"] or {}).get("members") == processes,
+                            what="every process in the membership")
             answers, duration, probe, rss, reasons = storm(gw, requests, requests,
                                                            MINIMAL_DEADLINE_MS)
             time.sleep(1.0)
@@ -482,7 +489,8 @@ def run_minimal(requests: int, workdir: Path) -> tuple[HerdFigures, dict[str, An
         finally:
             gw.stop()
         stats = sim.stats()
-    fig = _figures("minimal config", answers, duration, requests=requests,
+    scenario = "minimal config" + (f", --processes {processes}" if processes > 1 else "")
+    fig = _figures(scenario, answers, duration, requests=requests,
                    connections=requests, deadline_ms=MINIMAL_DEADLINE_MS,
                    slot_limit=2 * MINIMAL_INSTANCES, stats=stats, probe=probe, rss=rss,
                    reasons=reasons)
@@ -523,13 +531,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the README's minimal config: 3 workers × 4 instances × 50 ms, "
                              "3,000 requests at once with a 1 s deadline, and the client's "
                              "floor against nginx")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="with --minimal: also through `gateway serve --processes N` "
+                             "(replicas sharing the fleet), beside one process")
     parser.add_argument("--probe", nargs=2, metavar=("URL", "STOP_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(probe_loop(*args.probe)), flush=True)
         return 0
     if args.minimal:
-        return main_minimal(3000 if args.requests == 5000 else args.requests)
+        return main_minimal(3000 if args.requests == 5000 else args.requests,
+                            args.processes)
     requests = 1000 if args.quick else args.requests
     rows = []
     no_limits = {"queue": {"max_length": requests + 1, "max_wait_s": 60.0,
@@ -552,11 +564,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main_minimal(requests: int) -> int:
+def main_minimal(requests: int, processes: int = 1) -> int:
     with tempfile.TemporaryDirectory(prefix="herd-") as tmp:
         floor = run_floor(requests, Path(tmp))
         fig, calm = run_minimal(requests, Path(tmp))
-    print(table([floor, fig]))
+        shared: list[HerdFigures] = []
+        if processes > 1:
+            shared_fig, shared_calm = run_minimal(requests, Path(tmp), processes)
+            shared.append(shared_fig)
+    print(table([floor, fig, *shared]))
+    for row in shared:
+        print(f"{row.scenario}: answered 200 {row.by_status.get('200', 0)} vs "
+              f"{fig.by_status.get('200', 0)} through one; rejections p99 "
+              f"{_fmt(row.rejected_p99_ms)} ms vs {_fmt(fig.rejected_p99_ms)} ms; max in flight "
+              f"per worker {row.max_in_flight_per_worker} (limit {row.slot_limit}); calm "
+              f"{shared_calm['calm_200']}/{shared_calm['calm_requests']}")
     statuses = set(fig.by_status)
     print(f"rejections: p50 {_fmt(fig.rejected_p50_ms)} ms, p99 {_fmt(fig.rejected_p99_ms)} ms; "
           f"by reason {fig.rejections_by_reason}")
@@ -571,7 +593,8 @@ def main_minimal(requests: int) -> int:
         "command": "python -m loadtest.herd --minimal",
         "fleet": {"workers": MINIMAL_WORKERS, "instances_per_worker": MINIMAL_INSTANCES,
                   "service_ms": MINIMAL_SERVICE_MS, "deadline_ms": MINIMAL_DEADLINE_MS},
-        "rows": [asdict(floor), asdict(fig)], "after": calm}, indent=2) + "\n")
+        "rows": [asdict(floor), asdict(fig), *(asdict(r) for r in shared)],
+        "after": calm}, indent=2) + "\n")
     print(f"wrote {MINIMAL_RESULTS.relative_to(REPO)}")
     return 0
 

@@ -21,7 +21,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from gateway.core import routing
 from gateway.core.batching import BatchRecord
@@ -45,6 +46,9 @@ from gateway.fleet.monitor import Fleet, run_until_stopped
 from gateway.fleet.upstream import Pool
 from gateway.fleet.workers import Worker
 from gateway.ops.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from gateway.ops.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -105,6 +109,7 @@ class GatewayService:
         self.loop_lag = LoopLag(clock=clock)
         self.dispatcher.loop_lag = self.loop_lag.lag_s
         self.telemetry = Telemetry(self)
+        self.tracing = self._make_tracing()
         self.dispatcher.on_queue_wait = self.telemetry.observe_queue_wait
         self.batching = BatchingGateway(lambda: self.cfg, self.dispatcher,
                                         any_worker_with=self.any_worker_with,
@@ -115,6 +120,7 @@ class GatewayService:
         self.table_sync.coordinator = self.coordinator
         if self.coordinator is not None:
             coordinator = self.coordinator
+            self.dispatcher.coordinated = True
             self.dispatcher.share = lambda: (coordinator.allocation.share()
                                              if coordinator.allocation is not None else 1.0)
             self.dispatcher.peers_in_flight = coordinator.peers_in_flight
@@ -129,6 +135,8 @@ class GatewayService:
         """Swap in a validated configuration. Workers are added, drained or updated; limits,
         breakers' settings, routing weights take effect for new requests."""
         old_store = self.redis_store
+        if cfg.tracing != self.cfg.tracing:
+            log.warning("tracing changes take effect at the next restart")
         if cfg.admission.redis.url.reveal() != self.cfg.admission.redis.url.reveal() or \
                 cfg.cluster != self.cfg.cluster:
             log.warning("admission.redis.url and cluster changes take effect for replica "
@@ -175,6 +183,19 @@ class GatewayService:
                            weights=self._tenant_weights, on_change=self._shares_changed,
                            heartbeat_s=cluster.heartbeat_s, lease_s=cluster.lease_s,
                            clock=self.clock)
+
+    def _make_tracing(self) -> Tracing | None:
+        """OpenTelemetry is imported only when tracing is on (``tracing.otlp_endpoint``)."""
+        if not self.cfg.tracing.otlp_endpoint:
+            return None
+        from gateway.ops.tracing import Tracing
+
+        return Tracing(self.cfg.tracing, candidates=self._candidates)
+
+    def _candidates(self, key: ModelKey) -> Sequence[str]:
+        """The ready workers serving ``key`` (what a routing span names)."""
+        return [w.id for w in self.fleet.routable()
+                if w.snapshot(key, 0.0, 0.0).has_model(key)]
 
     def _tenant_weights(self) -> dict[str, float]:
         weights = {name: t.weight for name, t in self.cfg.admission.tenants.items()}
@@ -337,6 +358,8 @@ class GatewayService:
             await coordinator.close(owns_exchange=coordinator.via == "processes")
         await self.batching.aclose()
         await self.models.aclose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the last spans out (bounded)
         await self.fleet.aclose()
         store = self.redis_store
         if store is not None:

@@ -22,6 +22,11 @@ The rules, as Doorman's leases (youtube/doorman) but computed by every replica a
   slot shares are GPU-second shares: tenant ``a`` entering only through one replica and
   ``b`` only through another still get their weights' shares. What demand leaves over is
   spread evenly, so an idle replica can start at once.
+* **Raise only into what others gave up** (:func:`grant`): each report also says what its
+  replica holds (its units, or its in-flight requests where more); a replica takes its new
+  share at once where it is lower, and where it is higher only as far as the others' holdings
+  leave room. Demand that moves (a herd at one replica) moves the shares over a heartbeat or
+  two without two replicas' shares ever overlapping on a worker.
 * **Whole units, spread over the workers.** The real-valued shares become integers by the
   largest remainder (every replica with demand gets at least one unit while there are
   units enough), and each replica's units are dealt across the workers in turn, so each
@@ -55,6 +60,8 @@ class Report:
     limits: Mapping[WorkerModel, int] = field(default_factory=dict)
     in_flight: Mapping[WorkerModel, int] = field(default_factory=dict)
     counters: Mapping[str, float] = field(default_factory=dict)
+    # what this replica holds now: its units, or its in-flight requests where more
+    held: Mapping[WorkerModel, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -63,6 +70,7 @@ class Report:
             "limits": _nest(self.limits),
             "in_flight": _nest(self.in_flight),
             "counters": dict(self.counters),
+            "held": _nest(self.held),
         }
 
     @classmethod
@@ -79,7 +87,7 @@ class Report:
                         list(_mapping(data.get("counters")).items())[:MAX_KEYS]}
             return cls(member=data["member"], demand=demand,
                        limits=_flat(data.get("limits")), in_flight=_flat(data.get("in_flight")),
-                       counters=counters)
+                       counters=counters, held=_flat(data.get("held")))
         except (TypeError, ValueError):
             return None
 
@@ -261,6 +269,34 @@ def allocate(reports: Sequence[Report], me: str, weights: Mapping[str, float]) -
         for worker in units:
             mine.setdefault((worker, model), 0)
     return Allocation(units=mine, members=tuple(members), fleet=limits)
+
+
+def holding(units: Mapping[WorkerModel, int] | None,
+            in_flight: Mapping[WorkerModel, int]) -> dict[WorkerModel, int]:
+    """What a replica holds of each (worker, model): its units, or what it has in flight
+    there where that is more (a share just lowered still has its requests to finish); with
+    no units yet, its in-flight requests."""
+    out = dict(in_flight)
+    for key, n in (units or {}).items():
+        out[key] = max(n, out.get(key, 0))
+    return out
+
+
+def grant(target: Allocation, reports: Sequence[Report], me: str) -> Allocation:
+    """The units this replica may take now: its target (:func:`allocate`), but never more
+    than the others leave free by what they last said they hold. A replica lowers its
+    share at once and raises it only into units the others have given up, so a shift of
+    demand (a herd arriving at one replica) never puts two replicas' old and new shares on
+    a worker together: the sum stays within the fleet's limit while shares move."""
+    others: dict[WorkerModel, int] = {}
+    for r in reports:
+        if r.member == me:
+            continue
+        for key, n in r.held.items():
+            others[key] = others.get(key, 0) + n
+    units = {key: max(0, min(n, target.fleet.get(key, n) - others.get(key, 0)))
+             for key, n in target.units.items()}
+    return Allocation(units=units, members=target.members, fleet=target.fleet)
 
 
 def _summed(demand: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -95,6 +96,9 @@ class Coordinator:
     async def tick(self) -> None:
         """One heartbeat: publish, read back, recompute this replica's units."""
         report = self._report()
+        own = self.allocation.units if self.allocation is not None else None
+        report = dataclasses.replace(report, member=self.member,
+                                     held=shares.holding(own, report.in_flight))
         payload = json.dumps(report.to_json(), separators=(",", ":")).encode()
         try:
             raw = await self._exchange.exchange(self.member, payload, self._lease_s,
@@ -122,7 +126,8 @@ class Coordinator:
         self._members_seen = len(reports)
         self.peers = [r for r in reports if r.member != self.member]
         self._others = shares.peers_in_flight(self.peers, self.member)
-        self.allocation = shares.allocate(reports, self.member, self._weights())
+        target = shares.allocate(reports, self.member, self._weights())
+        self.allocation = shares.grant(target, reports, self.member)
         self._on_change()
 
     @staticmethod

@@ -53,6 +53,7 @@ from gateway.core.fairshare import CostModel, FairShare, WorkerTimeline, tenant_
 from gateway.core.requesthead import RequestHead, with_parameters
 from gateway.core.retrybudget import RetryBudget, RetryVerdict, decide_retry
 from gateway.core.signals import RawMetrics
+from gateway.core.spans import RequestTrace
 from gateway.core.sticky import StickyTable
 from gateway.core.types import ModelKey, NoRoute, Priority, Route, WorkerId
 from gateway.core.waitqueue import Ticket, WaitQueue
@@ -97,6 +98,7 @@ class Call:
     cost_s: float = 0.0                 # estimated GPU-seconds (gateway.core.fairshare)
     # a merged batch: its members' tenants and their rows, who pay for its GPU time
     shares: tuple[tuple[str | None, int], ...] = ()
+    trace: RequestTrace | None = None   # tracing on: the request's spans (core.spans)
 
 
 @dataclass(slots=True)
@@ -163,6 +165,7 @@ class Dispatcher:
         self._sent_by: collections.Counter[tuple[str, str | None]] = collections.Counter()
         # Replicas as one (set by the service when coordinating): this replica's part of the
         # fleet's units, and the others' in-flight requests per (worker, model).
+        self.coordinated = False
         self.share: Callable[[], float] = lambda: 1.0
         self.peers_in_flight: Callable[[], dict[tuple[str, str], int]] = lambda: NO_PEERS
         self.in_flight_total = 0
@@ -215,10 +218,14 @@ class Dispatcher:
             queued_s += started - asked
             try:
                 headers, body = self._with_remaining_time(call, worker)
+                if call.trace is not None:
+                    headers = call.trace.attempt(worker.id, attempts, headers)
                 resp = await worker.pool.request(call.method, call.target, headers, body,
                                                  stream=call.stream,
                                                  read_timeout_s=self._read_timeout(call))
             except UpstreamFailure as exc:
+                if call.trace is not None:
+                    call.trace.attempt_failed(None, str(exc))
                 ok = self.judge_failure(call, exc)
                 self._end(worker, call.key.name, started, ok=ok)
                 if ok is False and self.may_retry(exc.stage, None, attempts, tried, worker):
@@ -229,6 +236,8 @@ class Dispatcher:
                 self._end(worker, call.key.name, started, ok=None)
                 raise
             if resp.status == 503 and self.may_retry("response", 503, attempts, tried, worker):
+                if call.trace is not None:
+                    call.trace.attempt_failed(503, "the worker answered 503; retried")
                 resp.close()
                 self._end(worker, call.key.name, started, ok=False)
                 continue
@@ -248,6 +257,8 @@ class Dispatcher:
     # for transports that send themselves (gRPC): admission + routing + slot, no HTTP send
     async def admit(self, call: Call) -> None:
         """Rate limits for ``call`` (raises a Rejected on refusal)."""
+        if call.trace is not None:
+            call.trace.admitting()
         if call.cost > 0:  # 0: a merged batch whose members were charged one by one
             gpu_s = 0.0
             if self.limiter.has_gpu_quota(call.tenant):
@@ -259,12 +270,19 @@ class Dispatcher:
     async def acquire(self, call: Call, tried: set[WorkerId]) -> Worker:
         """Route ``call`` (waiting in the queue when every worker is busy) and take a slot on
         the chosen worker; pair with :meth:`release`."""
+        if call.trace is not None:
+            call.trace.acquiring()
         worker = await self._acquire(call, tried)
         self.upstream_attempts += 1
         worker.begin(call.key.name)
         self.in_flight_total += 1
-        if len(self._sent_by) < MAX_DEMAND_KEYS or (call.key.name, call.tenant) in self._sent_by:
-            self._sent_by[call.key.name, call.tenant] += 1
+        if self.coordinated:
+            sent, key = self._sent_by, (call.key.name, call.tenant)
+            n = sent.get(key)
+            if n is not None:
+                sent[key] = n + 1
+            elif len(sent) < MAX_DEMAND_KEYS:
+                sent[key] = 1
         if self.is_fair:  # the just-in-time hold is fair order's; FIFO skips its bookkeeping
             self.timeline.sent(worker.id, self.clock(),
                                self.costs.cost(worker.id, call.key.name, call.batch_size))
@@ -380,9 +398,10 @@ class Dispatcher:
         served_s = latency - self.loop_lag(now) if ok else 0.0
         if ok and worker.model_capacity:
             # in flight on the worker: this replica's, and the others' as they last said
-            others = self.peers_in_flight().get((worker.id, model), 0)
-            self.model_limits.on_sample(worker.id, model, now, max(1e-6, served_s),
-                                        worker.in_flight_by_model.get(model, 0) + 1 + others)
+            in_flight = worker.in_flight_by_model.get(model, 0) + 1
+            if self.coordinated:
+                in_flight += self.peers_in_flight().get((worker.id, model), 0)
+            self.model_limits.on_sample(worker.id, model, now, max(1e-6, served_s), in_flight)
         if ok is None:
             self.breakers.cancel(worker.id, now)
         else:
@@ -608,6 +627,8 @@ class Dispatcher:
                             retry_after_s=1.0)
                     self._start_fair(call, ticket)
                     served = True
+                    if call.trace is not None:
+                        call.trace.routed(worker.id, decision.reason, decision.score)
                     return worker
                 if not decision.saturated:
                     if tried:

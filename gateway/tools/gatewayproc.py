@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class GatewayProcess:
     """``python -m gateway serve`` with a YAML written from ``config`` into ``workdir``."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, *,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
         self.config = dict(config)
         self.port = int(self.config.setdefault("listen", {}).get("port") or 0) or free_port()
         self.config["listen"] = {"host": "127.0.0.1", "port": self.port}
@@ -30,6 +30,7 @@ class GatewayProcess:
         self.config_path = workdir / f"gateway-{self.port}.yaml"
         self.log_path = workdir / f"gateway-{self.port}.log"
         self.env = env or {}
+        self.args = list(args)  # more `serve` arguments, e.g. ["--processes", "3"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +51,8 @@ class GatewayProcess:
         self.write_config()
         self.log_path.write_bytes(b"")
         self.proc = procs.start(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
+             *self.args],
             log_path=self.log_path, env=self.env)
         path = "/v2/health/ready" if wait_ready else "/v2/health/live"
         try:
