@@ -22,11 +22,13 @@ The rules, as Doorman's leases (youtube/doorman) but computed by every replica a
   slot shares are GPU-second shares: tenant ``a`` entering only through one replica and
   ``b`` only through another still get their weights' shares. What demand leaves over is
   spread evenly, so an idle replica can start at once.
-* **Raise only into what others gave up** (:func:`grant`): each report also says what its
-  replica holds (its units, or its in-flight requests where more); a replica takes its new
-  share at once where it is lower, and where it is higher only as far as the others' holdings
-  leave room. Demand that moves (a herd at one replica) moves the shares over a heartbeat or
-  two without two replicas' shares ever overlapping on a worker.
+* **Granted atomically, raised only into what others gave up** (:func:`grant_units`): each
+  heartbeat a replica asks for its target (from the last heartbeat's reports); the store
+  that keeps the reports (one Lua script in Redis, the hub's one thread) grants it, one
+  replica at a time, no more than the limit less what the others hold, and records what it
+  then holds (its units, or its in-flight requests where more). A share falls at once and
+  rises only into units the others gave up, so demand that moves (a herd at one replica)
+  moves the shares over a heartbeat or two without two replicas ever holding the same units.
 * **Whole units, spread over the workers.** The real-valued shares become integers by the
   largest remainder (every replica with demand gets at least one unit while there are
   units enough), and each replica's units are dealt across the workers in turn, so each
@@ -46,6 +48,7 @@ from typing import Final
 MAX_MEMBERS: Final = 256
 MAX_KEYS: Final = 4096
 MAX_TENANTS: Final = 256
+MAX_UNITS: Final = 4096  # per (worker, model): more than any worker runs at once
 ANONYMOUS: Final = ""    # the tenant of requests without an API key
 
 WorkerModel = tuple[str, str]  # (worker id, model name; "" for a worker's whole budget)
@@ -117,7 +120,7 @@ def _flat(value: object) -> dict[WorkerModel, int]:
         for model, n in _mapping(models).items():
             if len(out) >= MAX_KEYS:
                 return out
-            out[str(worker), str(model)] = max(0, int(_number(n)))
+            out[str(worker), str(model)] = min(MAX_UNITS, max(0, int(_number(n))))
     return out
 
 
@@ -140,14 +143,16 @@ def water_fill(total: float, claims: Mapping[str, float],
                weights: Mapping[str, float]) -> dict[str, float]:
     """Weighted max-min fair division of ``total`` among ``claims``: nobody gets more than
     it claims; what the satisfied leave is divided among the others by weight."""
+    # Sorted, never a set's order: every replica (each its own hash seed) must add the same
+    # floats in the same order and so compute the same table.
     out = {k: 0.0 for k in claims}
-    active = {k for k, c in claims.items() if c > 0}
+    active = sorted(k for k, c in claims.items() if c > 0)
     left = total
     while active and left > 1e-12:
         weight_sum = sum(max(weights.get(k, 1.0), 1e-9) for k in active)
         per_weight = left / weight_sum
-        satisfied = {k for k in active
-                     if claims[k] - out[k] <= per_weight * max(weights.get(k, 1.0), 1e-9)}
+        satisfied = [k for k in active
+                     if claims[k] - out[k] <= per_weight * max(weights.get(k, 1.0), 1e-9)]
         if not satisfied:
             for k in active:
                 out[k] += per_weight * max(weights.get(k, 1.0), 1e-9)
@@ -155,7 +160,7 @@ def water_fill(total: float, claims: Mapping[str, float],
         for k in satisfied:
             left -= claims[k] - out[k]
             out[k] = claims[k]
-        active -= satisfied
+        active = [k for k in active if k not in satisfied]
     return out
 
 
@@ -166,12 +171,12 @@ def quotas(total: float, demand: Mapping[str, Mapping[str, float]],
     tenant's part split among members by its demand there; the rest evenly."""
     by_tenant: dict[str, float] = {}
     for m in members:
-        for tenant, d in demand.get(m, {}).items():
+        for tenant, d in sorted(demand.get(m, {}).items()):
             by_tenant[tenant] = by_tenant.get(tenant, 0.0) + d
     tenant_part = water_fill(total, by_tenant, weights)
     out = {m: 0.0 for m in members}
     for m in members:
-        for tenant, d in demand.get(m, {}).items():
+        for tenant, d in sorted(demand.get(m, {}).items()):
             if by_tenant[tenant] > 0:
                 out[m] += tenant_part[tenant] * d / by_tenant[tenant]
     spare = max(0.0, total - sum(out.values()))
@@ -186,6 +191,8 @@ def apportion(total: int, shares: Mapping[str, float], wanting: Iterable[str] = 
     demand) while units last, the rest by the largest remainder (ties by member id, so every
     replica computes the same)."""
     out = {m: 0 for m in shares}
+    if not shares:
+        return out
     left = total
     for m in sorted(set(wanting) & set(shares), key=lambda k: (-shares[k], k)):
         if left <= 0:
@@ -245,10 +252,13 @@ class Allocation:
 def allocate(reports: Sequence[Report], me: str, weights: Mapping[str, float]) -> Allocation:
     """This replica's units per (worker, model), from every live replica's report (the
     module doc). ``me`` must be among the reports."""
-    live = sorted({r.member: r for r in reports}.values(), key=lambda r: r.member)[:MAX_MEMBERS]
-    members = [r.member for r in live]
-    if me not in members:
+    by_member = {r.member: r for r in reports}
+    if me not in by_member:
         raise ValueError(f"{me!r} is not among the reports")
+    live = sorted(by_member.values(), key=lambda r: r.member)[:MAX_MEMBERS]
+    if me not in {r.member for r in live}:  # bounded, but never without this replica
+        live = sorted([*live[:-1], by_member[me]], key=lambda r: r.member)
+    members = [r.member for r in live]
     limits = fleet_limits(live)
     by_model: dict[str, dict[str, int]] = {}
     for (worker, model), n in limits.items():
@@ -271,32 +281,88 @@ def allocate(reports: Sequence[Report], me: str, weights: Mapping[str, float]) -
     return Allocation(units=mine, members=tuple(members), fleet=limits)
 
 
-def holding(units: Mapping[WorkerModel, int] | None,
-            in_flight: Mapping[WorkerModel, int]) -> dict[WorkerModel, int]:
-    """What a replica holds of each (worker, model): its units, or what it has in flight
-    there where that is more (a share just lowered still has its requests to finish); with
-    no units yet, its in-flight requests."""
-    out = dict(in_flight)
-    for key, n in (units or {}).items():
-        out[key] = max(n, out.get(key, 0))
+Want = tuple[int, int, int]  # (target units, the fleet's limit, in flight now)
+
+
+def wants(target: Allocation | None, own_limits: Mapping[WorkerModel, int],
+          in_flight: Mapping[WorkerModel, int]) -> dict[WorkerModel, Want]:
+    """What this replica asks the exchange for, per (worker, model): its target from the
+    last heartbeat's reports; for a (worker, model) the target does not know yet, its own
+    limit over the replicas it knows (all of it before it ever had a target)."""
+    members = max(1, len(target.members)) if target is not None else 1
+    out: dict[WorkerModel, Want] = {}
+    for key, limit in own_limits.items():
+        if target is not None and key in target.units:
+            out[key] = (target.units[key], target.fleet.get(key, limit), in_flight.get(key, 0))
+        else:
+            out[key] = (limit // members, limit, in_flight.get(key, 0))
     return out
 
 
-def grant(target: Allocation, reports: Sequence[Report], me: str) -> Allocation:
-    """The units this replica may take now: its target (:func:`allocate`), but never more
-    than the others leave free by what they last said they hold. A replica lowers its
-    share at once and raises it only into units the others have given up, so a shift of
-    demand (a herd arriving at one replica) never puts two replicas' old and new shares on
-    a worker together: the sum stays within the fleet's limit while shares move."""
-    others: dict[WorkerModel, int] = {}
+def grant_units(want: Mapping[WorkerModel, Want], others_held: Mapping[WorkerModel, int]
+                ) -> tuple[dict[WorkerModel, int], dict[WorkerModel, int]]:
+    """The exchange's grant, made atomically where every report is kept (one Lua script in
+    Redis, the hub's one thread): per (worker, model) the units this replica may use — its
+    target, but never more than the others leave free of the limit by what they hold — and
+    what it then holds: those units, or its in-flight requests where more (a share just
+    lowered still has requests to finish). Since grants are made one replica at a time
+    against the others' recorded holdings, two replicas never raise into the same units:
+    while demand moves (a herd at one replica) the sum stays within each limit."""
+    granted: dict[WorkerModel, int] = {}
+    held: dict[WorkerModel, int] = {}
+    for key, (target, limit, flying) in want.items():
+        n = max(0, min(target, limit - others_held.get(key, 0)))
+        granted[key] = n
+        held[key] = max(n, flying)
+    return granted, held
+
+
+def held_by_others(reports: Iterable[Report], me: str) -> dict[WorkerModel, int]:
+    out: dict[WorkerModel, int] = {}
     for r in reports:
         if r.member == me:
             continue
         for key, n in r.held.items():
-            others[key] = others.get(key, 0) + n
-    units = {key: max(0, min(n, target.fleet.get(key, n) - others.get(key, 0)))
-             for key, n in target.units.items()}
-    return Allocation(units=units, members=target.members, fleet=target.fleet)
+            out[key] = out.get(key, 0) + n
+    return out
+
+
+def want_json(want: Mapping[WorkerModel, Want]) -> dict[str, dict[str, list[int]]]:
+    out: dict[str, dict[str, list[int]]] = {}
+    for (worker, model), (target, limit, flying) in want.items():
+        out.setdefault(worker, {})[model] = [int(target), int(limit), int(flying)]
+    return out
+
+
+def want_json_units(units: Mapping[WorkerModel, int]) -> dict[str, dict[str, int]]:
+    """Units per (worker, model) as JSON: {worker: {model: n}}."""
+    return _nest(units)
+
+
+def units_from_json(data: object) -> dict[WorkerModel, int]:
+    """Units read back from JSON (bounded; damaged entries left out)."""
+    try:
+        return _flat(data)
+    except (TypeError, ValueError):
+        return {}
+
+
+def want_from_json(data: object) -> dict[WorkerModel, Want]:
+    """A want read back by the hub; damaged entries are left out."""
+    out: dict[WorkerModel, Want] = {}
+    for worker, models in _mapping(data).items():
+        for model, triple in _mapping(models).items():
+            if len(out) >= MAX_KEYS:
+                return out
+            if not isinstance(triple, list) or len(triple) != 3:
+                continue
+            try:
+                target, limit, flying = (min(MAX_UNITS, max(0, int(_number(v))))
+                                         for v in triple)
+            except (TypeError, ValueError):
+                continue
+            out[str(worker), str(model)] = (target, limit, flying)
+    return out
 
 
 def _summed(demand: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -308,11 +374,12 @@ def _summed(demand: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
 
 
 def fallback(last: Allocation | None, own_limits: Mapping[WorkerModel, int],
-             members_seen: int) -> Allocation:
+             members_seen: int, *, expired: bool = False) -> Allocation:
     """The safe local share when the reports cannot be read (Redis lost): the last known
-    row where there is one (limits learned since keep their share of it), else 1/N of this
-    replica's own limits, N the most replicas seen (at least one unit each)."""
-    if last is not None:
+    row while this replica's own lease lasts (the others still count its holding), else —
+    its lease run out, so the others may have taken its units — 1/N of its own limits, N the
+    replicas last seen (at least one unit each)."""
+    if last is not None and not expired:
         return last
     n = max(1, members_seen)
     units = {key: max(1, limit // n) if limit > 0 else 0 for key, limit in own_limits.items()}

@@ -37,8 +37,10 @@ log = logging.getLogger("gateway.engine.coordinator")
 
 
 class Exchange(Protocol):
-    async def exchange(self, member: str, payload: bytes, lease_s: float, *,
-                       timeout_s: float) -> list[bytes]: ...
+    async def exchange(self, member: str, payload: bytes, want: bytes, lease_s: float, *,
+                       timeout_s: float) -> tuple[bytes, list[bytes]]:
+        """Publish ``payload`` (this replica's report) for ``lease_s``, be granted ``want``
+        (gateway.core.shares.grant_units, atomically in the store): (granted, reports)."""
 
     async def leave(self, member: str, *, timeout_s: float) -> None: ...
 
@@ -65,7 +67,7 @@ class CoordinatorStatistics:
 class Coordinator:
     __slots__ = ("_clock", "_exchange", "_failures", "_heartbeat_s", "_last_ok", "_lease_s",
                  "_lost", "_members_seen", "_ok", "_on_change", "_others", "_report",
-                 "_weights", "allocation", "member", "peers", "via")
+                 "_target", "_weights", "allocation", "member", "peers", "via")
 
     def __init__(self, exchange: Exchange, *, via: str, report: Callable[[], Report],
                  weights: Callable[[], Mapping[str, float]], on_change: Callable[[], None],
@@ -80,7 +82,8 @@ class Coordinator:
         self._lease_s = lease_s
         self._clock = clock
         self.member = member or member_id()
-        self.allocation: Allocation | None = None
+        self.allocation: Allocation | None = None   # the units granted, used now
+        self._target: Allocation | None = None      # the units to ask for next
         self.peers: list[Report] = []   # the other replicas' live reports
         self._others: dict[WorkerModel, int] = {}  # their in flight, summed once a beat
         self._lost = False
@@ -95,14 +98,15 @@ class Coordinator:
 
     async def tick(self) -> None:
         """One heartbeat: publish, read back, recompute this replica's units."""
-        report = self._report()
-        own = self.allocation.units if self.allocation is not None else None
-        report = dataclasses.replace(report, member=self.member,
-                                     held=shares.holding(own, report.in_flight))
+        report = dataclasses.replace(self._report(), member=self.member)
+        want = shares.wants(self._target, report.limits, report.in_flight)
         payload = json.dumps(report.to_json(), separators=(",", ":")).encode()
+        want_payload = json.dumps(shares.want_json(want), separators=(",", ":")).encode()
         try:
-            raw = await self._exchange.exchange(self.member, payload, self._lease_s,
-                                                timeout_s=max(0.05, self._heartbeat_s))
+            granted_raw, raw = await self._exchange.exchange(
+                self.member, payload, want_payload, self._lease_s,
+                timeout_s=max(0.05, self._heartbeat_s))
+            granted = shares.units_from_json(json.loads(granted_raw))
         except Exception as exc:  # the exchange's own errors, whatever the transport
             self._failures += 1
             if not self._lost:
@@ -110,8 +114,12 @@ class Coordinator:
                 log.warning("replica coordination via %s lost (%s): serving on with the last "
                             "known share (%d replicas seen)", self.via,
                             type(exc).__name__, self._members_seen)
+            # Past its own lease the others no longer count this replica's holding: 1/N.
+            expired = self._last_ok is None or \
+                self._clock() - self._last_ok >= self._lease_s
             self.allocation = shares.fallback(self.allocation, report.limits,
-                                              self._members_seen)
+                                              self._members_seen, expired=expired)
+            self._target = None
             self._on_change()
             return
         reports = [r for r in (self._parse(b) for b in raw) if r is not None]
@@ -126,8 +134,10 @@ class Coordinator:
         self._members_seen = len(reports)
         self.peers = [r for r in reports if r.member != self.member]
         self._others = shares.peers_in_flight(self.peers, self.member)
-        target = shares.allocate(reports, self.member, self._weights())
-        self.allocation = shares.grant(target, reports, self.member)
+        # Use what the store granted now; ask for the new target at the next heartbeat.
+        self._target = shares.allocate(reports, self.member, self._weights())
+        self.allocation = Allocation(units=granted, members=self._target.members,
+                                     fleet=self._target.fleet)
         self._on_change()
 
     @staticmethod

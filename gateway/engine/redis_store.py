@@ -44,24 +44,60 @@ from gateway.core.config import DEFAULT_REDIS_URL, BreakerConfig, RedisConfig
 DEFAULT_MAX_CONNECTIONS = 64
 
 # Membership for replicas that share one fleet (gateway.engine.coordinator): KEYS[1] the
-# members' set, ARGV: prefix of a member's key, member id, report (JSON), lease in ms, and
-# "leave" to withdraw. Sets the member's report with its lease, then returns every live
-# report, dropping ids whose lease ran out. One round trip per heartbeat.
-EXCHANGE_SCRIPT = """
-local key = ARGV[1] .. ARGV[2]
+# members' set; ARGV: prefix of a member's key, member id, report (JSON), lease in ms, mode
+# ("leave" withdraws), want (JSON {worker: {model: [target, limit, in_flight]}}). Reads every
+# live report, grants this member's want against what the others hold (gateway.core.shares.
+# grant_units, the same rule), stores its report with what it now holds for one lease, and
+# returns {granted (JSON), every live report…}. One round trip per heartbeat; Redis runs
+# scripts one at a time, so two replicas are never granted the same units.
+EXCHANGE_SCRIPT = r"""
+local prefix, me = ARGV[1], ARGV[2]
 if ARGV[5] == 'leave' then
-  redis.call('DEL', key)
-  redis.call('SREM', KEYS[1], ARGV[2])
+  redis.call('DEL', prefix .. me)
+  redis.call('SREM', KEYS[1], me)
   return {}
 end
-redis.call('SET', key, ARGV[3], 'PX', tonumber(ARGV[4]))
-redis.call('SADD', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) * 10)
-local out = {}
+local others, out = {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local v = redis.call('GET', ARGV[1] .. id)
-  if v then table.insert(out, v) else redis.call('SREM', KEYS[1], id) end
+  if id ~= me then
+    local v = redis.call('GET', prefix .. id)
+    if v then
+      table.insert(out, v)
+      local ok, r = pcall(cjson.decode, v)
+      if ok and type(r) == 'table' and type(r.held) == 'table' then
+        for w, models in pairs(r.held) do
+          if type(models) == 'table' then
+            for m, n in pairs(models) do
+              if type(n) == 'number' then
+                local k = w .. '\n' .. m
+                others[k] = (others[k] or 0) + n
+              end
+            end
+          end
+        end
+      end
+    else
+      redis.call('SREM', KEYS[1], id)
+    end
+  end
 end
+local mine = cjson.decode(ARGV[3])
+local held, granted = {}, {}
+for w, models in pairs(cjson.decode(ARGV[6])) do
+  held[w], granted[w] = {}, {}
+  for m, t in pairs(models) do
+    local g = math.max(0, math.min(t[1], t[2] - (others[w .. '\n' .. m] or 0)))
+    granted[w][m] = g
+    held[w][m] = math.max(g, t[3])
+  end
+end
+mine['held'] = held
+local encoded = cjson.encode(mine)
+redis.call('SET', prefix .. me, encoded, 'PX', tonumber(ARGV[4]))
+redis.call('SADD', KEYS[1], me)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) * 10)
+table.insert(out, encoded)
+table.insert(out, 1, cjson.encode(granted))
 return out
 """
 
@@ -193,19 +229,24 @@ class RedisStore:
         """Give back tokens taken by a request that was rejected further down the chain."""
         await self._run(key, rate_per_s, burst, cost, -1.0)
 
-    async def exchange(self, member: str, payload: bytes, lease_s: float, *,
-                       timeout_s: float) -> list[bytes]:
-        """Publish this replica's report for ``lease_s`` and read every live one (the
-        coordinator's heartbeat; off the request path, so its own ``timeout_s``). Raises
-        :class:`StoreUnavailable`."""
+    async def exchange(self, member: str, payload: bytes, want: bytes, lease_s: float, *,
+                       timeout_s: float) -> tuple[bytes, list[bytes]]:
+        """Publish this replica's report for ``lease_s``, be granted its ``want``, and read
+        every live report (the coordinator's heartbeat; off the request path, so its own
+        ``timeout_s``): (granted, reports). Raises :class:`StoreUnavailable`."""
         prefix = self._cfg.key_prefix
-        args = (f"{prefix}member:", member, payload, str(max(1, int(lease_s * 1000))), "")
-        return await self._membership(f"{prefix}members", args, timeout_s)
+        args = (f"{prefix}member:", member, payload, str(max(1, int(lease_s * 1000))), "",
+                want)
+        reply = await self._membership(f"{prefix}members", args, timeout_s)
+        if not reply:
+            raise StoreUnavailable("error", self._cfg.breaker_open_s)
+        return reply[0], reply[1:]
 
     async def leave(self, member: str, *, timeout_s: float) -> None:
         prefix = self._cfg.key_prefix
         await self._membership(f"{prefix}members",
-                               (f"{prefix}member:", member, b"", "1", "leave"), timeout_s)
+                               (f"{prefix}member:", member, b"", "1", "leave", b""),
+                               timeout_s)
 
     async def _membership(self, key: str, args: tuple[str | bytes, ...],
                           timeout_s: float) -> list[bytes]:
