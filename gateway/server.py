@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -30,6 +31,12 @@ import yaml
 from gateway.app.service import GatewayService
 from gateway.core.config import GatewayConfig, describe_config, load_config
 from gateway.core.schema import ConfigError, reference
+from gateway.http.guard import (
+    ConnectionGuard,
+    open_files_limit,
+    quiet_accept_errors,
+    raise_open_file_limit,
+)
 
 log = logging.getLogger("gateway")
 
@@ -123,7 +130,9 @@ async def _resume(coro: Coroutine[Any, Any, None], awaited: object) -> None:
             return
 
 
-def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.Protocol]:
+def json_error_protocol(limits: Callable[[], tuple[int, int]],
+                        on_error: Callable[[int, bytes, float], None] | None = None,
+                        guard: ConnectionGuard | None = None) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, with the gateway's rules at the connection level:
 
     * its own 400 for a malformed request is Triton's ``{"error": ...}`` JSON with a
@@ -132,10 +141,20 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
       ``(max_header_bytes, max_headers)``, read live so a reload applies) is answered 431
       and the connection closed, before the whole head is buffered. The exact bounds are
       checked by the proxy once the head is complete; this is the memory bound.
+
+    ``on_error(status, request_id, latency_s)`` hears of each such answer (the access log);
+    the latency counts from the start of the request's head.
+
+    With a ``guard`` (``gateway.http.guard``), each connection is counted and its slow
+    clients bounded: the guard sees its phase (:meth:`seen`) and may answer it 408 or 503
+    and close it (:meth:`answer_and_close`). An error found while a request's body is
+    arriving (a malformed chunk, a body too slow) is answered too, and the application
+    reading that body hears that the client is gone.
     """
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-    from gateway.core.errors import HeaderFieldsTooLarge
+    from gateway.core.connections import Phase, Seen
+    from gateway.core.errors import GatewayError, HeaderFieldsTooLarge
     from gateway.http.proxy import http_date, new_request_id
 
     class JsonErrorProtocol(HttpToolsProtocol):
@@ -143,12 +162,17 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
         _in_head = False
         _began_in_chunk = False
         _discarding = False
+        _began_at = 0.0
+        _received = 0  # bytes received on the connection (the guard's measure of progress)
+        _requests = 0  # requests begun on it
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_bytes = 0
             self._in_head = True
             self._began_in_chunk = True
+            self._began_at = time.monotonic()
+            self._requests += 1
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -158,6 +182,7 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
             if self._discarding:
                 return
             self._began_in_chunk = False
+            self._received += len(data)
             super().data_received(data)
             # The chunk a head began in may also hold the end of the previous request: only
             # whole chunks after it are counted (an undercount of one read, at most).
@@ -192,14 +217,71 @@ def json_error_protocol(limits: Callable[[], tuple[int, int]]) -> type[asyncio.P
         def send_400_response(self, msg: str) -> None:
             self._write_error(400, json.dumps({"error": "malformed HTTP request"}).encode())
 
-        def _write_error(self, status: int, body: bytes, *, linger: bool = False) -> None:
-            if self.cycle is None or self.cycle.response_complete:
+        # the connection guard's side ---------------------------------------------------------
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if guard is not None:
+                # (typed int by uvicorn; it only goes to loop.call_later, which takes a float)
+                self.timeout_keep_alive = guard.limits().keep_alive_timeout_s  # type: ignore[assignment]
+                guard.opened(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if guard is not None:
+                guard.closed(self)
+            super().connection_lost(exc)
+
+        def seen(self) -> Seen:
+            return Seen(self._phase(), self._requests, self._received)
+
+        def _phase(self) -> Phase:
+            if self._discarding:
+                return Phase.WORKING  # answered 431 and closing: the gateway's own doing
+            if self._in_head:
+                return Phase.HEAD
+            cycle = self.cycle
+            if cycle is None:
+                return Phase.NEW if not self._requests else Phase.IDLE
+            if cycle.more_body and not cycle.disconnected:
+                # The gateway not reading (its buffer full, or 100 Continue not yet sent) is
+                # its own wait, not the client's slowness.
+                if self.flow.read_paused or cycle.waiting_for_100_continue:
+                    return Phase.WORKING
+                return Phase.BODY
+            if not cycle.response_complete:
+                return Phase.SENDING if self.flow.write_paused else Phase.WORKING
+            return Phase.IDLE
+
+        def answer_and_close(self, error: GatewayError) -> None:
+            if self.transport.is_closing():
+                return
+            extra = b"".join(k + b": " + v + b"\r\n" for k, v in error.headers()
+                             if k != b"content-type")
+            self._write_error(error.status, error.body(), extra=extra)
+
+        def close(self) -> None:
+            self.transport.close()  # a no-op when already closing
+
+        def _write_error(self, status: int, body: bytes, *, linger: bool = False,
+                         extra: bytes = b"") -> None:
+            cycle = self.cycle
+            # A request whose body is still arriving has no answer yet: this is it, and the
+            # application reading the body hears that the client is gone.
+            body_arriving = cycle is not None and cycle.more_body and \
+                not cycle.response_started
+            if cycle is None or cycle.response_complete or body_arriving:
+                if body_arriving:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+                rid = new_request_id()
                 self.transport.write(b"".join([
                     STATUS_LINE[status], b"content-type: application/json\r\n",
                     b"content-length: ", str(len(body)).encode(), b"\r\n",
                     b"date: ", http_date(), b"\r\n",
-                    b"x-request-id: ", new_request_id(), b"\r\n",
+                    b"x-request-id: ", rid, b"\r\n", extra,
                     b"connection: close\r\n\r\n", body]))
+                if on_error is not None:
+                    on_error(status, rid,
+                             time.monotonic() - self._began_at if self._in_head else 0.0)
             if not linger:
                 self.transport.close()
                 return
@@ -233,11 +315,18 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
 
     noise = _ClientNoiseFilter()
     logging.getLogger("uvicorn.error").addFilter(noise)
+    if cfg.clients.raise_open_file_limit:
+        before, after = raise_open_file_limit()
+        if after != before:
+            log.info("open-file limit raised from %d to %d", before, after)
     svc = GatewayService(cfg)
     svc.config_path = config_path
+    # One guard for every HTTP listener: they share the process's file descriptors.
+    guard = ConnectionGuard(lambda: svc.cfg.clients, open_files=open_files_limit())
     admin_app = build_admin_app(svc, svc.telemetry, lambda: reload_from_file(svc))
     http_protocol = json_error_protocol(
-        lambda: (svc.cfg.upstream.max_header_bytes, svc.cfg.upstream.max_headers))
+        lambda: (svc.cfg.upstream.max_header_bytes, svc.cfg.upstream.max_headers),
+        on_error=svc.telemetry.connection_refused, guard=guard)
     admin_server: _Server | None = None
     if cfg.admin.listen is not None:
         admin_server = _Server(uvicorn.Config(
@@ -255,7 +344,9 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
                           # gateway, never a handshake answered in text/plain.
                           ws="none",
                           timeout_graceful_shutdown=int(max(1, cfg.upstream.drain_timeout_s)),
-                          timeout_keep_alive=75, backlog=4096,
+                          # (the keep-alive timeout: clients.keep_alive_timeout_s, set by
+                          # the protocol per connection, so that a reload applies)
+                          backlog=4096,
                           # The gateway is the origin of its own errors and passes each
                           # worker's headers through: no extra Server header, and no
                           # X-Forwarded-* rewriting layer on the hot path.
@@ -350,7 +441,15 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
         admin_sockets = [reuse_port_socket(cfg.admin.listen.host, cfg.admin.listen.port)]
     admin_task = asyncio.create_task(admin_server.serve(sockets=admin_sockets)) \
         if admin_server else None
-    helpers += [asyncio.create_task(announce()), asyncio.create_task(external_stop())]
+    helpers += [asyncio.create_task(announce()), asyncio.create_task(external_stop()),
+                asyncio.create_task(guard.run())]
+    quiet_accept_errors(loop)
+    # What start-up built lives as long as the process: out of the collector's sight, so that
+    # a full collection scans only what serving makes. Connections opened and closed by the
+    # thousand (a reconnecting flood) otherwise bring a full collection every few seconds,
+    # each a pause of 50–150 ms over the whole heap.
+    gc.collect()
+    gc.freeze()
     try:
         await server.serve(sockets=[reuse_port_socket(cfg.listen.host, cfg.listen.port)]
                            if reuse_port else None)

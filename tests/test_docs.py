@@ -26,6 +26,7 @@ TOPIC_PAGES = (
     "fairshare.md",
     "batching.md",
     "capacity.md",
+    "tracing.md",
     "scaling.md",
     "operations.md",
     "security.md",

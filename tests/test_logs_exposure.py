@@ -221,6 +221,46 @@ def test_access_log_lines_are_json_with_every_field(
     assert by_rid["bad-1"]["status"] == 400 and by_rid["bad-1"]["reason"] == "bad_request"
 
 
+def test_every_answer_writes_one_line_with_its_latency(
+        locked: tuple[GatewayProcess, int, Path]) -> None:
+    """Refused by the proxy (404, 400, 431 for too many fields) or by the connection layer
+    (431 for a head past every bound, 400 for a malformed request): one line each, with
+    its latency, never ``null``."""
+    from tests.test_security import final, http_exchange, request_bytes
+
+    gw, _, path = locked
+    time.sleep(1.1)  # a fresh one-second window for error lines
+    rids: dict[str, int] = {}
+    r = httpx.post(gw.url + "/v2/models/no_such_model/infer", content=BODY,
+                   headers={"X-Request-Id": "latency-404"}, timeout=5)
+    rids["latency-404"] = r.status_code
+    r = httpx.post(gw.url + INFER, content=BODY, timeout=5,
+                   headers={"X-Request-Id": "latency-400", "X-Request-Timeout-Ms": "soon"})
+    rids["latency-400"] = r.status_code
+    r = httpx.post(gw.url + INFER, content=BODY, timeout=5,
+                   headers=[(f"X-H{i}", "1") for i in range(150)])
+    rids[r.headers["x-request-id"]] = r.status_code
+    for payload in (request_bytes("GET", "/v2/health/ready", [("X-Big", "a" * (1 << 20))]),
+                    b"GARBAGE\r\n\r\n"):
+        answer = final(http_exchange(gw.port, payload, timeout_s=30))
+        raw_rid = answer.header(b"x-request-id")
+        assert raw_rid is not None
+        rids[raw_rid.decode()] = answer.status
+    assert sorted(rids.values()) == [400, 400, 404, 431, 431], rids
+    deadline = time.monotonic() + 5
+    by_rid: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline and not set(rids) <= set(by_rid):
+        time.sleep(0.2)   # lines are flushed once a second
+        by_rid = {line["rid"]: line for line in access_lines(path) if line.get("rid") in rids}
+    assert set(rids) <= set(by_rid), (rids, by_rid)
+    for rid, status in rids.items():
+        line = by_rid[rid]
+        assert line["status"] == status, line
+        assert isinstance(line["latency_ms"], float) and line["latency_ms"] >= 0, line
+        assert line["reason"], line
+        assert "trace_id" not in line  # tracing is off
+
+
 def test_a_flood_of_bad_requests_leaves_a_bounded_log(
         locked: tuple[GatewayProcess, int, Path]) -> None:
     gw, _, path = locked

@@ -192,3 +192,21 @@ def test_from_config() -> None:
 def test_global_scope_needs_a_store() -> None:
     with pytest.raises(ValueError):
         RateLimiter(global_limit=BucketConfig(rate_per_s=1.0, scope="global"))
+
+
+@pytest.mark.parametrize(("share", "rate", "burst"), [
+    (1.0, 30.0, 60.0),          # one process: the YAML's figures
+    (1 / 3, 10.0, 20.0),        # serve --processes 3: a third of each local bucket
+])
+def test_processes_on_one_host_each_take_their_part_of_every_local_bucket(
+        share: float, rate: float, burst: float) -> None:
+    cfg = parse_config({
+        "workers": [{"url": "http://127.0.0.1:9"}],
+        "admission": {"global_limit": {"rate_per_s": 30, "burst": 60},
+                      "tenants": {"t": {"keys": ["k"], "rate_limit": {"rate_per_s": 30,
+                                                                      "burst": 60}}}},
+    })
+    limiter = RateLimiter.from_config(cfg, local_share=share)
+    for bucket in limiter.chain("t", "m"):
+        assert bucket.config.rate_per_s == pytest.approx(rate)
+        assert bucket.config.burst == pytest.approx(burst)

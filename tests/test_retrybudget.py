@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.config import RetryConfig
-from gateway.core.retrybudget import AttemptStage, RetryBudget, is_retryable
+from gateway.core.retrybudget import (
+    AttemptStage,
+    RetryBudget,
+    RetryVerdict,
+    decide_retry,
+    is_retryable,
+)
 
 
 @pytest.mark.parametrize(("stage", "status", "expected"), [
@@ -25,6 +31,32 @@ from gateway.core.retrybudget import AttemptStage, RetryBudget, is_retryable
 ])
 def test_is_retryable(stage: AttemptStage | str, status: int | None, expected: bool) -> None:
     assert is_retryable(stage, status) is expected
+
+
+@pytest.mark.parametrize(("stage", "status", "repeatable", "expected"), [
+    ("connect", None, False, True),     # nothing was sent: any request
+    ("send", None, True, True),         # reset / EOF before any answer: if safe to repeat
+    ("send", None, False, False),       # a sequence, a stateful model, repeatable: false
+    ("response", None, True, False),    # a read timeout is not a reset (hedged instead)
+    ("response", 500, True, False),     # it ran
+    ("response", 503, False, True),     # not run
+])
+def test_is_retryable_for_requests_safe_to_repeat(stage: str, status: int | None,
+                                                  repeatable: bool, expected: bool) -> None:
+    assert is_retryable(stage, status, repeatable=repeatable) is expected
+
+
+@pytest.mark.parametrize(("stage", "repeatable", "attempts", "budget", "verdict"), [
+    ("send", True, 1, True, RetryVerdict.RETRY),
+    ("send", False, 1, True, RetryVerdict.NOT_SAFE),
+    ("send", True, 2, True, RetryVerdict.ATTEMPTS_EXHAUSTED),
+    ("send", True, 1, False, RetryVerdict.BUDGET_EXHAUSTED),
+    ("response", True, 1, True, RetryVerdict.NOT_SAFE),
+])
+def test_decide_retry_after_a_broken_connection(stage: str, repeatable: bool, attempts: int,
+                                                budget: bool, verdict: RetryVerdict) -> None:
+    assert decide_retry(stage, None, attempts=attempts, max_attempts=2, budget_allows=budget,
+                        repeatable=repeatable) is verdict
 
 
 def test_unknown_stage_is_an_error() -> None:

@@ -35,6 +35,9 @@ GATEWAY_METRICS = {
     "gateway_tenant_weight", "gateway_fairness_jain_index",
     # replicas as one (gateway.engine.coordinator)
     "gateway_cluster_members", "gateway_cluster_share", "gateway_cluster_coordinated",
+    # stalls, retries and hedges (gateway.core.stall, gateway.core.hedge)
+    "gateway_worker_stalled", "gateway_attempts_repeated_total", "gateway_hedges_won_total",
+    "gateway_worker_stalls_total",
 }
 GATEWAY_HISTOGRAMS = {"gateway_request_duration_seconds", "gateway_upstream_duration_seconds",
                       "gateway_queue_wait_seconds", "gateway_batch_size"}

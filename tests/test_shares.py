@@ -108,8 +108,8 @@ def test_water_fill_never_over_claims_and_uses_what_it_can(
     (10, {"a": {"t": 80}, "b": {"t": 10}, "c": {"t": 10}}, {}, {"a": 8, "b": 1, "c": 1}),
     (100, {"a": {"t": 800}, "b": {"t": 100}, "c": {"t": 100}}, {},
      {"a": 80, "b": 10, "c": 10}),
-    # demand below the total: the spare spread evenly over every member
-    (10, {"a": {"t": 2}}, {}, {"a": 6, "b": 4}),
+    # demand below the total: the spare by demand + 1 (a: 2 + 8 × 3/4, b: 8 × 1/4)
+    (10, {"a": {"t": 2}}, {}, {"a": 8, "b": 2}),
     (12, {}, {}, {"a": 4, "b": 4, "c": 4}),
     # tenants weighted 3:1 entering through different members: their weights' shares
     (12, {"a": {"x": 100}, "b": {"y": 100}}, {"x": 3, "y": 1}, {"a": 9, "b": 3}),

@@ -76,7 +76,7 @@ def run(config_path: str, processes: int, host: str, port: int) -> int:
 async def _supervise(config_path: str, processes: int, port: int, hub_path: str) -> int:
     membership = hub.Hub()
     await membership.start(hub_path)
-    env = {**os.environ, hub.ENV_VAR: hub_path}
+    env = {**os.environ, hub.ENV_VAR: hub_path, hub.PROCESSES_ENV_VAR: str(processes)}
     argv = [sys.executable, "-m", "gateway", "serve", "--config", config_path,
             "--port", str(port), CHILD_FLAG]
     children: dict[int, asyncio.subprocess.Process] = {}

@@ -70,6 +70,14 @@ class FleetLoad:
         return w.in_flight_by_model.get(model, 0) if w is not None else 0
 
 
+def processes_on_this_host() -> int:
+    """N under ``gateway serve --processes N`` (the parent says so), else 1."""
+    try:
+        return max(1, int(os.environ.get(hub.PROCESSES_ENV_VAR, "1")))
+    except ValueError:
+        return 1
+
+
 def _make_redis(cfg: GatewayConfig) -> RedisStore | None:
     buckets = [cfg.admission.global_limit]
     buckets += [t.rate_limit for t in cfg.admission.tenants.values()]
@@ -98,7 +106,8 @@ class GatewayService:
         self.table = routing.RoutingTable()
         self.redis_store = _make_redis(cfg)
         self.dispatcher = Dispatcher(cfg, self.fleet, clock=clock, rng=self.rng,
-                                     redis_store=self.redis_store)
+                                     redis_store=self.redis_store,
+                                     local_limit_share=1.0 / processes_on_this_host())
         self.dispatcher.attach(self.table, FleetLoad(self.fleet.workers))
         self.table_sync = RoutingTableSync(lambda: self.cfg, self.fleet, self.dispatcher,
                                            self.table, clock)
@@ -116,6 +125,7 @@ class GatewayService:
                                         get_json=self.aggregates.get_json, clock=clock,
                                         on_batch=self._on_batch)
         self.dispatcher.on_release = self.batching.instance_freed
+        self.dispatcher.on_stall_change = lambda _t: self.table_sync.refresh()
         self.coordinator = self._make_coordinator()
         self.table_sync.coordinator = self.coordinator
         if self.coordinator is not None:
@@ -236,13 +246,12 @@ class GatewayService:
         return self.any_worker_with(key) is not None
 
     def serves(self, key: ModelKey) -> bool:
-        """Does some ready worker list ``key`` (cheap: no snapshots)?"""
-        for w in self.fleet.routable():
-            ready = w.models_ready
-            if (key.name in ready if not key.version else
-                    f"{key.name}/{key.version}" in ready or f"{key.name}/?" in ready):
-                return True
-        return False
+        """Does some ready worker list ``key`` (cheap: no snapshots)? A version counts only
+        when it was listed or looked up itself: ``name/?`` (a model found by name, versions
+        unknown) lets the router send any version on, but the gateway must not answer for
+        one — ``/ready`` of a version the worker lacks is Triton's 400, not 200."""
+        entry = f"{key.name}/{key.version}" if key.version else key.name
+        return any(entry in w.models_ready for w in self.fleet.routable())
 
     async def resolve(self, key: ModelKey, action: Action) -> None:
         """Make sure some ready worker serves ``key``: look it up on the workers when the
@@ -310,6 +319,9 @@ class GatewayService:
     def model_limits(self) -> list[ModelLimitStatistics]:
         return self.dispatcher.model_limits.statistics()
 
+    def stall_state(self, worker: str) -> str:
+        return self.dispatcher.stalls.state(worker).value
+
     def cluster(self) -> dict[str, object] | None:
         coordinator = self.coordinator
         if coordinator is None:
@@ -330,7 +342,8 @@ class GatewayService:
 
     # running ------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Background work, supervised: fleet loops, routing-table refresh, telemetry."""
+        """Background work, supervised: fleet loops, routing-table refresh, telemetry, the
+        stall watch."""
         self.loop_lag.start()
         try:
             await self._run()
@@ -342,10 +355,12 @@ class GatewayService:
             tg.create_task(run_until_stopped(self.fleet))
             table = tg.create_task(self.table_sync.run())
             tele = tg.create_task(self.telemetry.run())
+            stalls = tg.create_task(self.dispatcher.watch_stalls())
             beat = tg.create_task(self.coordinator.run()) if self.coordinator else None
             await self.fleet._stopping.wait()
             table.cancel()
             tele.cancel()
+            stalls.cancel()
             if beat is not None:
                 beat.cancel()
 

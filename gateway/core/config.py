@@ -151,6 +151,59 @@ class AdminConfig:
                               "would be closed to everyone")
 
 
+# Slow clients: the deadlines of HAProxy and nginx (and Apache's minimum body rate).
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # HAProxy's `timeout http-request`, as its manual suggests
+DEFAULT_BODY_TIMEOUT_S = 60.0  # nginx's client_body_timeout
+DEFAULT_BODY_GRACE_S = 20.0  # Apache mod_reqtimeout's body=20 ...
+DEFAULT_BODY_MIN_RATE_BYTES_PER_S = 500  # ... and its MinRate=500
+DEFAULT_SEND_TIMEOUT_S = 60.0  # nginx's send_timeout
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75.0  # nginx's keepalive_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsConfig:
+    header_timeout_s: float = opt(
+        DEFAULT_HEADER_TIMEOUT_S, "Longest a client may take over a request head: from the "
+        "connection's opening for its first request, from the head's first byte for the "
+        "next ones (HAProxy's `timeout http-request`). Then 408 in Triton's JSON and the "
+        "connection closed; a connection that sent nothing at all is closed without an "
+        "answer.", positive())
+    body_timeout_s: float = opt(
+        DEFAULT_BODY_TIMEOUT_S, "Longest wait for the next bytes of a request body the "
+        "gateway is reading (nginx's client_body_timeout) → 408, connection closed.",
+        positive())
+    body_min_rate_bytes_per_s: int = opt(
+        DEFAULT_BODY_MIN_RATE_BYTES_PER_S, "Slowest average rate a request body may arrive "
+        "at: a body of B bytes so far may have taken body_grace_s + B / rate seconds since "
+        "its head ended (Apache mod_reqtimeout's body=20,MinRate=500), else 408 and closed. "
+        "Time the gateway itself is not reading (a full buffer, Expect: 100-continue not yet "
+        "answered) does not count. 0: no rate check.", non_negative())
+    body_grace_s: float = opt(DEFAULT_BODY_GRACE_S, "See body_min_rate_bytes_per_s.",
+                              positive())
+    send_timeout_s: float = opt(
+        DEFAULT_SEND_TIMEOUT_S, "Longest a client may leave an answer unread while the "
+        "gateway waits to write more of it (nginx's send_timeout); then the connection is "
+        "closed.", positive())
+    keep_alive_timeout_s: float = opt(DEFAULT_KEEP_ALIVE_TIMEOUT_S, "How long an idle "
+                                      "keep-alive connection stays open (nginx's "
+                                      "keepalive_timeout).", positive())
+    max_connections: int | Literal["auto"] = opt(
+        "auto", "Most client connections open at once, HTTP listeners together. A new one "
+        "beyond it makes room by closing, in this order, the longest-idle keep-alive "
+        "connection, the oldest connection that has sent nothing, the oldest request head or "
+        "body still arriving (answered 503); with none of those it is answered 503 and "
+        "closed. 'auto': three quarters of the open-file limit, the rest kept for the "
+        "connections to workers, logs and files, so that accept() does not run out of file "
+        "descriptors.", check(lambda v: v == "auto" or v > 0, "a number > 0 or 'auto'"))
+    idle_high_water: float = opt(
+        0.9, "Share of max_connections above which each new connection closes one idle "
+        "keep-alive connection (longest idle first): idle ones give way before the limit is "
+        "reached.", fraction())
+    raise_open_file_limit: bool = opt(
+        True, "At start, raise the open-file soft limit (RLIMIT_NOFILE) to the hard limit, "
+        "as HAProxy does and nginx's worker_rlimit_nofile can.")
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     url: str = field(metadata=_doc("Triton HTTP endpoint, http://host:port (port 1–65535).",
@@ -314,6 +367,12 @@ class ModelConfig:
     batching: BatchingConfig = sub(BatchingConfig, "Gateway-side batching.")
     rate_limit: BucketConfig | None = opt(None, "Token bucket for this model.")
     cost: Literal["request", "batch_size"] = opt("request", "Tokens a request costs.")
+    repeatable: bool = opt(True, "A request of this model may be sent again to another worker "
+                           "when its worker broke off before answering (a reset or EOF "
+                           "before the response head) or stalled (a hedge). false: never — "
+                           "for a model whose requests have side effects. A request of a "
+                           "sequence (sequence_id) or of a model with sequence_batching is "
+                           "never repeated, whatever this says.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,11 +468,52 @@ class BreakerConfig:
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
-    max_attempts: int = opt(2, "Attempts per request (1 = no retries).", positive())
+    max_attempts: int = opt(2, "Attempts per request, retries and hedges included (1 = no "
+                            "retries, no hedges).", positive())
     budget_ratio: float = opt(0.2, "Retries allowed as a fraction of requests in the window.",
                               fraction())
     budget_min: int = opt(3, "Retries always allowed in a window.", non_negative())
     window_s: float = opt(10.0, "Retry-budget window.", positive())
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    enabled: bool = opt(True, "Send a request that is safe to repeat (models.<m>.repeatable) "
+                        "again to another worker when its worker is stalled or it has waited "
+                        "past its per-try timeout; the first answer wins, the other attempt "
+                        "is cancelled. A hedge is an attempt (retry.max_attempts) and is "
+                        "paid from the retry budget.")
+    p99_factor: float = opt(3.0, "Per-try timeout: this × the model's recent p99 latency (from "
+                            "send to response head), within [min_delay_s, max_delay_s].",
+                            positive())
+    min_delay_s: float = opt(0.1, "Shortest per-try timeout.", positive())
+    max_delay_s: float = opt(5.0, "Longest per-try timeout; also the timeout while fewer than "
+                             "min_samples latencies of the model are known. At least "
+                             "min_delay_s.", positive())
+    min_samples: int = opt(50, "Latencies of a model needed before its p99 sets the "
+                           "per-try timeout.", positive())
+
+    def __post_init__(self) -> None:
+        if self.min_delay_s > self.max_delay_s:
+            raise ConfigError("max_delay_s", f"expected at least min_delay_s "
+                              f"({self.min_delay_s}), got {self.max_delay_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class StallConfig:
+    enabled: bool = opt(True, "Mark a worker stalled — no new requests — when it has requests "
+                        "awaiting an answer and has answered none for service_times × its "
+                        "learned service time while other workers answer; it takes traffic "
+                        "again once it answers.")
+    service_times: float = opt(4.0, "How many service times without an answer make a stall.",
+                               positive())
+    min_s: float = opt(0.2, "Shortest silence that counts as a stall.", positive())
+    cold_s: float = opt(30.0, "The silence that counts as a stall while the worker's service "
+                        "time for the models it runs is not known yet (nothing measured).",
+                        positive())
+    probe_after_s: float = opt(1.0, "A stalled worker gets one request again this long after "
+                               "it stalled (and after each probe that went unanswered), to "
+                               "find out whether it answers again.", positive())
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +542,10 @@ class AdmissionConfig:
     adaptive: AdaptiveConfig = sub(AdaptiveConfig, "Adaptive concurrency limit.")
     breaker: BreakerConfig = sub(BreakerConfig, "Circuit breakers and slow start.")
     retry: RetryConfig = sub(RetryConfig, "Retries to another worker.")
+    hedge: HedgeConfig = sub(HedgeConfig, "Hedged requests: a second attempt on another "
+                             "worker for a request stuck on a stalled or slow one.")
+    stall: StallConfig = sub(StallConfig, "Stalled workers: found from their silence, "
+                             "given no new requests until they answer again.")
     redis: RedisConfig = sub(RedisConfig, "Redis for global limits.")
 
     def __post_init__(self) -> None:
@@ -494,6 +598,20 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str | None = opt(None, "OpenTelemetry collector, http(s)://host[:port]: the "
+                                    "gateway's spans go to its path /v1/traces (OTLP/HTTP, "
+                                    "protobuf), e.g. http://collector:4318. Unset: tracing "
+                                    "off. A change needs a restart.",
+                                    url_check("http", "https", port_required=False))
+    sample_ratio: float = opt(1.0, "Share of requests without a sampled parent that start a "
+                              "sampled trace (parent-based: a client's sampled traceparent is "
+                              "always followed, an unsampled one never).", fraction())
+
+    __repr__ = _masked_repr
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     heartbeat_s: float = opt(0.25, "How often a replica publishes its demand and reads the "
                              "others' (Redis, or the parent process under --processes N).",
@@ -521,6 +639,8 @@ class GatewayConfig:
                                    "without a batching section of its own under models.")
     health: HealthConfig = sub(HealthConfig, "Active health probes.")
     upstream: UpstreamConfig = sub(UpstreamConfig, "Connections to workers.")
+    clients: ClientsConfig = sub(ClientsConfig, "Client connections: deadlines for slow "
+                                 "clients, how many may be open, the open-file limit.")
     scrape: ScrapeConfig = sub(ScrapeConfig, "Triton metrics scraping.")
     routing: RoutingConfig = sub(RoutingConfig, "Routing policy.")
     admission: AdmissionConfig = sub(AdmissionConfig, "Rate limits, queueing, breakers, retries.")
@@ -530,6 +650,8 @@ class GatewayConfig:
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", "Log level.")
     access_log: AccessLogConfig = sub(AccessLogConfig, "Access log: one JSON line per "
                                       "request, bounded (off by default).")
+    tracing: TracingConfig = sub(TracingConfig, "OpenTelemetry traces of the gateway's "
+                                 "requests, exported over OTLP/HTTP (off by default).")
 
     def __post_init__(self) -> None:
         issues = []

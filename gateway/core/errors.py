@@ -9,6 +9,7 @@ Triton's own ``{"error": "..."}`` JSON with the status below and, for rejections
     ├── Forbidden (403)                an endpoint switched off by configuration
     ├── NotFound (404)                 unknown model / path
     ├── MethodNotAllowed (405)
+    ├── RequestTimeout (408)           a request head or body too slow (the server layer's)
     ├── PayloadTooLarge (413)
     ├── HeaderFieldsTooLarge (431)     too many request headers, or too many header bytes
     ├── Rejected                       admission said no; always carries Retry-After
@@ -82,6 +83,11 @@ class NotFound(GatewayError):
 class MethodNotAllowed(GatewayError):
     status = 405
     reason = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    reason = "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

@@ -6,17 +6,35 @@ So however badly the fleet fails, the attempts sent upstream stay below
 ``(1 + budget_ratio) × offered + budget_min`` per window — a retry storm cannot amplify load
 beyond that. Counters are bucketed (``WindowCounts``): memory is constant.
 
-Policy (``is_retryable``): a request is retried on another worker only when it cannot have
-been executed — the connection was refused or timed out before anything was sent — or when
-the worker answered 503 (Triton: not ready / overloaded, the request was not run). Anything
-after the request may have reached the worker (a reset, a read timeout, a 500) is not
-retried: inference is expensive and possibly not idempotent.
+Policy (``is_retryable``): a request is retried on another worker when it cannot have been
+executed — the connection was refused or timed out before anything was sent — or when the
+worker answered 503 (Triton: not ready / overloaded, the request was not run). A request
+that is *safe to repeat* (``is_repeatable``) is also retried when the connection broke (a
+reset, an EOF) before any byte of the response came back: the worker died or dropped it, and
+nobody got an answer. A read timeout or a 500 is never retried (a slow worker is hedged
+instead: ``gateway.core.hedge``): the request may still be running there.
+
+Safe to repeat (``is_repeatable``): inference on a model without sequence state, by default.
+Never: a request of a sequence (``sequence_id``: its state lives on one worker, and a second
+run would advance it twice), a request of a model whose config has ``sequence_batching`` (a
+stateful model), a model marked ``models.<m>.repeatable: false``, or a streamed response that
+has started (the client has part of it already).
+
+=================  ============  =====================================
+stage              status        retried when
+=================  ============  =====================================
+connect            —             always (nothing was sent)
+send               —             the request is safe to repeat
+response           503           always (Triton did not run it)
+response           other / none  never (it ran, or may be running)
+=================  ============  =====================================
 
 Use::
 
     budget.record_request(now)                 # once per client request
     ...attempt fails...
-    if attempt < max_attempts and is_retryable(stage, status) and budget.try_retry(now):
+    if attempt < max_attempts and is_retryable(stage, status, repeatable=...) \
+            and budget.try_retry(now):
         ...retry on another worker...
 """
 
@@ -40,20 +58,30 @@ class AttemptStage(enum.Enum):
 RETRYABLE_STATUSES = frozenset({503})
 
 
-def is_retryable(stage: AttemptStage | str, status: int | None = None) -> bool:
+def is_repeatable(*, sequence: bool, stateful: bool, model_repeatable: bool = True,
+                  stream_started: bool = False) -> bool:
+    """May this request run twice (module doc)? ``sequence``: it carries a ``sequence_id``;
+    ``stateful``: its model's config has ``sequence_batching``; ``model_repeatable``:
+    ``models.<m>.repeatable``; ``stream_started``: part of a streamed answer went out."""
+    return model_repeatable and not (sequence or stateful or stream_started)
+
+
+def is_retryable(stage: AttemptStage | str, status: int | None = None, *,
+                 repeatable: bool = False) -> bool:
     """May a failed attempt be retried on another worker?
 
-    ``connect`` → yes. ``response`` → only with status 503. ``send`` → no: the request may
-    have been received whole and executed before the connection broke (the upstream pool
-    already retries a *reused* keep-alive connection that broke while writing, once, on a
-    fresh connection — the one "send" failure known to be harmless).
+    ``connect`` → yes. ``response`` → only with status 503. ``send`` → only a request that
+    is ``repeatable``: it may have been received whole and executed before the connection
+    broke, but no answer came back (the upstream pool already retries a *reused* keep-alive
+    connection that broke while writing, once, on a fresh connection — the one "send"
+    failure known to be harmless for any request).
     """
     stage = AttemptStage(stage)
     if stage is AttemptStage.CONNECT:
         return True
     if stage is AttemptStage.RESPONSE:
         return status in RETRYABLE_STATUSES
-    return False
+    return repeatable
 
 
 class RetryVerdict(enum.Enum):
@@ -66,14 +94,15 @@ class RetryVerdict(enum.Enum):
 
 
 def decide_retry(stage: AttemptStage | str, status: int | None, *, attempts: int,
-                 max_attempts: int, budget_allows: bool) -> RetryVerdict:
+                 max_attempts: int, budget_allows: bool,
+                 repeatable: bool = False) -> RetryVerdict:
     """Retry a failed attempt? Pure: the caller supplies the budget's answer.
 
     The rules apply in order: safety first (:func:`is_retryable`), then the attempt cap,
     then the budget. (A retry goes to a worker not tried yet; when none is left, routing
     says so.)
     """
-    if not is_retryable(stage, status):
+    if not is_retryable(stage, status, repeatable=repeatable):
         return RetryVerdict.NOT_SAFE
     if attempts >= max_attempts:
         return RetryVerdict.ATTEMPTS_EXHAUSTED

@@ -23,7 +23,8 @@ Three objects, and who owns what
   ``Router.decide(table, key, load, ...)`` returns ``Route`` or ``NoRoute``.
 
 Filters (:func:`drop_reason` is the reference; the table applies the same rules): not
-ready; model (and version, if asked) not ready; breaker refuses; free GPU memory below the
+ready; model (and version, if asked) not ready; breaker refuses; stalled (silent while the
+others answer: ``gateway.core.stall``); free GPU memory below the
 request's footprint (``memory_bytes_per_request`` × batch size, else a learned per-request
 estimate × batch size; a worker without GPU signals, or with stale ones, passes) — free memory
 *now*, estimated by :func:`live_free_bytes` from the scrape and the live in-flight count, so
@@ -168,6 +169,7 @@ MIN_SERVICE_S: Final = 1e-6
 DROP_NOT_READY: Final = "not ready"
 DROP_NO_MODEL: Final = "model not ready"
 DROP_BREAKER: Final = "breaker open"
+DROP_STALLED: Final = "stalled"
 DROP_MEMORY: Final = "not enough free GPU memory"
 DROP_SATURATED: Final = "saturated"
 
@@ -230,6 +232,8 @@ def drop_reason(worker: WorkerSnapshot, key: ModelKey, *, in_flight: int | None 
         return DROP_NO_MODEL
     if not worker.breaker_allows:
         return DROP_BREAKER
+    if worker.stalled:
+        return DROP_STALLED
     live = worker.in_flight if in_flight is None else in_flight
     if not has_memory_for(worker.signals, need_bytes, live):
         return DROP_MEMORY
@@ -491,7 +495,8 @@ def _plain_models(s: WorkerSnapshot) -> frozenset[str]:
 
 
 def _index_key(s: WorkerSnapshot) -> tuple[bool, str, frozenset[str], int]:
-    reason = DROP_NOT_READY if not s.ready else (DROP_BREAKER if not s.breaker_allows else "")
+    reason = (DROP_NOT_READY if not s.ready else DROP_BREAKER if not s.breaker_allows
+              else DROP_STALLED if s.stalled else "")
     return (not reason, reason, _plain_models(s), s.pool_priority)
 
 

@@ -20,8 +20,9 @@ The rules, as Doorman's leases (youtube/doorman) but computed by every replica a
   their demand summed over the replicas (``admission.tenants.*.weight``); each tenant's part
   goes to the replicas in proportion to its demand there. A slot held is GPU time held, so
   slot shares are GPU-second shares: tenant ``a`` entering only through one replica and
-  ``b`` only through another still get their weights' shares. What demand leaves over is
-  spread evenly, so an idle replica can start at once.
+  ``b`` only through another still get their weights' shares. What demand leaves over goes
+  by demand + 1 per replica: mostly where demand may grow next, a little to an idle replica
+  so that its first request can start at once.
 * **Granted atomically, raised only into what others gave up** (:func:`grant_units`): each
   heartbeat a replica asks for its target (from the last heartbeat's reports); the store
   that keeps the reports (one Lua script in Redis, the hub's one thread) grants it, one
@@ -168,7 +169,7 @@ def quotas(total: float, demand: Mapping[str, Mapping[str, float]],
            weights: Mapping[str, float], members: Sequence[str]) -> dict[str, float]:
     """Real-valued shares of ``total`` units of one model: ``demand`` is member → tenant →
     requests; tenants are served by weighted max-min fairness on their summed demand, each
-    tenant's part split among members by its demand there; the rest evenly."""
+    tenant's part split among members by its demand there; the rest by demand + 1."""
     by_tenant: dict[str, float] = {}
     for m in members:
         for tenant, d in sorted(demand.get(m, {}).items()):
@@ -179,9 +180,13 @@ def quotas(total: float, demand: Mapping[str, Mapping[str, float]],
         for tenant, d in sorted(demand.get(m, {}).items()):
             if by_tenant[tenant] > 0:
                 out[m] += tenant_part[tenant] * d / by_tenant[tenant]
+    # What demand leaves over goes by demand + 1: mostly to the busy replicas, whose demand
+    # may grow next, a little to the idle ones, so that a first request there can start.
     spare = max(0.0, total - sum(out.values()))
+    weight = {m: 1.0 + sum(demand.get(m, {}).values()) for m in members}
+    weight_sum = sum(weight.values())
     for m in members:
-        out[m] += spare / len(members)
+        out[m] += spare * weight[m] / weight_sum
     return out
 
 
@@ -285,11 +290,15 @@ Want = tuple[int, int, int]  # (target units, the fleet's limit, in flight now)
 
 
 def wants(target: Allocation | None, own_limits: Mapping[WorkerModel, int],
-          in_flight: Mapping[WorkerModel, int]) -> dict[WorkerModel, Want]:
+          in_flight: Mapping[WorkerModel, int], members_seen: int = 1
+          ) -> dict[WorkerModel, Want]:
     """What this replica asks the exchange for, per (worker, model): its target from the
-    last heartbeat's reports; for a (worker, model) the target does not know yet, its own
-    limit over the replicas it knows (all of it before it ever had a target)."""
-    members = max(1, len(target.members)) if target is not None else 1
+    last heartbeat's reports; for a (worker, model) the target does not know yet, or with no
+    target (just started, or back after the store was lost), its own limit over the
+    replicas it last saw — all of it when it never saw another — so that replicas coming
+    back together (Redis restarted empty) ask for a fair part each instead of the first
+    taking everything for a heartbeat."""
+    members = max(1, len(target.members)) if target is not None else max(1, members_seen)
     out: dict[WorkerModel, Want] = {}
     for key, limit in own_limits.items():
         if target is not None and key in target.units:

@@ -115,6 +115,7 @@ class WorkerSnapshot:
     signals: WorkerSignals | None  # None: never scraped, or stale
     breaker_allows: bool = True
     traffic_share: float = 1.0     # slow start: 0..1
+    stalled: bool = False          # silent while others answer (gateway.core.stall)
     latency_ewma_s: float = 0.0
     capacity_units: int = 0        # requests it executes at once, learned (0: use slots)
     # in-flight limit per model (gateway.core.concurrency); a model not listed has none

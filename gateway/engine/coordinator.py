@@ -99,7 +99,7 @@ class Coordinator:
     async def tick(self) -> None:
         """One heartbeat: publish, read back, recompute this replica's units."""
         report = dataclasses.replace(self._report(), member=self.member)
-        want = shares.wants(self._target, report.limits, report.in_flight)
+        want = shares.wants(self._target, report.limits, report.in_flight, self._members_seen)
         payload = json.dumps(report.to_json(), separators=(",", ":")).encode()
         want_payload = json.dumps(shares.want_json(want), separators=(",", ":")).encode()
         try:

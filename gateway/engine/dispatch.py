@@ -11,8 +11,18 @@ For one inference request:
    bounded priority queue (``gateway.core.admission`` decides: full, shed by priority, or deadline
    unmeetable → 503 now). Each completion wakes the best waiter.
 4. **Send** over the worker's keep-alive pool; the outcome feeds the worker's circuit breaker.
-5. **Retry** only when safe — the request never left (connect refused, stale connection) or
-   the worker answered 503 — to a *different* worker, inside the retry budget.
+5. **Retry** only when safe — the request never left (connect refused, stale connection),
+   the worker answered 503, or the connection broke before any answer on a request that is
+   safe to repeat (``gateway.core.retrybudget``) — to a *different* worker, inside the retry
+   budget.
+6. **Hedge** a request that is safe to repeat and stuck — its worker stalled
+   (``gateway.core.stall``: silent for a few service times while the others answer), or past
+   its per-try timeout (``gateway.core.hedge``) — with a second attempt on another worker,
+   from the same budget: the first answer wins, the other attempt is cancelled and its slot
+   released. The hedge runs as its own task; when it wins it cancels the dispatching task's
+   wait for the first attempt and hands its answer over (the pattern of ``asyncio.timeout``:
+   ``cancel()``, then ``uncancel()`` where the cancellation was only the hedge's), so the
+   common case — an answer before any hedge — costs one timer per request, no task.
 
 The dispatcher returns a :class:`Lease` holding the upstream response; the caller streams
 the body to the client and then calls :meth:`Dispatcher.finish`, which releases the slot.
@@ -22,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
+import itertools
 import logging
 import math
 import random
@@ -50,10 +62,18 @@ from gateway.core.errors import (
     UpstreamTimeout,
 )
 from gateway.core.fairshare import CostModel, FairShare, WorkerTimeline, tenant_label
+from gateway.core.hedge import HedgeVerdict, LatencyQuantiles, decide_hedge, per_try_timeout_s
 from gateway.core.requesthead import RequestHead, with_parameters
-from gateway.core.retrybudget import RetryBudget, RetryVerdict, decide_retry
+from gateway.core.retrybudget import (
+    AttemptStage,
+    RetryBudget,
+    RetryVerdict,
+    decide_retry,
+    is_repeatable,
+)
 from gateway.core.signals import RawMetrics
 from gateway.core.spans import RequestTrace
+from gateway.core.stall import StallBoard, StallState, StallTransition
 from gateway.core.sticky import StickyTable
 from gateway.core.types import ModelKey, NoRoute, Priority, Route, WorkerId
 from gateway.core.waitqueue import Ticket, WaitQueue
@@ -74,6 +94,9 @@ MAX_WAKE_PASSES = 4
 MAX_SKIPPED = 32
 MAX_DEMAND_KEYS = 4096
 NO_PEERS: dict[tuple[str, str], int] = {}
+STALL_TICK_S = 0.025    # how often the stall rule looks at the busy workers
+HEDGE_RETRY_S = 0.05    # a due hedge that found no free worker (or budget) looks again after
+MAX_HEDGE_PICKS = 4     # routing decisions one hedge may try (breaker / stall refusals)
 
 
 @dataclass(slots=True)
@@ -119,6 +142,56 @@ class Lease:
     shares: tuple[tuple[str | None, int], ...] = ()  # a merged batch's tenants, by rows
 
 
+@dataclass(slots=True)
+class _Won:
+    """A hedge's answer, handed to the dispatching task."""
+
+    worker: Worker
+    response: Response
+    started: float
+    ahead: int
+    answered: float
+    exec_from: float
+
+
+class _Phase(enum.Enum):
+    AWAITING = "awaiting"    # the first attempt awaits its answer
+    FALLBACK = "fallback"    # the first attempt failed; the hedge is all that is left
+    DONE = "done"
+
+
+class _Flight:
+    """A request's attempt awaiting its answer, watched for a hedge (module doc, 6)."""
+
+    __slots__ = ("attempts", "call", "cancelled_task", "cancelling", "hedge", "id", "noted",
+                 "phase", "sent", "taken", "task", "timeout_s", "timer", "tried", "waiter",
+                 "won", "worker")
+
+    def __init__(self, fid: int, call: Call, worker: Worker, sent: float, attempts: int,
+                 tried: set[WorkerId], task: asyncio.Task[object], timeout_s: float) -> None:
+        self.id = fid
+        self.call = call
+        self.worker = worker
+        self.sent = sent
+        self.attempts = attempts
+        self.tried = tried
+        self.task = task
+        self.cancelling = task.cancelling()
+        self.timeout_s = timeout_s
+        self.phase = _Phase.AWAITING
+        self.timer: asyncio.TimerHandle | None = None
+        self.hedge: asyncio.Task[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.won: _Won | None = None
+        self.taken = False
+        self.cancelled_task = False
+        self.noted: set[str] = set()   # why a due hedge did not go, counted once each
+
+    def __repr__(self) -> str:
+        return (f"<_Flight {self.call.key} on {self.worker.id} {self.phase.value} "
+                f"attempts={self.attempts} hedged={self.hedge is not None}>")
+
+
 class Dispatcher:
     """Composes the pure parts — rate limits, router, :class:`WaitQueue`, :class:`StickyTable`,
     :func:`decide_retry`, breakers — and does the awaiting."""
@@ -126,14 +199,24 @@ class Dispatcher:
     def __init__(self, cfg: GatewayConfig, fleet: Fleet, *,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
-                 redis_store: RedisStore | None = None) -> None:
+                 redis_store: RedisStore | None = None, local_limit_share: float = 1.0) -> None:
         self.cfg = cfg
         self.fleet = fleet
+        # gateway serve --processes N: each process admits 1/N of every local bucket
+        self.local_limit_share = local_limit_share
         self.clock = clock
         self.rng = rng or random.Random()
         self.breakers = BreakerBoard(cfg.admission.breaker, rng=self.rng)
-        self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store)
+        self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store,
+                                               local_share=self.local_limit_share)
         self.retry_budget = RetryBudget(cfg.admission.retry)
+        # Stalled workers (gateway.core.stall) and the latencies per-try timeouts come from.
+        self.stalls = StallBoard(cfg.admission.stall)
+        self.latencies = LatencyQuantiles()
+        self._flights: dict[int, _Flight] = {}    # attempts watched for a hedge, by id
+        self._flight_ids = itertools.count()
+        # Set by the service: a worker's stall state changed (the routing table follows it).
+        self.on_stall_change: Callable[[StallTransition], None] | None = None
         self.router = routing.Router(cfg.routing, cfg.models, rng=self.rng)
         self.table = routing.RoutingTable()
         self.load: routing.LoadSource | None = None
@@ -192,8 +275,10 @@ class Dispatcher:
             self.model_limits = ModelLimits(adaptive=cfg.upstream.model_limits == "adaptive")
         self.cfg = cfg
         self.breakers.reconfigure(cfg.admission.breaker)
-        self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store)
+        self.limiter = RateLimiter.from_config(cfg, redis_store=redis_store,
+                                               local_share=self.local_limit_share)
         self.retry_budget.reconfigure(cfg.admission.retry)
+        self.stalls.reconfigure(cfg.admission.stall)
         self.router = routing.Router(cfg.routing, cfg.models, rng=self.rng)
         self.fair.idle_credit_s = cfg.admission.queue.idle_credit_s
 
@@ -216,37 +301,56 @@ class Dispatcher:
             attempts += 1
             started = self.clock()
             queued_s += started - asked
+            repeatable = self.is_repeatable(call, worker)
+            flight = self._watch(call, worker, started, attempts, tried) if repeatable \
+                else None
             try:
                 headers, body = self._with_remaining_time(call, worker)
                 if call.trace is not None:
                     headers = call.trace.attempt(worker.id, attempts, headers)
                 resp = await worker.pool.request(call.method, call.target, headers, body,
                                                  stream=call.stream,
-                                                 read_timeout_s=self._read_timeout(call))
+                                                 read_timeout_s=self._read_timeout(call),
+                                                 resend_stale=repeatable)
             except UpstreamFailure as exc:
                 if call.trace is not None:
                     call.trace.attempt_failed(None, str(exc))
                 ok = self.judge_failure(call, exc)
                 self._end(worker, call.key.name, started, ok=ok)
-                if ok is False and self.may_retry(exc.stage, None, attempts, tried, worker):
+                if flight is not None:
+                    won = await self._hedge_outcome(flight)
+                    attempts = flight.attempts
+                    if won is not None:
+                        return self._lease(call, won, attempts, queued_s)
+                if ok is False and self.may_retry(exc.stage, None, attempts, tried, worker,
+                                                  call=call):
                     continue
                 raise
+            except asyncio.CancelledError:
+                # The client went away (not the worker's fault), or a hedge answered first.
+                won = self._took_over(flight) if flight is not None else None
+                self._end(worker, call.key.name, started, ok=None)
+                if won is None or flight is None:
+                    raise
+                return self._lease(call, won, flight.attempts, queued_s)
             except BaseException:
-                # Cancelled (the client went away): not the worker's fault.
                 self._end(worker, call.key.name, started, ok=None)
                 raise
+            finally:
+                if flight is not None:
+                    self._unwatch(flight)
+            if flight is not None:
+                attempts = flight.attempts   # a hedge that lost is an attempt too
             if resp.status == 503 and self.may_retry("response", 503, attempts, tried, worker):
                 if call.trace is not None:
                     call.trace.attempt_failed(503, "the worker answered 503; retried")
                 resp.close()
-                self._end(worker, call.key.name, started, ok=False)
+                self._end(worker, call.key.name, started, ok=False, heard=True)
                 continue
             # The answer's arrival ends the execution (the body relay may take longer and
             # finish out of order): the worker's timeline and the cost sample go by it.
             answered = self.clock()
-            exec_from = max(started, self._last_answer.get(worker.id, 0.0))
-            self._last_answer[worker.id] = answered
-            self.timeline.done(worker.id, answered)
+            exec_from = self._answered(worker, call.key.name, started, answered)
             if call.sequence_id is not None:
                 self.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
             return Lease(worker, resp, started, call.key.name, attempts, queued_s=queued_s,
@@ -273,9 +377,15 @@ class Dispatcher:
         if call.trace is not None:
             call.trace.acquiring()
         worker = await self._acquire(call, tried)
+        self._take(call, worker)
+        return worker
+
+    def _take(self, call: Call, worker: Worker) -> None:
+        """The slot on ``worker`` is ``call``'s (the bookkeeping of :meth:`acquire`)."""
         self.upstream_attempts += 1
         worker.begin(call.key.name)
         self.in_flight_total += 1
+        self.stalls.sent(worker.id, self.clock())
         if self.coordinated:
             sent, key = self._sent_by, (call.key.name, call.tenant)
             n = sent.get(key)
@@ -286,7 +396,6 @@ class Dispatcher:
         if self.is_fair:  # the just-in-time hold is fair order's; FIFO skips its bookkeeping
             self.timeline.sent(worker.id, self.clock(),
                                self.costs.cost(worker.id, call.key.name, call.batch_size))
-        return worker
 
     def release(self, worker: Worker, model: str, started: float, *, ok: bool | None,
                 ahead: int = -1) -> None:
@@ -343,22 +452,303 @@ class Dispatcher:
         return max(0.001, min(self.cfg.upstream.read_timeout_s, left))
 
     def may_retry(self, stage: str, status: int | None, attempts: int,
-                  tried: set[WorkerId], worker: Worker) -> bool:
+                  tried: set[WorkerId], worker: Worker, *, call: Call | None = None) -> bool:
         """Retry a failed attempt on another worker? :func:`decide_retry` with this
         dispatcher's retry budget (shared by every transport: HTTP and gRPC); a yes is
-        recorded against the budget. ``worker`` joins ``tried`` either way."""
+        recorded against the budget. ``worker`` joins ``tried`` either way. ``call``: the
+        request, where the transport can tell whether it is safe to repeat (a connection
+        broken before any answer is retried only then); without it, never."""
         tried.add(worker.id)
         now = self.clock()
+        repeatable = call is not None and self.is_repeatable(call, worker)
         verdict = decide_retry(stage, status, attempts=attempts,
                                max_attempts=self.cfg.admission.retry.max_attempts,
-                               budget_allows=self.retry_budget.can_retry(now))
+                               budget_allows=self.retry_budget.can_retry(now),
+                               repeatable=repeatable)
         if verdict is RetryVerdict.BUDGET_EXHAUSTED:
             self.counters["retry_budget_exhausted"] += 1
+        elif verdict is RetryVerdict.NOT_SAFE and AttemptStage(stage) is AttemptStage.SEND:
+            self.counters["not_repeated"] += 1   # broke before answering; not safe to resend
         if verdict is not RetryVerdict.RETRY:
             return False
         self.retry_budget.record_retry(now)
         self.counters["retries"] += 1
         return True
+
+    def is_repeatable(self, call: Call, worker: Worker | None = None) -> bool:
+        """May ``call`` run twice (``retrybudget.is_repeatable``)? Stateful as far as
+        ``worker``'s model configs tell (a streamed answer is never resent once started:
+        retries and hedges both happen before any answer)."""
+        name = call.key.name
+        return is_repeatable(sequence=call.sequence_id is not None,
+                             stateful=worker is not None and name in worker.stateful_models,
+                             model_repeatable=self.cfg.model(name).repeatable)
+
+    def _answered(self, worker: Worker, model: str, started: float, now: float) -> float:
+        """A response head came from ``worker``: the execution's end (its timeline, the
+        model's latency, the stall watch). Returns when its execution began: sent, or the
+        worker's previous answer if later."""
+        exec_from = max(started, self._last_answer.get(worker.id, 0.0))
+        self._last_answer[worker.id] = now
+        self.timeline.done(worker.id, now)
+        self.latencies.observe(model, now - started, now)
+        self._stall_ended(worker.id, now, answered=True)
+        return exec_from
+
+    def _lease(self, call: Call, won: _Won, attempts: int, queued_s: float) -> Lease:
+        self.counters["hedges_won"] += 1
+        return Lease(won.worker, won.response, won.started, call.key.name, attempts,
+                     queued_s=queued_s, tenant=call.tenant, batch_size=call.batch_size,
+                     cost_s=call.cost_s, ahead=won.ahead, answered=won.answered,
+                     exec_from=won.exec_from, shares=call.shares)
+
+    # hedges -------------------------------------------------------------------------------
+    def _watch(self, call: Call, worker: Worker, sent: float, attempts: int,
+               tried: set[WorkerId]) -> _Flight | None:
+        """Watch an attempt of a request safe to repeat for a hedge (its per-try timeout as
+        a timer); None: it is never hedged (hedging off, a stream, no attempt left)."""
+        cfg = self.cfg.admission
+        if not cfg.hedge.enabled or call.stream or attempts >= cfg.retry.max_attempts:
+            return None
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        p99 = self.latencies.quantile(call.key.name, 0.99, sent,
+                                      min_samples=cfg.hedge.min_samples)
+        flight = _Flight(next(self._flight_ids), call, worker, sent, attempts, tried,
+                         task, per_try_timeout_s(p99, cfg.hedge))
+        self._flights[flight.id] = flight
+        flight.timer = asyncio.get_running_loop().call_later(flight.timeout_s,
+                                                             self._hedge_due, flight)
+        return flight
+
+    def _unwatch(self, flight: _Flight) -> None:
+        """The dispatching task is done with the attempt: no hedge any more; a hedge still
+        running is cancelled (its slot is released as it ends); an answer of a hedge that
+        nobody took (the client left meanwhile) is closed and its slot released."""
+        flight.phase = _Phase.DONE
+        self._flights.pop(flight.id, None)
+        if flight.timer is not None:
+            flight.timer.cancel()
+            flight.timer = None
+        if flight.hedge is not None and not flight.hedge.done():
+            flight.hedge.cancel()
+        won = flight.won
+        if won is not None and not flight.taken:
+            flight.won = None
+            won.response.close()
+            self._end(won.worker, flight.call.key.name, won.started, ok=None, answered=True)
+
+    def _hedge_due(self, flight: _Flight) -> None:
+        flight.timer = None
+        self._consider_hedge(flight, stalled=self.stalls.is_excluded(flight.worker.id))
+
+    def _rearm(self, flight: _Flight, delay_s: float) -> None:
+        if flight.timer is None and flight.phase is _Phase.AWAITING:
+            flight.timer = asyncio.get_running_loop().call_later(max(0.001, delay_s),
+                                                                 self._hedge_due, flight)
+
+    def _consider_hedge(self, flight: _Flight, *, stalled: bool) -> None:
+        """Hedge the attempt now? :func:`decide_hedge`; a yes takes a free slot on another
+        worker — never ahead of requests queued for the model — and starts the hedge."""
+        if flight.phase is not _Phase.AWAITING or flight.hedge is not None:
+            return
+        call = flight.call
+        name = call.key.name
+        now = self.clock()
+        cfg = self.cfg.admission
+        # The per-try timeout as the model's latencies say *now*: when every worker slowed
+        # down at once, the answers that came meanwhile have moved the p99, and a request
+        # sent before them is not stuck, just as slow as the rest.
+        flight.timeout_s = max(flight.timeout_s, per_try_timeout_s(
+            self.latencies.quantile(name, 0.99, now, min_samples=cfg.hedge.min_samples),
+            cfg.hedge))
+        verdict = decide_hedge(
+            now=now, sent_at=flight.sent, timeout_s=flight.timeout_s, worker_stalled=stalled,
+            repeatable=True,   # checked when it was watched
+            attempts=flight.attempts, max_attempts=cfg.retry.max_attempts,
+            deadline=call.deadline,
+            expected_s=self.latencies.quantile(name, 0.5, now,
+                                               min_samples=cfg.hedge.min_samples) or 0.0,
+            budget_allows=self.retry_budget.can_retry(now))
+        if verdict is HedgeVerdict.WAIT:
+            self._rearm(flight, flight.sent + flight.timeout_s - now)
+            return
+        if verdict is not HedgeVerdict.HEDGE:
+            self._note(flight, f"hedge_{verdict.value}")
+            if verdict is HedgeVerdict.BUDGET_EXHAUSTED:
+                self._rearm(flight, HEDGE_RETRY_S)   # the budget's window moves on
+            return
+        worker = self._take_now(call, flight.tried | {flight.worker.id})
+        if worker is None:
+            self._note(flight, "hedge_no_worker")
+            self._rearm(flight, HEDGE_RETRY_S)
+            return
+        self.retry_budget.record_retry(now)
+        self.counters["hedges"] += 1
+        self.counters["hedges_on_stall" if stalled else "hedges_on_timeout"] += 1
+        flight.attempts += 1
+        flight.tried.add(flight.worker.id)
+        flight.tried.add(worker.id)
+        flight.hedge = asyncio.get_running_loop().create_task(self._run_hedge(flight, worker))
+
+    def _note(self, flight: _Flight, counter: str) -> None:
+        if counter not in flight.noted:
+            flight.noted.add(counter)
+            self.counters[counter] += 1
+
+    def _take_now(self, call: Call, exclude: set[WorkerId]) -> Worker | None:
+        """A free slot for a hedge at once, or None: no waiting, never ahead of the queue."""
+        if self.queue.waiting_for(call.key.name):
+            return None
+        for _ in range(MAX_HEDGE_PICKS):
+            decision = self.pick(call, exclude, defer=False)
+            if not isinstance(decision, Route):
+                return None
+            worker = self.fleet.workers.get(decision.worker)
+            if worker is None:
+                return None
+            if not self.stalls.allows(worker.id) \
+                    or not self.breakers.allow(worker.id, self.clock()):
+                exclude.add(worker.id)
+                continue
+            self._take(call, worker)
+            return worker
+        return None
+
+    async def _run_hedge(self, flight: _Flight, worker: Worker) -> None:
+        """The second attempt. Its answer goes to the dispatching task (first answer wins);
+        a failure leaves the first attempt to answer alone."""
+        call = flight.call
+        name = call.key.name
+        ahead = worker.in_flight - 1
+        started = self.clock()
+        try:
+            headers, body = self._with_remaining_time(call, worker)
+            if call.trace is not None:
+                headers = call.trace.attempt(worker.id, flight.attempts, headers)
+            resp = await worker.pool.request(call.method, call.target, headers, body,
+                                             read_timeout_s=self._read_timeout(call))
+        except UpstreamFailure as exc:
+            if call.trace is not None:
+                call.trace.attempt_failed(None, f"hedge: {exc}")
+            self._end(worker, name, started, ok=self.judge_failure(call, exc))
+            self._hedge_lost(flight)
+            return
+        except asyncio.CancelledError:
+            self._end(worker, name, started, ok=None)   # the first attempt answered first
+            raise
+        except Exception:
+            log.exception("hedge of a %s request on %s failed", name, worker.id)
+            self._end(worker, name, started, ok=None)
+            self._hedge_lost(flight)
+            return
+        now = self.clock()
+        if resp.status == 503:   # not run there: no answer to win with
+            resp.close()
+            self._end(worker, name, started, ok=False, heard=True)
+            self._hedge_lost(flight)
+            return
+        won = _Won(worker, resp, started, ahead, now, self._answered(worker, name, started, now))
+        if flight.phase is _Phase.DONE:
+            resp.close()
+            self._end(worker, name, started, ok=None, answered=True)
+            return
+        flight.won = won
+        if flight.phase is _Phase.FALLBACK:
+            if flight.waiter is not None and not flight.waiter.done():
+                flight.waiter.set_result(None)
+            return
+        # The first attempt still waits: cancel that wait; the task takes this answer
+        # (dispatch's CancelledError branch, _took_over).
+        flight.cancelled_task = True
+        flight.task.cancel()
+
+    def _hedge_lost(self, flight: _Flight) -> None:
+        if flight.phase is _Phase.FALLBACK and flight.waiter is not None \
+                and not flight.waiter.done():
+            flight.waiter.set_result(None)
+
+    async def _hedge_outcome(self, flight: _Flight) -> _Won | None:
+        """The first attempt failed: a hedge under way may still answer. Wait for it; its
+        answer, or None (no hedge, or it failed too)."""
+        if flight.timer is not None:
+            flight.timer.cancel()
+            flight.timer = None
+        if flight.hedge is None or flight.hedge.done():
+            return self._claim(flight)
+        flight.phase = _Phase.FALLBACK
+        flight.waiter = asyncio.get_running_loop().create_future()
+        await flight.waiter
+        return self._claim(flight)
+
+    def _claim(self, flight: _Flight) -> _Won | None:
+        won = flight.won
+        if won is not None:
+            flight.taken = True
+        return won
+
+    def _took_over(self, flight: _Flight) -> _Won | None:
+        """In the dispatching task's CancelledError: the hedge's answer when the hedge's
+        cancellation was the only one (as ``asyncio.timeout`` tells its own); None when the
+        task is cancelled for good (the client left), which then stands."""
+        if flight.won is None or not flight.cancelled_task:
+            return None
+        flight.cancelled_task = False
+        if flight.task.uncancel() > flight.cancelling:
+            return None
+        return self._claim(flight)
+
+    # stalled workers ----------------------------------------------------------------------
+    async def watch_stalls(self) -> None:
+        """Apply the stall rule every ``STALL_TICK_S`` (the service runs this)."""
+        while True:
+            await asyncio.sleep(STALL_TICK_S)
+            try:
+                self.check_stalls()
+            except Exception:
+                log.exception("stall check failed")
+
+    def check_stalls(self) -> None:
+        now = self.clock()
+        for t in self.stalls.check(now, lambda wid: self._service_s(wid, now),
+                                   fleet_size=len(self.fleet.workers),
+                                   lag_s=self.loop_lag(now)):
+            self._stall_changed(t)
+
+    def _service_s(self, wid: WorkerId, now: float) -> float | None:
+        """The worker's learned service time: the slowest of the models in flight there."""
+        worker = self.fleet.workers.get(wid)
+        if worker is None:
+            return None
+        best: float | None = None
+        for model in worker.in_flight_by_model:
+            est = self.service_times.estimate(wid, model, now, probing=True)
+            if est is not None and (best is None or est > best):
+                best = est
+        return best
+
+    def _stall_ended(self, wid: WorkerId, now: float, *, answered: bool) -> None:
+        t = self.stalls.ended(wid, now, answered=answered)
+        if t is not None:
+            self._stall_changed(t)
+
+    def _stall_changed(self, t: StallTransition) -> None:
+        """One log line when a worker stalls and one when it recovers; the routing table
+        follows; the requests stuck on a newly stalled worker are hedged."""
+        if t.new is StallState.STALLED and t.old is StallState.SERVING:
+            self.counters["stalls"] += 1
+            log.warning("worker %s stalled, no new requests until it answers: %s",
+                        t.worker, t.detail)
+        elif t.new is StallState.SERVING:
+            log.warning("worker %s recovered from its stall: %s", t.worker, t.detail)
+        else:
+            log.debug("worker %s %s: %s", t.worker, t.new.value, t.detail)
+        if self.on_stall_change is not None:
+            self.on_stall_change(t)
+        if t.new is StallState.STALLED:
+            for flight in [f for f in self._flights.values() if f.worker.id == t.worker]:
+                self._consider_hedge(flight, stalled=True)
 
     def finish(self, lease: Lease, *, ok: bool | None = None, aborted: bool = False) -> None:
         """Release the lease's slot. ``ok`` None = judge by the status code; ``aborted`` =
@@ -377,16 +767,19 @@ class Dispatcher:
             self._settle(lease)
 
     def _end(self, worker: Worker, model: str, started: float, *, ok: bool | None,
-             ahead: int = -1, answered: bool = False) -> None:
+             ahead: int = -1, answered: bool = False, heard: bool | None = None) -> None:
         """``ok`` None: the attempt was abandoned, neither success nor failure. ``ahead``:
         the others in flight on the worker when it was sent (-1: unknown; those now).
-        ``answered``: the worker's timeline took the answer already (:meth:`dispatch`)."""
+        ``answered``: the worker's timeline and stall watch took the answer already
+        (:meth:`_answered`). ``heard``: whether the worker answered at all (default: ``ok``
+        is True) — a 503 is an answer, a failure that broke the connection is not."""
         now = self.clock()
         latency = now - started
         worker.end(model, latency if ok else None)
         self.in_flight_total -= 1
         if not answered:
             self.timeline.done(worker.id, now)
+            self._stall_ended(worker.id, now, answered=ok is True if heard is None else heard)
         if ok:
             self.service_times.observe(worker.id, model, latency, now,
                                        in_flight=ahead if ahead >= 0 else worker.in_flight,
@@ -470,6 +863,7 @@ class Dispatcher:
         self.service_times.forget(worker)
         self.costs.forget_worker(worker)
         self._last_answer.pop(worker, None)
+        self.stalls.forget(worker)
         self._counters_at.pop(worker, None)
         self.timeline.forget_worker(worker)
         timer = self._hold_timers.pop(worker, None)
@@ -523,6 +917,13 @@ class Dispatcher:
         """Fair order only, and only where the gateway learned how many requests the worker
         executes at once (the minimal config's slots)."""
         if not self.is_fair or worker.configured_slots is not None or not worker.derived_units:
+            return 0.0
+        if self.coordinated:
+            # Replicas: this replica sees only its own requests on the worker, not the units
+            # the others keep busy, so it cannot tell when a waiting slot there is due; its
+            # granted share of the worker (weighted by tenant) is what keeps the order fair.
+            # Holding on its own count let a small share never hold and a large one never
+            # fill: tenants 3 : 1 through two replicas got 52 % : 48 %, 77 % : 23 % without.
             return 0.0
         return self.timeline.hold_s(worker.id, now, worker.derived_units)
 
@@ -604,7 +1005,7 @@ class Dispatcher:
                 if isinstance(decision, Route):
                     worker = self.fleet.workers[decision.worker]
                     now = self.clock()
-                    if not self.breakers.allow(worker.id, now):
+                    if not self.stalls.allows(worker.id) or not self.breakers.allow(worker.id, now):
                         tried.add(worker.id)
                         continue
                     hold_s = self._hold_s(worker, now)

@@ -27,6 +27,7 @@ from gateway.core import shares
 MAX_MEMBERS: Final = 256
 MAX_LINE_BYTES: Final = 4 << 20
 ENV_VAR: Final = "GATEWAY_HUB"  # the socket's path, set for the children
+PROCESSES_ENV_VAR: Final = "GATEWAY_PROCESSES"  # N, set for the children
 
 
 class HubUnavailable(Exception):

@@ -42,6 +42,7 @@ reload builds a new limiter: local buckets start full again, Redis buckets carry
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -245,21 +246,35 @@ class RateLimiter:
                      for n, c in (gpu_tenants or {}).items()}
 
     @classmethod
-    def from_config(cls, cfg: GatewayConfig,
-                    redis_store: RedisStore | None = None) -> RateLimiter:
+    def from_config(cls, cfg: GatewayConfig, redis_store: RedisStore | None = None, *,
+                    local_share: float = 1.0) -> RateLimiter:
         """Buckets from the YAML; a Redis store is created (and owned) when a global-scope
-        bucket needs one and none is given."""
+        bucket needs one and none is given. ``local_share``: this process's part of each
+        local bucket (``gateway serve --processes N``: 1/N, so that N processes on one host
+        admit what one gateway would)."""
         adm = cfg.admission
-        tenants = {n: t.rate_limit for n, t in adm.tenants.items() if t.rate_limit}
-        models = {n: m.rate_limit for n, m in cfg.models.items() if m.rate_limit}
-        gpu = {n: t.gpu_rate_limit for n, t in adm.tenants.items() if t.gpu_rate_limit}
+
+        def part(b: BucketConfig | None) -> BucketConfig | None:
+            if b is None or b.scope != "local" or local_share >= 1.0:
+                return b
+            burst = b.burst if b.burst is not None else b.rate_per_s
+            return dataclasses.replace(b, rate_per_s=b.rate_per_s * local_share,
+                                       burst=max(1.0, burst * local_share))
+
+        tenants = {n: part(t.rate_limit) for n, t in adm.tenants.items() if t.rate_limit}
+        models = {n: part(m.rate_limit) for n, m in cfg.models.items() if m.rate_limit}
+        gpu = {n: part(t.gpu_rate_limit) for n, t in adm.tenants.items() if t.gpu_rate_limit}
+        global_limit = part(adm.global_limit)
         every = [*tenants.values(), *models.values(), *gpu.values(),
                  *([adm.global_limit] if adm.global_limit else [])]
         store, owns = redis_store, False
-        if store is None and any(b.scope == "global" for b in every):
+        if store is None and any(b is not None and b.scope == "global" for b in every):
             store, owns = RedisStore(adm.redis), True
-        return cls(global_limit=adm.global_limit, tenants=tenants, models=models,
-                   gpu_tenants=gpu, store=store, owns_store=owns)
+        return cls(global_limit=global_limit,
+                   tenants={n: b for n, b in tenants.items() if b is not None},
+                   models={n: b for n, b in models.items() if b is not None},
+                   gpu_tenants={n: b for n, b in gpu.items() if b is not None},
+                   store=store, owns_store=owns)
 
     def _make(self, name: str, cfg: BucketConfig) -> Bucket:
         if cfg.scope == "global":

@@ -1,7 +1,7 @@
 """Keeps the routing table in step with the fleet: one snapshot per worker (signals,
-readiness, breaker state, slow-start share, effective slots, the learned in-flight limit of
-each of its models), refreshed on every fleet change and every scrape tick — never per
-request.
+readiness, breaker state, stalled or not, slow-start share, effective slots, the learned
+in-flight limit of each of its models), refreshed on every fleet change, every stall
+state change and every scrape tick — never per request.
 
 A worker that joins, or comes back after start-up, gets a fresh breaker that ramps its
 traffic share up (slow start); a worker that left is removed from the table, the breaker
@@ -67,7 +67,8 @@ class RoutingTableSync:
                 self._serving_seen[w.id] = w.serving_since
             snap = w.snapshot(ModelKey(""), now, cfg.scrape.stale_after_s,
                               breaker_allows=board.state(w.id, now).gauge != 2,
-                              traffic_share=board.traffic_share(w.id, now))
+                              traffic_share=board.traffic_share(w.id, now),
+                              stalled=self._dispatcher.stalls.is_excluded(w.id))
             if cfg.admission.adaptive.enabled:
                 slots = self._dispatcher.effective_slots(w)
                 if slots != snap.slots:

@@ -134,6 +134,8 @@ class ModelFacts:
     timeout_override: bool = False
     # dynamic_batching.priority_levels: the gateway's priority class goes on as ``priority``
     priority_levels: int = 0
+    # sequence_batching: a stateful model, whose requests are never sent twice
+    sequence_batching: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +290,7 @@ def model_facts(config: object) -> ModelFacts | None:
         max_queue_delay_us=delay if isinstance(delay, int) and delay > 0 else 0,
         timeout_override=isinstance(batching, dict) and _allows_timeout_override(batching),
         priority_levels=_priority_levels(batching),
+        sequence_batching=isinstance(config.get("sequence_batching"), dict),
     )
 
 

@@ -278,12 +278,14 @@ class Fleet:
 
     async def _derive_slots(self, w: Worker, models: list[str]) -> None:
         """What the worker's model configs say. Which models take Triton's ``timeout``
-        parameter; and, with upstream.default_slots: auto (unless the worker's slots are
-        set), its slots — enough in flight to keep every model instance busy
-        and one more waiting per instance; the rest waits in the gateway's own queue, where
-        priority, deadlines and batching apply. A model with Triton's dynamic batcher
+        parameter; which keep sequence state (never sent twice); and, with
+        upstream.default_slots: auto (unless the worker's slots are set), its slots —
+        enough in flight to keep every model instance busy and one more waiting per
+        instance; the rest waits in the gateway's own queue, where priority, deadlines and
+        batching apply. A model with Triton's dynamic batcher
         executes up to ``max_batch_size`` requests per instance at once."""
         timeouts: set[str] = set()
+        stateful: set[str] = set()
         levels: dict[str, int] = {}
         per_model: dict[str, ModelCapacity] = {}
         for name in sorted(models)[:64]:  # bounded: model names come from the worker
@@ -298,6 +300,8 @@ class Fleet:
                 continue
             if facts.timeout_override:
                 timeouts.add(name)
+            if facts.sequence_batching:
+                stateful.add(name)
             if facts.priority_levels:
                 levels[name] = facts.priority_levels
             per_instance = facts.max_batch_size if facts.dynamic_batching else 1
@@ -306,6 +310,7 @@ class Fleet:
                                             static=min(MAX_DERIVED_SLOTS,
                                                        model_units + facts.instances))
         w.passes_timeout = frozenset(timeouts)
+        w.stateful_models = frozenset(stateful)
         w.priority_levels = levels
         units = sum(c.units for c in per_model.values())
         slots = sum(c.static for c in per_model.values())

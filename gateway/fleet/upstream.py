@@ -441,8 +441,15 @@ class Pool:
         *,
         stream: bool = False,
         read_timeout_s: float | None = None,
+        resend_stale: bool = True,
     ) -> Response:
-        """Send one request and return once the response headers are in."""
+        """Send one request and return once the response headers are in.
+
+        ``resend_stale``: a reused keep-alive connection that breaks before any byte of the
+        answer is taken for one the worker closed as it sat idle, and the request is sent
+        once more on a fresh connection. That is also what a worker dying *while running
+        the request* looks like: a request that must never run twice (a sequence, a
+        stateful model) passes False and gets the failure instead."""
         timeout = self.limits.read_timeout_s if read_timeout_s is None else read_timeout_s
         head = self._head(method, target, headers, body)
         self.requests += 1
@@ -454,7 +461,7 @@ class Pool:
                 self.release(conn, reusable=False)
                 # A reused keep-alive connection may have been closed by the worker just
                 # as we wrote: nothing reached it, so one retry on a fresh one is safe.
-                if reused and exc.stage == "send" and attempt == 0:
+                if reused and exc.stage == "send" and attempt == 0 and resend_stale:
                     continue
                 raise
             except BaseException:

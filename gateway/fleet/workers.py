@@ -124,6 +124,7 @@ class Worker:
         "signals",
         "slots",
         "state",
+        "stateful_models",
         "url",
     )
 
@@ -158,6 +159,8 @@ class Worker:
         self.passes_timeout: frozenset[str] = frozenset()
         # Models with Triton priority levels: the request's class goes on as ``priority``.
         self.priority_levels: dict[str, int] = {}
+        # Models whose config has sequence_batching (stateful): never sent twice.
+        self.stateful_models: frozenset[str] = frozenset()
         self.state = State.JOINING
         self.ok_streak = 0
         self.fail_streak = 0
@@ -210,7 +213,8 @@ class Worker:
         return s
 
     def snapshot(self, key: ModelKey, now: float, stale_after_s: float, *,
-                 breaker_allows: bool = True, traffic_share: float = 1.0) -> WorkerSnapshot:
+                 breaker_allows: bool = True, traffic_share: float = 1.0,
+                 stalled: bool = False) -> WorkerSnapshot:
         return WorkerSnapshot(
             id=self.id,
             pool_priority=self.pool_priority,
@@ -222,6 +226,7 @@ class Worker:
             signals=self.fresh_signals(now, stale_after_s),
             breaker_allows=breaker_allows,
             traffic_share=traffic_share,
+            stalled=stalled,
             latency_ewma_s=self.latency_ewma_s,
             capacity_units=self.capacity_units,
         )

@@ -10,7 +10,9 @@ generated here; this module is the one place that imports them and protobuf.
 Status mapping (the gateway's HTTP-style statuses ↔ gRPC codes), Triton's own where it has
 one: 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 403 → PERMISSION_DENIED, 404 →
 NOT_FOUND, 413/429 → RESOURCE_EXHAUSTED, 500 → INTERNAL, 501/405 → UNIMPLEMENTED,
-502/503 → UNAVAILABLE, 504 → DEADLINE_EXCEEDED.
+502/503 → UNAVAILABLE, 504 → DEADLINE_EXCEEDED — and a deadline refusal (503 on HTTP: the
+request cannot be answered in the time it has left) → DEADLINE_EXCEEDED, as Triton answers a
+request whose deadline runs out (:func:`code_for_error`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.core.errors import BadRequest
+from gateway.core.errors import BadRequest, DeadlineUnmeetable, GatewayError
 from gateway.core.types import ModelKey
 from gateway.fleet.aggregates import merge_stats
 
@@ -62,6 +64,15 @@ def failed_attempt(code: str, *, connected: bool) -> tuple[str, int | None]:
 
 def code_for_status(status: int) -> str:
     return CODE_BY_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
+
+
+def code_for_error(exc: GatewayError) -> str:
+    """The gRPC code of the gateway's own error: by its status, except that a deadline the
+    gateway cannot meet is DEADLINE_EXCEEDED, not UNAVAILABLE (which tells a client to
+    retry, and with the same deadline a retry cannot help)."""
+    if isinstance(exc, DeadlineUnmeetable):
+        return "DEADLINE_EXCEEDED"
+    return code_for_status(exc.status)
 
 
 def status_for_code(code: str) -> int:

@@ -23,10 +23,22 @@ per-worker channel (``gateway.grpc.channels``), relaying the worker's bytes back
 * shared memory, trace and log settings — UNIMPLEMENTED with the reason: regions are
   host-local and the settings are per server.
 
+Models: one catalogue with the HTTP side (``GatewayService.resolve``). A model or version
+the fleet has not listed (PyTriton's repository index is empty) is looked up on the workers
+on first use, coalesced, cached and bounded exactly as for HTTP; an unknown model or version
+gets Triton's own NOT_FOUND and message, ``ModelReady`` answers ``ready: false``.
+
 The client's ``grpc-timeout`` is the request's deadline (else Triton's ``timeout``
 parameter, else ``admission.queue.default_deadline_s``). Gateway errors reach the client as
-gRPC statuses (``grpc_protocol.CODE_BY_STATUS``), rejections with trailing metadata
-``retry-after`` (seconds); a worker's own error status is relayed unchanged.
+gRPC statuses (``grpc_protocol.code_for_error``), rejections with trailing metadata
+``retry-after`` (seconds) — except a deadline the gateway cannot meet, or that ran out while
+the request waited, which is DEADLINE_EXCEEDED, as Triton answers (retrying with the same
+deadline cannot help); a worker's own error status is relayed unchanged.
+
+Tracing (``tracing.otlp_endpoint``): each ``ModelInfer`` is a span, each stream one span
+with its requests' admission, queue and routing inside (``gateway.ops.tracing``); the worker
+gets the upstream attempt's ``traceparent`` as metadata. Off, the client's ``traceparent``
+and ``tracestate`` metadata reach the worker unchanged.
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ from gateway.core.batching import NotBatchable
 from gateway.core.errors import (
     GatewayError,
     NoHealthyWorker,
-    NotFound,
+    Rejected,
     SharedMemoryUnsupported,
     Unauthorized,
     retry_after_header,
@@ -56,6 +68,7 @@ from gateway.core.requesthead import read_head
 from gateway.core.tensors import encode_infer_request, header_length_of, parse_infer_response
 from gateway.core.types import ModelKey, Priority, WorkerId
 from gateway.engine.dispatch import Call
+from gateway.fleet.discovery import Action
 from gateway.fleet.workers import Worker, worker_id
 from gateway.grpc import protocol as proto
 from gateway.grpc.channels import (
@@ -70,9 +83,11 @@ from gateway.grpc.channels import (
 )
 from gateway.grpc.fleet import FleetRpcs
 from gateway.grpc.stream import StreamRelay
+from gateway.ops.accesslog import CLIENT_DISCONNECTED
 
 if TYPE_CHECKING:
     from gateway.app.service import GatewayService
+    from gateway.ops.tracing import Trace
 
 log = logging.getLogger("gateway.grpc")
 
@@ -84,6 +99,8 @@ CONNECT_INTERVAL_S = 1.0
 CHANNEL_CLOSE_GRACE_S = 5.0
 
 Handler = Callable[[bytes, Any], Awaitable[bytes]]
+MODEL_INFER_SPAN = f"{proto.SERVICE}/ModelInfer"
+STREAM_INFER_SPAN = f"{proto.SERVICE}/ModelStreamInfer"
 
 
 class Unimplemented(GatewayError):
@@ -113,7 +130,7 @@ class BatchFailed(GatewayError):
 
 
 def error_trailers(exc: GatewayError) -> Metadata:
-    if exc.retry_after_s is None:
+    if exc.retry_after_s is None or proto.code_for_error(exc) == "DEADLINE_EXCEEDED":
         return ()
     return (("retry-after", str(retry_after_header(exc.retry_after_s))),)
 
@@ -215,20 +232,15 @@ class GrpcGateway:
             self._retired.append(replaced)
         return ch
 
-    # fleet questions (the same answers as the HTTP side) --------------------------------
-    def model_known(self, name: str) -> bool:
-        svc = self.svc
-        return name in svc.cfg.models or any(
-            name in w.models_ready for w in svc.fleet.workers.values())
+    # fleet questions (the same catalogue and answers as the HTTP side) ------------------
+    async def resolve(self, key: ModelKey, action: Action = Action.OTHER) -> None:
+        """Some ready worker serves ``key``, looked up on the workers on first use (the HTTP
+        side's discovery, ``GatewayService.resolve``); else Triton's own error is raised."""
+        await self.svc.resolve(key, action)
 
     def workers_with(self, key: ModelKey) -> list[Worker]:
         return [w for w in self.svc.fleet.routable()
                 if w.snapshot(key, 0.0, 0.0).has_model(key)]
-
-    def unknown_model(self, key: ModelKey) -> GatewayError:
-        if self.model_known(key.name):
-            return NoHealthyWorker(f"no ready worker has model '{key}'")
-        return NotFound(f"Request for unknown model: '{key.name}' is not found")
 
     def identify(self, md: Metadata) -> tuple[str | None, Priority]:
         tenant, default = self.svc.tenants.identify(header_pairs(md))
@@ -247,10 +259,13 @@ class GrpcGateway:
             return now + timeout_us / 1e6
         return now + self.svc.cfg.admission.queue.default_deadline_s
 
-    def call_for(self, facts: proto.GrpcInferFacts, tenant: str | None, priority: Priority,
-                 deadline: float) -> Call:
-        if not self.model_known(facts.key.name):
-            raise NotFound(f"Request for unknown model: '{facts.key.name}' is not found")
+    async def call_for(self, facts: proto.GrpcInferFacts, tenant: str | None,
+                       priority: Priority, deadline: float) -> Call:
+        """The dispatcher's ``Call`` for one ``ModelInferRequest``, once its model (and
+        version) is known to be served — looked up as on HTTP when it is not listed."""
+        svc = self.svc
+        if facts.key.version or not svc.model_known(facts.key.name):
+            await svc.resolve(facts.key, Action.OTHER)
         if facts.shared_memory:
             raise SharedMemoryUnsupported(
                 "shared-memory tensors are host-local and not supported through the gateway; "
@@ -303,7 +318,7 @@ class GrpcGateway:
             try:
                 return await fn(request, context)
             except GatewayError as exc:
-                await context.abort(grpc.StatusCode[proto.code_for_status(exc.status)],
+                await context.abort(grpc.StatusCode[proto.code_for_error(exc)],
                                     exc.message, error_trailers(exc))
             except UpstreamStatus as exc:
                 await context.abort(exc.code, exc.details, exc.trailers)
@@ -322,6 +337,10 @@ class GrpcGateway:
 
     async def _model_ready(self, request: bytes, context: Any) -> bytes:
         key = proto.read_model_key(request, "ModelReadyRequest")
+        try:
+            await self.resolve(key, Action.READY)
+        except GatewayError:
+            return proto.model_ready(False)  # Triton: not ready, not an error
         return proto.model_ready(bool(self.workers_with(key)))
 
     async def _model_metadata(self, request: bytes, context: Any) -> bytes:
@@ -334,9 +353,10 @@ class GrpcGateway:
 
     async def _forward_one(self, key: ModelKey, method: str, request: bytes,
                            context: Any) -> bytes:
+        await self.resolve(key)
         workers = self.workers_with(key)
         if not workers:
-            raise self.unknown_model(key)
+            raise NoHealthyWorker(f"no ready worker has model '{key}'", retry_after_s=1.0)
         worker = self.svc.rng.choice(workers)
         return await self.send(worker, method, request, forwardable(metadata_of(context)),
                                 self.svc.cfg.upstream.read_timeout_s)
@@ -364,29 +384,57 @@ class GrpcGateway:
     async def _model_infer(self, request: bytes, context: Any) -> bytes:
         svc = self.svc
         started = svc.clock()
+        md = metadata_of(context)
+        trace = None if svc.tracing is None else svc.tracing.start_grpc(MODEL_INFER_SPAN, md)
         model = "_none"
+        rid: bytes | None = None
+        tenant: str | None = None
         try:
             facts = proto.read_infer_request(request)
             model = facts.key.name
-            md = metadata_of(context)
+            rid = facts.request_id.encode() if facts.request_id else None
             tenant, priority = self.identify(md)
-            call = self.call_for(facts, tenant, priority, self.deadline(context,
-                                                                       facts.timeout_us))
+            call = await self.call_for(facts, tenant, priority,
+                                       self.deadline(context, facts.timeout_us))
+            if trace is not None:
+                call.trace = trace
+                trace.describe(facts.key, tenant=tenant, priority=priority.name.lower())
             if svc.cfg.model(facts.key.name).batching.enabled and call.sequence_id is None:
                 batched = await self._infer_batched(call, request)
                 if batched is not None:
-                    svc.telemetry.request_done(model, 200, svc.clock() - started, 0.0)
+                    svc.telemetry.request_done(
+                        model, 200, svc.clock() - started, 0.0, rid=rid, tenant=tenant,
+                        trace_id=None if trace is None else trace.end(200, grpc_code="OK",
+                                                                      batched=True))
                     return batched
             await svc.dispatcher.admit(call)
-            reply, upstream_s = await self._infer_routed(call, request, forwardable(md))
+            reply, upstream_s, worker = await self._infer_routed(call, request,
+                                                                 forwardable(md), trace)
         except GatewayError as exc:
-            svc.telemetry.request_done(model, exc.status, svc.clock() - started, 0.0)
+            code = proto.code_for_error(exc)
+            svc.telemetry.request_failed(
+                model, exc, is_rejection=isinstance(exc, Rejected), rid=rid, tenant=tenant,
+                latency_s=svc.clock() - started,
+                trace_id=None if trace is None else trace.end(exc.status, reason=exc.reason,
+                                                              grpc_code=code))
             raise
         except UpstreamStatus as exc:
-            svc.telemetry.request_done(model, proto.status_for_code(exc.code.name),
-                                       svc.clock() - started, 0.0)
+            status = proto.status_for_code(exc.code.name)
+            svc.telemetry.request_done(
+                model, status, svc.clock() - started, 0.0, rid=rid, tenant=tenant,
+                trace_id=None if trace is None else trace.end(status,
+                                                              grpc_code=exc.code.name))
             raise
-        svc.telemetry.request_done(model, 200, svc.clock() - started, upstream_s)
+        except asyncio.CancelledError:
+            svc.telemetry.request_aborted(
+                model, rid=rid, tenant=tenant, latency_s=svc.clock() - started,
+                trace_id=None if trace is None else trace.end(
+                    CLIENT_DISCONNECTED, reason="client_disconnected", grpc_code="CANCELLED"))
+            raise
+        svc.telemetry.request_done(
+            model, 200, svc.clock() - started, upstream_s, rid=rid, tenant=tenant,
+            worker=worker,
+            trace_id=None if trace is None else trace.end(200, worker=worker, grpc_code="OK"))
         return reply
 
     async def _infer_batched(self, call: Call, request: bytes) -> bytes | None:
@@ -412,8 +460,10 @@ class GrpcGateway:
         self.counters["batched"] += 1
         return grpc_batching.response_bytes(response)
 
-    async def _infer_routed(self, call: Call, request: bytes,
-                            md: Metadata) -> tuple[bytes, float]:
+    async def _infer_routed(self, call: Call, request: bytes, md: Metadata,
+                            trace: Trace | None = None) -> tuple[bytes, float, WorkerId]:
+        """Route and send ``request``, retrying where safe; (reply, upstream seconds, the
+        worker that answered)."""
         svc = self.svc
         dispatcher = svc.dispatcher
         tried: set[WorkerId] = set()
@@ -425,11 +475,15 @@ class GrpcGateway:
             started = svc.clock()
             channel = self.channel(worker)
             connected = channel.is_connected()
+            sent_md = md if trace is None else trace.attempt_metadata(worker.id, attempts, md)
             try:
                 reply: bytes = await channel.unary("ModelInfer")(
-                    request, timeout=self.upstream_timeout_s(call.deadline), metadata=md)
+                    request, timeout=self.upstream_timeout_s(call.deadline), metadata=sent_md)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
+                if trace is not None:
+                    trace.attempt_failed(proto.status_for_code(code),
+                                         f"{code}: {exc.details() or ''}")
                 if code == "DEADLINE_EXCEEDED" and call.deadline <= svc.clock() + 0.001:
                     ok: bool | None = None  # the client's own deadline, not the worker's fault
                 else:
@@ -438,7 +492,7 @@ class GrpcGateway:
                 # The HTTP side's rule and retry budget (one per dispatcher).
                 stage, status = proto.failed_attempt(code, connected=connected)
                 if ok is False and dispatcher.may_retry(stage, status, attempts, tried,
-                                                        worker):
+                                                        worker, call=call):
                     continue
                 raise UpstreamStatus.of(exc) from None
             except asyncio.CancelledError:
@@ -451,19 +505,29 @@ class GrpcGateway:
             dispatcher.release(worker, call.key.name, started, ok=True, ahead=ahead)
             if call.sequence_id is not None:
                 dispatcher.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
-            return reply, svc.clock() - started
+            return reply, svc.clock() - started, worker.id
 
     async def _stream_infer(self, request_iterator: Any, context: Any) -> None:
+        svc = self.svc
+        md = metadata_of(context)
+        trace = None if svc.tracing is None else svc.tracing.start_grpc(STREAM_INFER_SPAN, md)
+        status, code, reason = 200, "OK", None
         try:
-            md = metadata_of(context)
             tenant, priority = self.identify(md)
-            relay = StreamRelay(self, context, forwardable(md), tenant, priority)
+            relay = StreamRelay(self, context, forwardable(md), tenant, priority, trace)
             await relay.run(request_iterator)
         except GatewayError as exc:
-            await context.abort(grpc.StatusCode[proto.code_for_status(exc.status)],
-                                exc.message, error_trailers(exc))
+            status, code, reason = exc.status, proto.code_for_error(exc), exc.reason
+            await context.abort(grpc.StatusCode[code], exc.message, error_trailers(exc))
         except UpstreamStatus as exc:
+            status, code = proto.status_for_code(exc.code.name), exc.code.name
             await context.abort(exc.code, exc.details, exc.trailers)
+        except asyncio.CancelledError:
+            status, code, reason = CLIENT_DISCONNECTED, "CANCELLED", "client_disconnected"
+            raise
+        finally:
+            if trace is not None:
+                trace.end(status, reason=reason, grpc_code=code)
 
 
 async def start_grpc(svc: GatewayService) -> GrpcGateway:

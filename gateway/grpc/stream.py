@@ -18,6 +18,9 @@ Rules:
 * The worker's stream failing ends the client's stream with the worker's status; its slots
   count as the worker's failures (UNAVAILABLE, INTERNAL…). The client cancelling releases
   them as abandoned, never the worker's fault, and cancels the worker's stream.
+* Traced (``tracing.otlp_endpoint``): the stream is one span; each request's admission,
+  queue and routing spans sit in it, and the worker's stream is one upstream span whose
+  ``traceparent`` the worker gets as metadata. Each request writes its access-log line.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from gateway.core.errors import GatewayError
+from gateway.core.errors import GatewayError, Rejected
 from gateway.core.types import Priority
 from gateway.fleet.workers import Worker
 from gateway.grpc import protocol as proto
@@ -37,18 +40,20 @@ from gateway.grpc.channels import Metadata, UpstreamStatus
 
 if TYPE_CHECKING:
     from gateway.grpc.host import GrpcHost
+    from gateway.ops.tracing import Trace
 
 
 class StreamRelay:
     """The state of one ``ModelStreamInfer`` call; :meth:`run` carries it out."""
 
     __slots__ = ("_call", "_context", "_gw", "_metadata", "_outstanding", "_pass_empty_finals",
-                 "_priority", "_pump", "_reader", "_tenant", "_upstream_error", "_worker",
-                 "_write_lock")
+                 "_priority", "_pump", "_reader", "_tenant", "_trace", "_upstream_error",
+                 "_worker", "_write_lock")
 
     def __init__(self, gw: GrpcHost, context: Any, metadata: Metadata,
-                 tenant: str | None, priority: Priority) -> None:
+                 tenant: str | None, priority: Priority, trace: Trace | None = None) -> None:
         self._gw = gw
+        self._trace = trace
         self._context = context
         self._metadata = metadata
         self._tenant = tenant
@@ -58,8 +63,10 @@ class StreamRelay:
         self._pump: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._upstream_error: UpstreamStatus | None = None
-        # (model, started) of each request sent and not yet finally answered, oldest first
-        self._outstanding: collections.deque[tuple[str, float]] = collections.deque()
+        # (model, sent, arrived, request id) of each request sent and not yet finally
+        # answered, oldest first
+        self._outstanding: collections.deque[tuple[str, float, float, bytes | None]] = \
+            collections.deque()
         self._write_lock = asyncio.Lock()
         self._pass_empty_finals = False
 
@@ -103,8 +110,13 @@ class StreamRelay:
         started = svc.clock()
         try:
             facts = proto.read_infer_request(raw)
-            call = gw.call_for(facts, self._tenant, self._priority,
-                               gw.deadline(self._context, facts.timeout_us))
+            call = await gw.call_for(facts, self._tenant, self._priority,
+                                     gw.deadline(self._context, facts.timeout_us))
+            trace = self._trace
+            if trace is not None:
+                call.trace = trace
+                trace.describe(facts.key, tenant=self._tenant,
+                               priority=self._priority.name.lower())
             await svc.dispatcher.admit(call)
             if self._worker is None:
                 worker = await svc.dispatcher.acquire(call, set())
@@ -112,7 +124,9 @@ class StreamRelay:
                 worker = await gw.acquire_on(call, self._worker.id)
         except GatewayError as exc:
             model = facts.key.name if facts is not None else "_none"
-            svc.telemetry.request_done(model, exc.status, svc.clock() - started, 0.0)
+            svc.telemetry.request_failed(
+                model, exc, is_rejection=isinstance(exc, Rejected), rid=_rid(facts),
+                tenant=self._tenant, latency_s=svc.clock() - started, trace_id=self._trace_id)
             await self._write(proto.stream_error(exc.message, facts))
             return
         if self._worker is None:
@@ -123,7 +137,7 @@ class StreamRelay:
             return
         if call.sequence_id is not None:
             svc.dispatcher.sticky.record(call.sequence_id, worker.id, end=call.sequence_end)
-        self._outstanding.append((facts.key.name, svc.clock()))
+        self._outstanding.append((facts.key.name, svc.clock(), started, _rid(facts)))
         if facts.asks_empty_final:
             self._pass_empty_finals = True
         else:
@@ -138,7 +152,10 @@ class StreamRelay:
         self._worker = worker
         left = self._context.time_remaining()
         timeout = None if left is None or left >= 1e9 else max(0.001, float(left))
-        self._call = gw.channel(worker).stream("ModelStreamInfer", self._metadata, timeout)
+        md = self._metadata
+        if self._trace is not None:
+            md = self._trace.attempt_metadata(worker.id, 1, md)
+        self._call = gw.channel(worker).stream("ModelStreamInfer", md, timeout)
         self._pump = asyncio.create_task(self._relay_responses())
 
     async def _relay_responses(self) -> None:
@@ -170,13 +187,27 @@ class StreamRelay:
     def _release_one(self, *, ok: bool | None) -> None:
         if not self._outstanding or self._worker is None:
             return
-        model, started = self._outstanding.popleft()
+        model, sent, arrived, rid = self._outstanding.popleft()
         svc = self._gw.svc
-        svc.dispatcher.release(self._worker, model, started, ok=ok)
+        svc.dispatcher.release(self._worker, model, sent, ok=ok)
+        latency_s = svc.clock() - arrived
         if ok is not None:
-            svc.telemetry.request_done(model, 200 if ok else 503, svc.clock() - started,
-                                       svc.clock() - started)
+            svc.telemetry.request_done(model, 200 if ok else 503, latency_s, svc.clock() - sent,
+                                       rid=rid, tenant=self._tenant, worker=self._worker.id,
+                                       trace_id=self._trace_id)
+        else:
+            svc.telemetry.request_aborted(model, rid=rid, tenant=self._tenant,
+                                          worker=self._worker.id, latency_s=latency_s,
+                                          trace_id=self._trace_id)
 
     def _release_all(self, *, ok: bool | None) -> None:
         while self._outstanding:
             self._release_one(ok=ok)
+
+    @property
+    def _trace_id(self) -> str | None:
+        return None if self._trace is None else self._trace.trace_id
+
+
+def _rid(facts: proto.GrpcInferFacts | None) -> bytes | None:
+    return facts.request_id.encode() if facts is not None and facts.request_id else None

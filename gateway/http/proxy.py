@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from email.utils import formatdate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.app.service import GatewayService
@@ -64,6 +64,10 @@ from gateway.engine.dispatch import Call, Lease
 from gateway.fleet.discovery import Action
 from gateway.fleet.upstream import HOP_BY_HOP, Headers, fetch
 from gateway.http.turnstile import Turnstile
+from gateway.ops.accesslog import CLIENT_DISCONNECTED
+
+if TYPE_CHECKING:
+    from gateway.ops.tracing import Trace
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,6 +84,10 @@ _ids = itertools.count(1)
 _MAX_REQUEST_ID = 128
 _DATE = b"date"
 _MAX_TIMEOUT_MS = 10**12  # ~32 years: longer deadlines mean "no deadline"
+# The requests traced when tracing is on, and their spans' names (the route, not the path).
+_TRACED_ROUTES = {Kind.INFER: "/v2/models/{model}/infer",
+                  Kind.GENERATE: "/v2/models/{model}/generate",
+                  Kind.GENERATE_STREAM: "/v2/models/{model}/generate_stream"}
 log = logging.getLogger("gateway.http.proxy")
 
 
@@ -112,30 +120,56 @@ class ProxyApp:
             if scope["type"] == "lifespan":
                 await self._lifespan(receive, send)
             return
-        limits = self.service.cfg.upstream
+        svc = self.service
+        started = svc.clock()
+        limits = svc.cfg.upstream
         too_large = header_bounds_error(scope["headers"], limits.max_header_bytes,
                                         limits.max_headers)
         if too_large is not None:
-            await _send_error(send, too_large, new_request_id())
+            rid = new_request_id()
+            svc.telemetry.request_failed("_none", too_large, is_rejection=False, rid=rid,
+                                         latency_s=svc.clock() - started)
+            await _send_error(send, too_large, rid)
             return
         endpoint = classify(scope["method"], scope["path"])
         if endpoint.kind is Kind.GATEWAY:
             await self.admin_app(scope, receive, _dated(send))
             return
         rid = _request_id(scope)
+        trace: Trace | None = None
+        if svc.tracing is not None and endpoint.kind in _TRACED_ROUTES:
+            trace = svc.tracing.start_http(scope["method"], _TRACED_ROUTES[endpoint.kind],
+                                           scope["headers"])
         try:
-            await self._handle(endpoint, scope, receive, send, rid)
+            await self._handle(endpoint, scope, receive, send, rid, started, trace)
         except GatewayError as exc:
-            self.service.telemetry.request_failed(
-                endpoint.model or "_none", exc, is_rejection=isinstance(exc, Rejected), rid=rid,
-                tenant=self.service.tenants.identify(scope["headers"])[0])
+            self._failed(endpoint, scope, exc, rid, started, trace)
             await _send_error(send, exc, rid)
         except asyncio.CancelledError:
+            if trace is not None:
+                trace.end(CLIENT_DISCONNECTED, reason="client_disconnected")
             raise
+        except ClientGone:
+            # Gone while its body was arriving, or cut off by the server layer, which has
+            # answered it (a malformed chunk: 400; too slow: 408): nothing more to say.
+            if trace is not None:
+                trace.end(CLIENT_DISCONNECTED, reason="client_disconnected")
         except Exception:
             # A bug, not the client's doing: one log record, and still Triton's JSON shape.
             log.exception("internal error answering %s %.200s", scope["method"], scope["path"])
-            await _send_error(send, GatewayError("internal gateway error"), rid)
+            internal = GatewayError("internal gateway error")
+            self._failed(endpoint, scope, internal, rid, started, trace)
+            await _send_error(send, internal, rid)
+
+    def _failed(self, endpoint: Endpoint, scope: Scope, exc: GatewayError, rid: bytes,
+                started: float, trace: Trace | None) -> None:
+        """The access-log line (and the trace's end) of an error the gateway answers."""
+        svc = self.service
+        svc.telemetry.request_failed(
+            endpoint.model or "_none", exc, is_rejection=isinstance(exc, Rejected), rid=rid,
+            tenant=svc.tenants.identify(scope["headers"])[0],
+            latency_s=svc.clock() - started,
+            trace_id=None if trace is None else trace.end(exc.status, reason=exc.reason))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -147,11 +181,11 @@ class ProxyApp:
                 return
 
     async def _handle(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
-                      rid: bytes) -> None:
+                      rid: bytes, started: float, trace: Trace | None) -> None:
         kind = ep.kind
         svc = self.service
         if kind in (Kind.INFER, Kind.GENERATE, Kind.GENERATE_STREAM):
-            await self._infer(ep, scope, receive, send, rid)
+            await self._infer(ep, scope, receive, send, rid, started, trace)
         elif kind is Kind.HEALTH_LIVE:
             await _send_empty(send, 200, rid)
         elif kind is Kind.HEALTH_READY:
@@ -193,12 +227,11 @@ class ProxyApp:
 
     # inference ----------------------------------------------------------------------------
     async def _infer(self, ep: Endpoint, scope: Scope, receive: Receive, send: Send,
-                     rid: bytes) -> None:
+                     rid: bytes, now: float, trace: Trace | None) -> None:
         svc = self.service
-        # The deadline counts from arrival at the gateway: dated back by the loop's recent
-        # lateness (the turns the request's bytes waited before this code could run), and
-        # taken before the turnstile, whose wait is the gateway's too.
-        now = svc.clock()
+        # The deadline counts from arrival at the gateway (``now``, read first thing): dated
+        # back by the loop's recent lateness (the turns the request's bytes waited before
+        # this code could run), and taken before the turnstile, whose wait is the gateway's.
         arrived = now - svc.loop_lag.lag_s(now)
         cfg = svc.cfg
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -263,8 +296,10 @@ class ProxyApp:
             sequence_id=head.sequence_id if head else None,
             sequence_end=head.sequence_end if head else False,
             batch_size=batch, cost=batch if model_cfg.cost == "batch_size" else 1,
-            stream=ep.kind is Kind.GENERATE_STREAM, head=head,
+            stream=ep.kind is Kind.GENERATE_STREAM, head=head, trace=trace,
         )
+        if trace is not None:
+            trace.describe(key, tenant=tenant, priority=priority.name.lower())
         if model_cfg.batching.enabled and head is not None and head.sequence_id is None:
             await self._run_batched(call, scope, receive, send, rid, now)
             return
@@ -281,16 +316,23 @@ class ProxyApp:
             await _relay(lease, send, rid, call.stream)
             watch.done = True
             svc.dispatcher.finish(lease)
-            svc.telemetry.request_done(call.key.name, lease.response.status,
-                                       svc.clock() - started, svc.clock() - lease.started,
-                                       rid=rid, tenant=call.tenant, worker=lease.worker.id,
-                                       queue_s=lease.queued_s)
+            trace = call.trace
+            svc.telemetry.request_done(
+                call.key.name, lease.response.status, svc.clock() - started,
+                svc.clock() - lease.started, rid=rid, tenant=call.tenant,
+                worker=lease.worker.id, queue_s=lease.queued_s,
+                trace_id=None if trace is None else trace.end(lease.response.status,
+                                                              worker=lease.worker.id))
         except asyncio.CancelledError:
             if lease is not None:
                 lease.response.close()
                 svc.dispatcher.finish(lease, aborted=True)
-            svc.telemetry.request_aborted(call.key.name, rid=rid, tenant=call.tenant,
-                                          worker=lease.worker.id if lease else None)
+            trace = call.trace
+            svc.telemetry.request_aborted(
+                call.key.name, rid=rid, tenant=call.tenant,
+                worker=lease.worker.id if lease else None, latency_s=svc.clock() - started,
+                trace_id=None if trace is None else trace.end(
+                    CLIENT_DISCONNECTED, reason="client_disconnected"))
             if watch.done:
                 raise
             return
@@ -318,12 +360,19 @@ class ProxyApp:
             out = [(k, v) for k, v in reply.headers if k not in HOP_BY_HOP]
             out.append((_REQUEST_ID, rid))
             await _send_raw(send, reply.status, out, reply.body, rid=None)
-            svc.telemetry.request_done(call.key.name, reply.status, svc.clock() - started, 0.0,
-                                       rid=rid, tenant=call.tenant)
+            trace = call.trace
+            svc.telemetry.request_done(
+                call.key.name, reply.status, svc.clock() - started, 0.0, rid=rid,
+                tenant=call.tenant,
+                trace_id=None if trace is None else trace.end(reply.status, batched=True))
         except asyncio.CancelledError:
             if watch.done:
                 raise
-            svc.telemetry.request_aborted(call.key.name, rid=rid, tenant=call.tenant)
+            trace = call.trace
+            svc.telemetry.request_aborted(
+                call.key.name, rid=rid, tenant=call.tenant, latency_s=svc.clock() - started,
+                trace_id=None if trace is None else trace.end(
+                    CLIENT_DISCONNECTED, reason="client_disconnected"))
         finally:
             watch.close()
 
@@ -473,6 +522,10 @@ def _check_json(body: bytes) -> None:
             raise BadRequest("failed to parse the request JSON buffer") from None
 
 
+class ClientGone(Exception):
+    """The connection closed before the request body was whole."""
+
+
 async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
     for k, v in scope["headers"]:
         if k == b"content-length":
@@ -488,7 +541,7 @@ async def _read_body(receive: Receive, max_bytes: int, scope: Scope) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
+            raise ClientGone
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)

@@ -6,12 +6,18 @@ A line::
      "worker": "10.0.0.7:8000", "status": 200, "latency_ms": 12.3, "queue_ms": 0.0,
      "reason": null}
 
+With tracing on (``tracing.otlp_endpoint``) a traced request's line also carries its W3C
+``trace_id`` (32 hex digits), the id its spans and the worker's have.
+
 ``reason`` is the gateway's own refusal or failure (``rate_limited``, ``overloaded``,
 ``no_worker``, ``unauthorized``, ``bad_request``, ``upstream_timeout``, …), ``null`` when a
 worker answered; a client that went away is status 499, reason ``client_disconnected``.
 Fields the gateway does not know for a request are ``null`` (the worker of a request refused
-before routing; latency of a refusal). Text that comes from the client (the model name in
-the path, the request id) is JSON-escaped and cut to ``MAX_FIELD_CHARS``.
+before routing). Every answer has its latency: from the request's arrival to the answer,
+a refusal's too; a request the connection layer answers itself (malformed: 400, too slow:
+408, a head over the header bounds: 431, no room: 503) counts from the start of its head.
+Text that comes from the client (the model name in the path, the request id) is
+JSON-escaped and cut to ``MAX_FIELD_CHARS``.
 
 The bounds (per one-second window, :class:`LineBudget`, pure and ``now`` in):
 
@@ -153,18 +159,22 @@ class AccessLog:
 
     def record(self, now: float, wall: float, *, rid: bytes | None, tenant: str | None,
                model: str | None, worker: str | None, status: int,
-               latency_s: float | None, queue_s: float | None, reason: str | None) -> None:
+               latency_s: float | None, queue_s: float | None, reason: str | None,
+               trace_id: str | None = None) -> None:
         """One request's outcome; ``now`` (monotonic) drives the bounds, ``wall`` is the
         time written."""
         self._summarise(now, wall)
         if not self.budget.admit(now, is_error=status >= 400):
             return
-        self.sink(json.dumps({
+        line: dict[str, object] = {
             "time": utc_timestamp(wall),
             "rid": _clip(rid.decode("latin-1")) if rid is not None else None,
             "tenant": tenant, "model": _clip(model), "worker": worker, "status": status,
             "latency_ms": _ms(latency_s), "queue_ms": _ms(queue_s), "reason": reason,
-        }, separators=(",", ":")))
+        }
+        if trace_id is not None:
+            line["trace_id"] = trace_id
+        self.sink(json.dumps(line, separators=(",", ":")))
 
     def tick(self, now: float, wall: float) -> None:
         """Once a second: the summary of the window just ended, and buffered lines out."""

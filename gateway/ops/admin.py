@@ -126,6 +126,9 @@ def status_document(svc: GatewayState, t: Telemetry) -> dict[str, Any]:
             "breaker": breaker,
             "breaker_opened_total": breakers[w.id].opened_total if w.id in breakers else 0,
             "traffic_share": breakers[w.id].traffic_share if w.id in breakers else 1.0,
+            # silent while the others answer (gateway.core.stall): serving|stalled|probing
+            "stall": svc.stall_state(w.id),
+            "stalled": svc.stall_state(w.id) != "serving",
             "name": w.name,
             "score": _display_score(svc, w, fresh) if w.is_routable else None,
             "in_flight": w.in_flight,

@@ -89,6 +89,9 @@ MIN_BUSY_SLOT_S = 2.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 OUTCOMES = ("ok", "client_error", "upstream_error", "rejected")
+# what the connection layer's own answers mean, by status (the access log's reason)
+_CONNECTION_REASONS = {400: "bad_request", 408: "client_timeout", 431: "headers_too_large",
+                       503: "connections_full"}
 REJECTION_REASONS = ("rate_limited", "overloaded", "no_worker", "deadline", "rejected",
                      "unauthorized", "payload_too_large", "bad_request")
 
@@ -187,11 +190,14 @@ class Telemetry:
 
     def request_done(self, model: str, status: int, total_s: float, upstream_s: float, *,
                      rid: bytes | None = None, tenant: str | None = None,
-                     worker: str | None = None, queue_s: float | None = None) -> None:
+                     worker: str | None = None, queue_s: float | None = None,
+                     trace_id: str | None = None) -> None:
+        """A request a worker answered (or a batch it joined)."""
         if self.access_log is not None:
             self.access_log.record(self.service.clock(), time.time(), rid=rid, tenant=tenant,
                                    model=model, worker=worker, status=status,
-                                   latency_s=total_s, queue_s=queue_s, reason=None)
+                                   latency_s=total_s, queue_s=queue_s, reason=None,
+                                   trace_id=trace_id)
         m = self.label(model)
         children = self._done_children.get((m, status))
         if children is None:
@@ -210,11 +216,14 @@ class Telemetry:
 
     def request_failed(self, model: str, exc: GatewayError, *, is_rejection: bool,
                        rid: bytes | None = None, tenant: str | None = None,
-                       worker: str | None = None, queue_s: float | None = None) -> None:
+                       worker: str | None = None, queue_s: float | None = None,
+                       latency_s: float | None = None, trace_id: str | None = None) -> None:
+        """The gateway's own error answer ``exc``, ``latency_s`` after the request came."""
         if self.access_log is not None:
             self.access_log.record(self.service.clock(), time.time(), rid=rid, tenant=tenant,
                                    model=model, worker=worker, status=exc.status,
-                                   latency_s=None, queue_s=queue_s, reason=exc.reason)
+                                   latency_s=latency_s, queue_s=queue_s, reason=exc.reason,
+                                   trace_id=trace_id)
         m = self.label(model)
         if is_rejection or exc.status in (401, 413):
             self.requests.labels(m, "rejected").inc()
@@ -234,13 +243,24 @@ class Telemetry:
 
     def request_aborted(self, model: str, *, rid: bytes | None = None,
                         tenant: str | None = None, worker: str | None = None,
-                        queue_s: float | None = None) -> None:
+                        queue_s: float | None = None, latency_s: float | None = None,
+                        trace_id: str | None = None) -> None:
         if self.access_log is not None:
             self.access_log.record(self.service.clock(), time.time(), rid=rid, tenant=tenant,
                                    model=model, worker=worker, status=CLIENT_DISCONNECTED,
-                                   latency_s=None, queue_s=queue_s,
-                                   reason="client_disconnected")
+                                   latency_s=latency_s, queue_s=queue_s,
+                                   reason="client_disconnected", trace_id=trace_id)
         self.requests.labels(self.label(model), "client_error").inc()
+
+    def connection_refused(self, status: int, rid: bytes, latency_s: float) -> None:
+        """A request the connection layer answered itself (``gateway.server``): malformed
+        (400), too slow (408), a head over the header bounds (431), no room for another
+        connection (503)."""
+        exc = GatewayError("answered by the connection layer")
+        exc.status = status
+        exc.reason = _CONNECTION_REASONS.get(status, "bad_request")
+        self.request_failed("_none", exc, is_rejection=status == 503, rid=rid,
+                            latency_s=latency_s)
 
     def observe_batch(self, model: str, size: int, fill_ratio: float) -> None:
         m = self.label(model)
@@ -447,6 +467,9 @@ class _StateCollector(Collector):
             ("gateway_worker_gpu_total_bytes", "Total GPU memory (last scrape)"),
             ("gateway_worker_breaker_state", "0 closed, 1 half-open, 2 open"),
             ("gateway_worker_ready", "1 when the worker takes traffic"),
+            ("gateway_worker_stalled", "1 while the worker is stalled: requests await its "
+             "answer, none came for several service times while the others answer (no new "
+             "requests but a probe until it answers again)"),
         )}
         board = svc.breakers
         for w in svc.workers():
@@ -456,6 +479,8 @@ class _StateCollector(Collector):
             g["gateway_worker_utilisation"].add_metric([w.id], w.in_flight / w.capacity_units
                                                        if w.slots else 0.0)
             g["gateway_worker_ready"].add_metric([w.id], 1.0 if w.is_routable else 0.0)
+            g["gateway_worker_stalled"].add_metric(
+                [w.id], 0.0 if svc.stall_state(w.id) == "serving" else 1.0)
             sig = w.fresh_signals(now, stale)
             if sig is not None:
                 g["gateway_worker_pending"].add_metric([w.id], sig.pending())
@@ -488,6 +513,21 @@ class _StateCollector(Collector):
         ql = GaugeMetricFamily("gateway_queue_length", "Requests waiting for a worker slot")
         ql.add_metric([], svc.queue_length)
         yield ql
+        stats = svc.dispatch_statistics()
+        repeated = CounterMetricFamily(
+            "gateway_attempts_repeated", "Requests sent again to another worker, from the "
+            "retry budget: retry (failed before any answer, or 503), hedge (stuck on a stalled "
+            "or slow worker)", labels=["kind"])
+        repeated.add_metric(["retry"], stats.get("retries", 0.0))
+        repeated.add_metric(["hedge"], stats.get("hedges", 0.0))
+        yield repeated
+        won = CounterMetricFamily("gateway_hedges_won", "Hedges whose answer came first")
+        won.add_metric([], stats.get("hedges_won", 0.0))
+        yield won
+        stalls = CounterMetricFamily("gateway_worker_stalls", "Times a worker was found "
+                                     "stalled (gateway_worker_stalled)")
+        stalls.add_metric([], stats.get("stalls", 0.0))
+        yield stalls
         cluster = svc.cluster()
         members = GaugeMetricFamily("gateway_cluster_members", "Gateway replicas sharing the "
                                     "fleet, this one included (1: alone)")

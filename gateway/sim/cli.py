@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -63,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", type=_parse_model, default=None,
                    metavar="NAME[:DTYPE[:DIMS[:OP[:MAX_BATCH]]]]",
                    help="model to serve (repeatable); default simple:FP32:16:double:64")
+    p.add_argument("--stateful", action="append", default=[], metavar="NAME",
+                   help="a model whose config has sequence_batching (repeatable)")
     p.add_argument("--error-rate", type=float, default=0.0)
     p.add_argument("--added-latency-ms", type=float, default=0.0)
     p.add_argument("--hang", action="store_true")
@@ -80,6 +83,8 @@ def specs_from_args(args: argparse.Namespace) -> list[WorkerSpec]:
     faults = Faults(error_rate=args.error_rate, added_latency_ms=args.added_latency_ms,
                     hang=args.hang, ready=not args.not_ready, metrics=args.metrics_fault)
     models = tuple(args.model) if args.model else (SimModel(),)
+    models = tuple(dataclasses.replace(m, sequence_batching=m.name in args.stateful)
+                   for m in models)
     faulty = (set(range(args.workers)) if args.faulty is None
               else {int(i) for i in args.faulty.split(",") if i.strip()})
     return [WorkerSpec(

@@ -72,6 +72,9 @@ class SimModel:
     timeout_override: bool = False
     # dynamic_batching.priority_levels (reported; the simulator records what it receives)
     priority_levels: int = 0
+    # sequence_batching in its config: a stateful model (reported; the simulator keeps no
+    # sequence state)
+    sequence_batching: bool = False
     # per-model cost overrides; None = the worker's value
     base_ms: float | None = None
     per_item_ms: float | None = None

@@ -57,6 +57,8 @@ def model_config(model: SimModel, instances: int = 1) -> dict[str, Any]:
         config["dynamic_batching"]["priority_levels"] = model.priority_levels
     if model.timeout_override:
         config["dynamic_batching"]["default_queue_policy"] = {"allow_timeout_override": True}
+    if model.sequence_batching:
+        config["sequence_batching"] = {"max_sequence_idle_microseconds": 1000000}
     return config
 
 

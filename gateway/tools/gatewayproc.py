@@ -17,12 +17,20 @@ from gateway.tools.procs import free_port, http_get
 
 __all__ = ["GatewayProcess", "free_port", "http_get"]
 
+# `python -c _WITH_OPEN_FILES SOFT HARD cmd...`: exec cmd with RLIMIT_NOFILE SOFT:HARD (as
+# `prlimit --nofile=SOFT:HARD cmd...` would).
+_WITH_OPEN_FILES = ("import os, resource, sys; "
+                    "resource.setrlimit(resource.RLIMIT_NOFILE, "
+                    "(int(sys.argv[1]), int(sys.argv[2]))); "
+                    "os.execv(sys.argv[3], sys.argv[3:])")
+
 
 class GatewayProcess:
     """``python -m gateway serve`` with a YAML written from ``config`` into ``workdir``."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, *,
-                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
+                 env: dict[str, str] | None = None, args: Sequence[str] = (),
+                 open_files: tuple[int, int] | None = None) -> None:
         self.config = dict(config)
         self.port = int(self.config.setdefault("listen", {}).get("port") or 0) or free_port()
         self.config["listen"] = {"host": "127.0.0.1", "port": self.port}
@@ -31,6 +39,8 @@ class GatewayProcess:
         self.log_path = workdir / f"gateway-{self.port}.log"
         self.env = env or {}
         self.args = list(args)  # more `serve` arguments, e.g. ["--processes", "3"]
+        # The open-file limits (soft, hard) the gateway starts with (None: this process's).
+        self.open_files = open_files
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,9 +60,11 @@ class GatewayProcess:
     def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> GatewayProcess:
         self.write_config()
         self.log_path.write_bytes(b"")
+        limited = [] if self.open_files is None else \
+            [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, self.open_files)]
         self.proc = procs.start(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-             *self.args],
+            [*limited, sys.executable, "-m", "gateway", "serve", "--config",
+             str(self.config_path), *self.args],
             log_path=self.log_path, env=self.env)
         path = "/v2/health/ready" if wait_ready else "/v2/health/live"
         try:
