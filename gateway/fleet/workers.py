@@ -20,6 +20,7 @@ router reads immutable :class:`~gateway.core.types.WorkerSnapshot` values made f
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -95,6 +96,8 @@ class Worker:
     """Shell-side state of one worker; mutated only by the event loop's thread."""
 
     __slots__ = (
+        "_busy_mark",
+        "busy_s_by_model",
         "configured_slots",
         "derived_slots",
         "derived_units",
@@ -166,6 +169,10 @@ class Worker:
         self.fail_streak = 0
         self.in_flight = 0
         self.in_flight_by_model: dict[str, int] = {}
+        # In-flight request-seconds per model, integrated as counts change (utilisation as a
+        # time average, the same figure in every replica that adds the others' integrals).
+        self.busy_s_by_model: dict[str, float] = {}
+        self._busy_mark: dict[str, float] = {}
         self.models_ready: frozenset[str] = frozenset()
         self.signals: WorkerSignals | None = None
         self.raw_metrics: object | None = None
@@ -191,11 +198,31 @@ class Worker:
     def is_routable(self) -> bool:
         return self.state is State.SERVING
 
+    def _integrate(self, model: str, now: float) -> None:
+        n = self.in_flight_by_model.get(model, 0)
+        if n:
+            self.busy_s_by_model[model] = self.busy_s_by_model.get(model, 0.0) + n * (
+                now - self._busy_mark.get(model, now))
+        elif model not in self.busy_s_by_model and len(self.busy_s_by_model) < 256:
+            self.busy_s_by_model[model] = 0.0
+        self._busy_mark[model] = now
+
+    def busy_seconds(self) -> dict[str, float]:
+        """In-flight request-seconds per model since the worker was added, up to now."""
+        now = time.monotonic()
+        for model in list(self.in_flight_by_model):
+            self._integrate(model, now)
+        return self.busy_s_by_model
+
     def begin(self, model: str) -> None:
+        if model in self._busy_mark or len(self._busy_mark) < 256:
+            self._integrate(model, time.monotonic())
         self.in_flight += 1
         self.in_flight_by_model[model] = self.in_flight_by_model.get(model, 0) + 1
 
     def end(self, model: str, latency_s: float | None = None) -> None:
+        if model in self._busy_mark:
+            self._integrate(model, time.monotonic())
         self.in_flight -= 1
         n = self.in_flight_by_model.get(model, 0) - 1
         if n > 0:

@@ -176,6 +176,8 @@ class Telemetry:
         # so that each replica reports the fleet, not its slice of the traffic.
         self.peers: Callable[[], Sequence[Report]] = tuple
         self._peer_seen: dict[str, dict[str, float]] = {}
+        self._busy_seen: dict[tuple[str, str], float] = {}
+        self._busy_at: float | None = None
         r.register(_StateCollector(self))
 
     # hot path ---------------------------------------------------------------------------
@@ -315,15 +317,30 @@ class Telemetry:
         ready = [w for w in svc.workers() if w.is_routable]
         peers = self.peers()
         peer_counts, peer_saturation_s = self._peer_deltas(peers)
-        # in flight on each worker (and per model there) from the other replicas
-        others: dict[str, int] = collections.defaultdict(int)
-        others_model: dict[tuple[str, str], int] = collections.defaultdict(int)
-        for p in peers:
-            for (wid, model), n in p.in_flight.items():
-                others[wid] += n
-                others_model[wid, model] += n
+        # Requests in flight per (worker, model), averaged over the time since the last
+        # sample: this replica's integral (gateway.fleet.workers) plus the other replicas'
+        # (their reports' counters). A time average, not one instant's count: every replica
+        # adds the same integrals and so reports the same figure, and so does one gateway.
+        mono = time.monotonic()
+        span_s = 1.0 if self._busy_at is None else max(1e-3, mono - self._busy_at)
+        self._busy_at = mono
+        seen: dict[tuple[str, str], float] = {}
+        avg: dict[tuple[str, str], float] = collections.defaultdict(float)
+        for w in ready:
+            for model, busy_s in w.busy_seconds().items():
+                seen[w.id, model] = busy_s
+                avg[w.id, model] += max(0.0, busy_s - self._busy_seen.get((w.id, model),
+                                                                          busy_s)) / span_s
+        self._busy_seen = seen
+        for name, delta in peer_counts.items():
+            if name.startswith("busy\t"):
+                _, wid, model = name.split("\t", 2)
+                avg[wid, model] += delta / span_s
+        per_worker: dict[str, float] = collections.defaultdict(float)
+        for (wid, _), n in avg.items():
+            per_worker[wid] += n
         slots = sum(w.capacity_units for w in ready)
-        busy = sum(min(w.in_flight + others.get(w.id, 0), w.capacity_units) for w in ready)
+        busy = sum(min(per_worker.get(w.id, 0.0), float(w.capacity_units)) for w in ready)
         util = capacity.fleet_utilisation(busy, slots)
         self.fleet_utilisation = 0.8 * self.fleet_utilisation + 0.2 * util
         dt = 1.0 if self._last_sample is None else min(5.0, max(0.0, now - self._last_sample))
@@ -355,8 +372,7 @@ class Telemetry:
             mc.completions_seen = done
             serving = [w for w in ready if name in w.models_ready]
             m_slots = sum(w.capacity_units for w in serving)
-            m_busy = sum(w.in_flight_by_model.get(name, 0) + others_model.get((w.id, name), 0)
-                         for w in serving)
+            m_busy = sum(avg.get((w.id, name), 0.0) for w in serving)
             mc.utilisation = 0.8 * mc.utilisation + 0.2 * capacity.fleet_utilisation(m_busy,
                                                                                      m_slots)
             if serving:
@@ -368,6 +384,10 @@ class Telemetry:
         out = {f"arrivals:{m}": float(n) for m, n in self.arrival_counts.items()}
         out.update((f"completions:{m}", float(n)) for m, n in self.completion_counts.items())
         out["saturation_s"] = self.service.saturation_seconds()
+        for w in self.service.workers():
+            if w.is_routable:
+                for model, busy_s in w.busy_seconds().items():
+                    out[f"busy\t{w.id}\t{model}"] = busy_s
         return out
 
     def _peer_deltas(self, peers: Sequence[Report]) -> tuple[dict[str, float], float]:
