@@ -326,16 +326,6 @@ def grant_units(want: Mapping[WorkerModel, Want], others_held: Mapping[WorkerMod
     return granted, held
 
 
-def held_by_others(reports: Iterable[Report], me: str) -> dict[WorkerModel, int]:
-    out: dict[WorkerModel, int] = {}
-    for r in reports:
-        if r.member == me:
-            continue
-        for key, n in r.held.items():
-            out[key] = out.get(key, 0) + n
-    return out
-
-
 def want_json(want: Mapping[WorkerModel, Want]) -> dict[str, dict[str, list[int]]]:
     out: dict[str, dict[str, list[int]]] = {}
     for (worker, model), (target, limit, flying) in want.items():
