@@ -18,19 +18,18 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator
 
 import yaml
 
 from gateway.app.service import GatewayService
 from gateway.core.config import GatewayConfig, describe_config, load_config
 from gateway.core.schema import ConfigError, reference
+from gateway.http.frontend import front_end
 from gateway.http.guard import (
     ConnectionGuard,
     open_files_limit,
@@ -92,209 +91,6 @@ def _install_uvloop() -> str:
     except ImportError:
         return "asyncio"
     return "uvloop"
-
-
-# Bytes of a request line (the URL) a request head may hold beyond its header bounds.
-_REQUEST_LINE_ALLOWANCE_BYTES = 64 * 1024
-# How long a connection refused for its head size reads and drops what is still coming.
-_LINGER_S = 2.0
-# Answered as soon as their head is parsed (see JsonErrorProtocol._start_asgi_task).
-_EAGER_PATHS = frozenset({"/v2/health/ready", "/v2/health/live"})
-
-
-async def _resume(coro: Coroutine[Any, Any, None], awaited: object) -> None:
-    """Carry on a coroutine that was started by hand and suspended on ``awaited`` (what it
-    yielded: an asyncio future, or None for a bare yield), as a task would have."""
-    while True:
-        try:
-            if awaited is None:
-                await asyncio.sleep(0)
-            else:
-                future = cast("asyncio.Future[Any]", awaited)
-                # As a task does with what it is handed: the flag says "yielded by await",
-                # and awaiting the future again sets it anew.
-                future._asyncio_future_blocking = False
-                await future
-        except asyncio.CancelledError as exc:
-            if not (isinstance(awaited, asyncio.Future) and awaited.done()):
-                try:  # this task was cancelled: so is the coroutine
-                    awaited = coro.throw(exc)
-                except StopIteration:
-                    return
-                continue
-        except BaseException:
-            pass  # the future's own outcome: the coroutine reads it when resumed
-        try:
-            awaited = coro.send(None)
-        except StopIteration:
-            return
-
-
-def json_error_protocol(limits: Callable[[], tuple[int, int]],
-                        on_error: Callable[[int, bytes, float], None] | None = None,
-                        guard: ConnectionGuard | None = None) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, with the gateway's rules at the connection level:
-
-    * its own 400 for a malformed request is Triton's ``{"error": ...}`` JSON with a
-      ``Date`` and an ``X-Request-Id``, like every other error of the gateway;
-    * a request head that keeps growing past the header bounds (``limits()`` gives
-      ``(max_header_bytes, max_headers)``, read live so a reload applies) is answered 431
-      and the connection closed, before the whole head is buffered. The exact bounds are
-      checked by the proxy once the head is complete; this is the memory bound.
-
-    ``on_error(status, request_id, latency_s)`` hears of each such answer (the access log);
-    the latency counts from the start of the request's head.
-
-    With a ``guard`` (``gateway.http.guard``), each connection is counted and its slow
-    clients bounded: the guard sees its phase (:meth:`seen`) and may answer it 408 or 503
-    and close it (:meth:`answer_and_close`). An error found while a request's body is
-    arriving (a malformed chunk, a body too slow) is answered too, and the application
-    reading that body hears that the client is gone.
-    """
-    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-
-    from gateway.core.connections import Phase, Seen
-    from gateway.core.errors import GatewayError, HeaderFieldsTooLarge
-    from gateway.http.proxy import http_date, new_request_id
-
-    class JsonErrorProtocol(HttpToolsProtocol):
-        _head_bytes = 0
-        _in_head = False
-        _began_in_chunk = False
-        _discarding = False
-        _began_at = 0.0
-        _received = 0  # bytes received on the connection (the guard's measure of progress)
-        _requests = 0  # requests begun on it
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._head_bytes = 0
-            self._in_head = True
-            self._began_in_chunk = True
-            self._began_at = time.monotonic()
-            self._requests += 1
-
-        def on_headers_complete(self) -> None:
-            self._in_head = False
-            super().on_headers_complete()
-
-        def data_received(self, data: bytes) -> None:
-            if self._discarding:
-                return
-            self._began_in_chunk = False
-            self._received += len(data)
-            super().data_received(data)
-            # The chunk a head began in may also hold the end of the previous request: only
-            # whole chunks after it are counted (an undercount of one read, at most).
-            if not self._in_head or self._began_in_chunk or self.transport.is_closing():
-                return
-            self._head_bytes += len(data)
-            max_bytes, max_headers = limits()
-            cap = max_bytes + 4 * max_headers + _REQUEST_LINE_ALLOWANCE_BYTES
-            if self._head_bytes > cap:
-                exc = HeaderFieldsTooLarge(f"request head exceeds {cap} bytes")
-                self._write_error(exc.status, exc.body(), linger=True)
-
-        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-            # Health probes run at once, in the callback that parsed them, rather than as a
-            # task queued behind every request that arrived in the same instant: when a herd
-            # of thousands lands in one poll, the loop's next turn runs all their tasks, and
-            # a readiness probe among them would wait for the lot (100+ ms here). Their
-            # handlers do not wait for anything, so the answer is written before the next
-            # request is parsed; one that does suspend carries on as a task.
-            if cycle.scope["path"] not in _EAGER_PATHS or cycle.scope["method"] != "GET":
-                super()._start_asgi_task(cycle, app)
-                return
-            coro = cycle.run_asgi(app)
-            try:
-                awaited = coro.send(None)
-            except StopIteration:
-                return
-            task = self.loop.create_task(_resume(coro, awaited))
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
-
-        def send_400_response(self, msg: str) -> None:
-            self._write_error(400, json.dumps({"error": "malformed HTTP request"}).encode())
-
-        # the connection guard's side ---------------------------------------------------------
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if guard is not None:
-                # (typed int by uvicorn; it only goes to loop.call_later, which takes a float)
-                self.timeout_keep_alive = guard.limits().keep_alive_timeout_s  # type: ignore[assignment]
-                guard.opened(self)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if guard is not None:
-                guard.closed(self)
-            super().connection_lost(exc)
-
-        def seen(self) -> Seen:
-            return Seen(self._phase(), self._requests, self._received)
-
-        def _phase(self) -> Phase:
-            if self._discarding:
-                return Phase.WORKING  # answered 431 and closing: the gateway's own doing
-            if self._in_head:
-                return Phase.HEAD
-            cycle = self.cycle
-            if cycle is None:
-                return Phase.NEW if not self._requests else Phase.IDLE
-            if cycle.more_body and not cycle.disconnected:
-                # The gateway not reading (its buffer full, or 100 Continue not yet sent) is
-                # its own wait, not the client's slowness.
-                if self.flow.read_paused or cycle.waiting_for_100_continue:
-                    return Phase.WORKING
-                return Phase.BODY
-            if not cycle.response_complete:
-                return Phase.SENDING if self.flow.write_paused else Phase.WORKING
-            return Phase.IDLE
-
-        def answer_and_close(self, error: GatewayError) -> None:
-            if self.transport.is_closing():
-                return
-            extra = b"".join(k + b": " + v + b"\r\n" for k, v in error.headers()
-                             if k != b"content-type")
-            self._write_error(error.status, error.body(), extra=extra)
-
-        def close(self) -> None:
-            self.transport.close()  # a no-op when already closing
-
-        def _write_error(self, status: int, body: bytes, *, linger: bool = False,
-                         extra: bytes = b"") -> None:
-            cycle = self.cycle
-            # A request whose body is still arriving has no answer yet: this is it, and the
-            # application reading the body hears that the client is gone.
-            body_arriving = cycle is not None and cycle.more_body and \
-                not cycle.response_started
-            if cycle is None or cycle.response_complete or body_arriving:
-                if body_arriving:
-                    cycle.disconnected = True
-                    cycle.message_event.set()
-                rid = new_request_id()
-                self.transport.write(b"".join([
-                    STATUS_LINE[status], b"content-type: application/json\r\n",
-                    b"content-length: ", str(len(body)).encode(), b"\r\n",
-                    b"date: ", http_date(), b"\r\n",
-                    b"x-request-id: ", rid, b"\r\n", extra,
-                    b"connection: close\r\n\r\n", body]))
-                if on_error is not None:
-                    on_error(status, rid,
-                             time.monotonic() - self._began_at if self._in_head else 0.0)
-            if not linger:
-                self.transport.close()
-                return
-            # A client still sending its head would get a reset instead of the answer if
-            # the connection closed now: read and drop the rest for a moment, then close.
-            self._discarding = True
-            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
-                self.transport.write_eof()
-            self.loop.call_later(_LINGER_S, self.transport.close)
-
-    return JsonErrorProtocol
-
-
 async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
                 on_ready: Callable[[str], None] | None = None,
                 stop: asyncio.Event | None = None, reuse_port: bool = False) -> int:
@@ -324,17 +120,21 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
     # One guard for every HTTP listener: they share the process's file descriptors.
     guard = ConnectionGuard(lambda: svc.cfg.clients, open_files=open_files_limit())
     admin_app = build_admin_app(svc, svc.telemetry, lambda: reload_from_file(svc))
-    http_protocol = json_error_protocol(
-        lambda: (svc.cfg.upstream.max_header_bytes, svc.cfg.upstream.max_headers),
-        on_error=svc.telemetry.connection_refused, guard=guard)
+    header_limits = lambda: (svc.cfg.upstream.max_header_bytes,  # noqa: E731
+                             svc.cfg.upstream.max_headers)
+    admin_protocol = front_end(header_limits, on_error=svc.telemetry.connection_refused,
+                               guard=guard)
     admin_server: _Server | None = None
     if cfg.admin.listen is not None:
         admin_server = _Server(uvicorn.Config(
             admin_app, host=cfg.admin.listen.host, port=cfg.admin.listen.port,
-            lifespan="off", access_log=False, log_level="warning", http=http_protocol,
+            lifespan="off", access_log=False, log_level="warning", http=admin_protocol,
             ws="none", timeout_graceful_shutdown=5, server_header=False,
             proxy_headers=False))
     app = ProxyApp(svc, not_here if admin_server is not None else admin_app)
+    # The gateway's own HTTP/1.1 front end (gateway.http.frontend) on uvicorn's listeners.
+    http_protocol = front_end(header_limits, on_error=svc.telemetry.connection_refused,
+                              guard=guard, refuse_early=app.refuse_early)
     ucfg = uvicorn.Config(app, host=cfg.listen.host, port=cfg.listen.port, lifespan="off",
                           access_log=False, log_level="warning", http=http_protocol,
                           # One Date per answer: the worker's when it sent one, else the

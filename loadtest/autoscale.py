@@ -1,11 +1,44 @@
-"""The scaler of the closed loop (issue 23, item 2): Kubernetes' HPA rules as a pure function.
+"""The closed scaling loop with the real gateway in it (issue 23, item 2).
 
-Only this piece of item 2 exists so far: the process harness (the real gateway in front of a
-simulated fleet whose size this scaler changes, warm-up, drain before remove, open-loop
-trace load, plot) is not written yet. The scaler reads one number — what the shipped
-manifests query, ``max(gateway_desired_replicas{mode="predictive"})`` — and applies the HPA
-controller's rules for an External metric with target ``AverageValue`` (config/k8s/
-triton-hpa.yaml; KEDA's ScaledObject builds the same HPA):
+    python -m loadtest.autoscale [--mode reactive --mode predictive] [--day 28]
+        [--start-hour 0 --hours 24] [--peak-rps 200] [--time-scale 300] [--startup-min 10]
+        [--target-utilisation 0.85]
+
+The real gateway (``python -m gateway serve``) in front of simulated Triton workers
+(``gateway sim``, one process each, 1 slot × 50 ms = 20 req/s, the replay's replica) whose
+number a scaler changes, time compressed: ``capacity.time_scale`` = 300, one real second is
+five trace minutes, a day lasts 288 s. One day of a trace (default: day 28 of the bundled
+Azure trace, scaled to a 200 req/s peak: of its days with 14 days of history, the one on which
+the analytical replay finds reactive scaling furthest behind) is replayed, per mode:
+
+* the **scaler** reads only the gateway's ``/metrics`` — ``max(gateway_desired_replicas
+  {mode=M})``, what the shipped HPA/KEDA manifests query (config/k8s/) — every 15 scaled
+  seconds (at least 0.1 s real) and applies Kubernetes' rules (:func:`hpa_step`, below);
+* a new worker is **ready after the warm-up** (``--startup-min`` trace minutes): it joins the
+  gateway's config only then, and is paid for from the order;
+* a worker chosen for **removal** is the one that frees a whole worker soonest (a warming one,
+  else the one with the fewest requests in flight); it leaves the config (SIGHUP), the gateway
+  drains it (no new requests, those in flight finish), and its process is stopped only once
+  the gateway no longer lists it;
+* the **load** is open loop: Poisson arrivals following the trace, each with
+  ``X-Request-Timeout-Ms``; every answer is recorded;
+* the **forecaster** starts from the ``--history-days`` before the replayed day
+  (``capacity.history_file``), never the day itself (with ``--start-hour H``, the history
+  runs up to hour H of the day and the replay starts there); an hour before the replay is
+  replayed first (not counted) so that the loop starts warm, the scaler acting only in its
+  second half (the gateway's averaged signals start cold and need the first to warm up).
+
+Reported per mode: over-budget minutes (a trace minute whose p99 exceeds the budget, 200 ms,
+or whose refusals and failures exceed 1 %), GPU-hours (in trace hours), requests lost in
+scale-down (no answer, or a worker's failure: 0, 500, 502), and the analytical replay's
+GPU-hours for the same day and mode (``loadtest.replay``), with the ratio. Prints a table and
+writes ``results/autoscale.json`` and the plot ``results/autoscale.png`` (demand, ready
+replicas and p99 over the day); each run merges its modes into what is there, so the modes
+may run one at a time.
+
+The scaler's rules. It reads one number — ``max(gateway_desired_replicas{mode="predictive"})``
+in the shipped manifests — and applies the HPA controller's rules for an External metric with
+target ``AverageValue`` (config/k8s/triton-hpa.yaml; KEDA's ScaledObject builds the same HPA):
 
 1. ratio = metric / (target × current); within ``tolerance`` (0.1) of 1 → keep ``current``,
    else the recommendation is ``ceil(metric / target)``;
@@ -19,7 +52,8 @@ triton-hpa.yaml; KEDA's ScaledObject builds the same HPA):
 4. clamp to [min_replicas, max_replicas].
 
 Time is an argument: :func:`hpa_step` takes the state and ``now`` and returns the desired
-replica count and the next state, so a test drives it as a table.
+replica count and the next state, so a test drives it as a table (tests/
+test_autoscale_rules.py); the loop passes scaled seconds.
 """
 
 from __future__ import annotations
@@ -100,3 +134,10 @@ def hpa_step(state: HpaState, now: float, metric: float, current: int,
         events = (*events, (now, desired - current))
     return HpaDecision(desired, rec, stabilised,
                        replace(state, recommendations=recs, events=events))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from loadtest.closedloop import main
+    sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.server import _resume
+from gateway.http.frontend import _resume
 from gateway.sim.core import WorkerSpec
 from gateway.sim.server import SimFleetThread
 from gateway.tools.gatewayproc import GatewayProcess

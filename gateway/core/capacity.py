@@ -289,3 +289,34 @@ def predictive_desired_replicas(
     need = ceil_tolerant(max(0.0, forecast_rps) / (per_replica_rps * target_utilisation))
     return _clamp(need + redundancy, min_replicas, max_replicas)
 
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityClock:
+    """The clock the forecaster runs on: ``(now + offset_s) × time_scale``.
+
+    ``now`` is the shell's clock (monotonic seconds); ``offset_s`` maps it to Unix time (the
+    frame of ``capacity.history_file``), taken once by the shell. ``time_scale``
+    (``capacity.time_scale``) compresses time for a benchmark: at 300 one real second counts
+    as five minutes, so the history step, the lead time and the daily and weekly seasons are
+    all in scaled seconds. Rates stay in real requests per second: arrivals counted over a
+    scaled interval are multiplied by ``time_scale`` (:meth:`arrivals`)."""
+
+    time_scale: float = 1.0
+    offset_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.time_scale) and self.time_scale > 0,
+                 "time_scale must be a finite number > 0")
+
+    def at(self, now: float) -> float:
+        return (now + self.offset_s) * self.time_scale
+
+    def arrivals(self, count: float) -> float:
+        """Arrivals counted in real time, as the forecaster must record them so that its
+        per-step rates are real requests per second."""
+        return count * self.time_scale
+
+    def real_s(self, scaled_s: float) -> float:
+        """A span of scaled seconds in real seconds (a half-life, a sampling interval)."""
+        return scaled_s / self.time_scale

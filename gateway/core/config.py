@@ -573,6 +573,22 @@ class CapacityConfig:
     min_replicas: int = opt(1, "Floor of desired replicas; at most max_replicas.",
                             non_negative())
     max_replicas: int = opt(1000, "Ceiling of desired replicas.", positive())
+    time_scale: float = opt(1.0, "Capacity seconds per real second, for time-compressed "
+                            "benchmarks (loadtest.autoscale): at 300 one real second counts "
+                            "as five minutes, and history_step_s, lead_time_s and the daily "
+                            "and weekly seasons are in those scaled seconds; the signals are "
+                            "sampled every 1/time_scale s (at least 0.05 s) and the arrival "
+                            "rate's and utilisation's half-lives shrink alike, to at least "
+                            "1 real second each. Rates stay in real req/s. Leave 1.0 in "
+                            "production. A change needs a restart.",
+                            check(lambda v: 0 < v <= 10_000, "a number in (0, 10000]"))
+    history_file: str | None = opt(None, "CSV of past demand loaded into the forecaster at "
+                                   "start (each model's, when first seen), so the predictive "
+                                   "signal has its seasons from the first minute: a header "
+                                   "with time_s (Unix seconds, x time_scale) and rate (req/s), "
+                                   "# comments allowed; resampled to history_step_s, the last "
+                                   "row held up to now. A bad file stops the start. A change "
+                                   "needs a restart.")
 
     def __post_init__(self) -> None:
         if self.min_replicas > self.max_replicas:

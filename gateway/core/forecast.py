@@ -19,7 +19,9 @@ Models (each a function of the closed history ``y`` and a horizon in steps):
 
 The :class:`Forecaster` picks, every ``refit_every`` closed steps, the model with the lowest
 mean absolute error in a backtest over its own recent history (walk-forward, no peeking),
-and falls back to ``recent_level`` while less than a day is known. The selection backtest
+and falls back to ``recent_level`` while less than a day is known. A recorded history
+(:func:`parse_history`, ``capacity.history_file``) is loaded with :meth:`Forecaster.preload`
+before live recording, so the seasonal models apply from the first minute. The selection backtest
 walks over the last week (or what is known) at about 400 origins, predicting
 ``selection_horizon_s`` ahead (the lead time the forecasts are used at).
 """
@@ -172,6 +174,53 @@ def backtest(
     return errors
 
 
+def parse_history(lines: Iterable[str], source: str = "<history>"
+                  ) -> tuple[list[float], list[float]]:
+    """A history CSV (``capacity.history_file``): a header with ``time_s`` and ``rate``
+    columns, ``#`` comment lines and blank lines allowed; ``time_s`` strictly increasing, in
+    the capacity clock's seconds (Unix time × ``capacity.time_scale``), ``rate`` ≥ 0 in
+    requests per second. A bad row raises ValueError naming ``source`` and the line."""
+    times: list[float] = []
+    rates: list[float] = []
+    columns: list[str] | None = None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if columns is None:
+            columns = fields
+            missing = [c for c in ("time_s", "rate") if c not in columns]
+            if missing:
+                raise ValueError(f"{source}:{number}: header needs time_s and rate, "
+                                 f"missing {', '.join(missing)}")
+            continue
+        if len(fields) != len(columns):
+            raise ValueError(f"{source}:{number}: {len(fields)} fields, the header has "
+                             f"{len(columns)}")
+        row = dict(zip(columns, fields, strict=True))
+        values = []
+        for name in ("time_s", "rate"):
+            try:
+                value = float(row[name])
+            except ValueError:
+                raise ValueError(f"{source}:{number}: {name} is {row[name]!r}, not a "
+                                 "number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{source}:{number}: {name} is not finite")
+            values.append(value)
+        t, rate = values
+        if rate < 0:
+            raise ValueError(f"{source}:{number}: rate is negative")
+        if times and t <= times[-1]:
+            raise ValueError(f"{source}:{number}: time_s {t:g} does not increase")
+        times.append(t)
+        rates.append(rate)
+    if columns is None:
+        raise ValueError(f"{source}: no header line")
+    return times, rates
+
+
 @dataclass(frozen=True, slots=True)
 class ForecasterStatistics:
     step_s: float
@@ -277,6 +326,27 @@ class Forecaster:
         for rate in rates_per_s:
             self._append(index, float(rate))
             index += 1
+
+    def preload(self, times_s: Sequence[float] | Array, rates_per_s: Sequence[float] | Array,
+                now: float) -> int:
+        """Load a recorded history (``capacity.history_file``) before live recording: the
+        rates at ``times_s`` (increasing, any spacing) resampled onto this forecaster's steps,
+        linear between points and the last point held up to the step before ``now``'s, so
+        the live steps follow without a gap; points at or after ``now``'s step are left out,
+        and only the newest ``max_points`` steps are kept. Returns the steps loaded."""
+        t = np.asarray(times_s, dtype=np.float64)
+        r = np.asarray(rates_per_s, dtype=np.float64)
+        if len(t) != len(r):
+            raise ValueError("times_s and rates_per_s differ in length")
+        current = self._bucket(now)
+        keep = t < current * self.step_s
+        t, r = t[keep], r[keep]
+        if len(t) == 0:
+            return 0
+        first = max(self._bucket(float(t[0])), current - self.max_points)
+        grid = np.arange(first, current, dtype=np.float64) * self.step_s
+        self.extend(first * self.step_s, np.interp(grid, t, r).tolist())
+        return len(grid)
 
     # -- forecasting -------------------------------------------------------------------------
 

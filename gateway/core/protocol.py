@@ -72,7 +72,25 @@ def _check(kind: Kind, want: str, method: str, **kw: str) -> Endpoint:
     return METHOD_NOT_ALLOWED
 
 
+# classify() remembers its answers for the paths it meets most (a fleet's few models), up to
+# a bound: a client sending endless new paths only empties the memo now and then.
+_MEMO: dict[tuple[str, str], Endpoint] = {}
+_MEMO_MAX = 1024
+
+
 def classify(method: str, path: str) -> Endpoint:
+    """What ``method path`` asks for (see :func:`_classify`), remembered."""
+    key = (method, path)
+    found = _MEMO.get(key)
+    if found is None:
+        found = _classify(method, path)
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = found
+    return found
+
+
+def _classify(method: str, path: str) -> Endpoint:
     if len(path) > 1 and path.endswith("/"):
         path = path.rstrip("/")
     fixed = _FIXED.get(path)

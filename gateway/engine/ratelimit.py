@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from aiolimiter import AsyncLimiter
 
 from gateway.core.config import BucketConfig, GatewayConfig, ModelConfig
-from gateway.core.errors import Overloaded, RateLimited
+from gateway.core.errors import GatewayError, Overloaded, RateLimited
 from gateway.engine.redis_store import RedisStore, RedisStoreStatistics, StoreUnavailable
 
 _EPSILON = 1e-9
@@ -304,6 +304,17 @@ class RateLimiter:
     @property
     def has_any_gpu_quota(self) -> bool:
         return bool(self._gpu)
+
+    def refusal(self, tenant: str | None, model: str) -> GatewayError | None:
+        """What :meth:`admit` would refuse at once even for one token, from the local buckets
+        alone (a Redis bucket is asked only by :meth:`admit`); consumes nothing. Used to
+        refuse from a request's head, before its body is read."""
+        for bucket in self.chain(tenant, model):
+            if isinstance(bucket, LocalBucket):
+                wait = bucket.wait_s(1)
+                if wait > bucket.config.max_wait_s:
+                    return bucket._reject(wait)
+        return None
 
     async def admit(self, tenant: str | None, model: str, cost: int = 1,
                     gpu_s: float = 0.0) -> None:

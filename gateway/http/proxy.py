@@ -38,6 +38,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
@@ -84,6 +85,9 @@ _ids = itertools.count(1)
 _MAX_REQUEST_ID = 128
 _DATE = b"date"
 _MAX_TIMEOUT_MS = 10**12  # ~32 years: longer deadlines mean "no deadline"
+# Set in a request's scope by a server that cancels the task answering it when the client
+# disconnects (gateway.http.frontend.CANCELS_ON_DISCONNECT).
+CANCELS_ON_DISCONNECT = "gateway.cancels_on_disconnect"
 # The requests traced when tracing is on, and their spans' names (the route, not the path).
 _TRACED_ROUTES = {Kind.INFER: "/v2/models/{model}/infer",
                   Kind.GENERATE: "/v2/models/{model}/generate",
@@ -114,6 +118,7 @@ class ProxyApp:
         self.service = service
         self.admin_app = admin_app
         self.turnstile = Turnstile()
+        self._passed_this_turn = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,6 +165,67 @@ class ProxyApp:
             internal = GatewayError("internal gateway error")
             self._failed(endpoint, scope, internal, rid, started, trace)
             await _send_error(send, internal, rid)
+
+    def refuse_early(self, method: bytes, path: str,
+                     headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The front end's hook (``gateway.http.frontend``), called as soon as a POST's head
+        is parsed: an inference request that would be refused whatever its body — no API key
+        where one is required, a token bucket that is empty, a queue that cannot meet the
+        ``X-Request-Timeout-Ms`` deadline — gets its whole answer here, as bytes, with no
+        task and no body read. None: the request goes the ordinary way (which decides the
+        same things again, and everything else). Traced requests always go that way."""
+        if not path.startswith("/v2/models/"):
+            return None
+        svc = self.service
+        ep = classify("POST", path)
+        if ep.kind not in _TRACED_ROUTES or ep.version or svc.tracing is not None \
+                or not svc.model_known(ep.model):
+            return None
+        started = svc.clock()
+        limits = svc.cfg.upstream
+        if header_bounds_error(headers, limits.max_header_bytes, limits.max_headers):
+            return None
+        tenant, default_priority = svc.tenants.identify(headers)
+        try:
+            if tenant is None and svc.cfg.admission.require_api_key:
+                raise Unauthorized("missing or unknown API key")
+            refusal = svc.dispatcher.limiter.refusal(tenant, ep.model)
+            if refusal is not None:
+                raise refusal
+            priority_h = timeout_h = None
+            for k, v in headers:
+                if k == b"x-priority":
+                    priority_h = v
+                elif k == b"x-request-timeout-ms":
+                    timeout_h = v
+            if timeout_h is not None:
+                deadline_s = _header_deadline_s(timeout_h)
+                if deadline_s is not None:
+                    priority = effective_priority(default_priority, priority_h)
+                    arrived = started - svc.loop_lag.lag_s(started)
+                    svc.dispatcher.precheck(priority, arrived + deadline_s, started,
+                                            arriving=self._arriving())
+        except GatewayError as exc:
+            rid = _request_id_of(headers)
+            svc.telemetry.request_failed(ep.model, exc, is_rejection=isinstance(exc, Rejected),
+                                         rid=rid, tenant=tenant,
+                                         latency_s=svc.clock() - started)
+            return error_answer(exc, rid)
+        # Passed: counted as arriving until the loop's next turn (its task runs then, and
+        # waits in the turnstile or reaches the queue) — so that the heads of a herd parsed
+        # in one turn do not each see an empty queue.
+        self._passed_this_turn += 1
+        if self._passed_this_turn == 1:
+            asyncio.get_running_loop().call_soon(self._new_turn)
+        return None
+
+    def _new_turn(self) -> None:
+        self._passed_this_turn = 0
+
+    def _arriving(self) -> int:
+        """Inference requests this gateway has taken in that are not yet in the queue or at a
+        worker: heads passed in this loop turn, and those waiting at the turnstile."""
+        return self._passed_this_turn + self.turnstile.waiting
 
     def _failed(self, endpoint: Endpoint, scope: Scope, exc: GatewayError, rid: bytes,
                 started: float, trace: Trace | None) -> None:
@@ -262,7 +328,8 @@ class ProxyApp:
         if header_deadline_s is not None:
             # Herds are cheap to refuse: a request the queue cannot serve in time is refused
             # from its headers, before its body is read.
-            svc.dispatcher.precheck(priority, arrived + header_deadline_s, svc.clock())
+            svc.dispatcher.precheck(priority, arrived + header_deadline_s, svc.clock(),
+                                    arriving=self.turnstile.waiting)
         key = ModelKey(ep.model, ep.version)
         if ep.version or not svc.model_known(ep.model):
             await svc.resolve(key, Action.OTHER)
@@ -309,7 +376,7 @@ class ProxyApp:
                            rid: bytes, started: float) -> None:
         """Dispatch and relay; a client that disconnects cancels the upstream request."""
         svc = self.service
-        watch = _DisconnectWatch(receive)
+        watch = _watch(scope, receive)
         lease: Lease | None = None
         try:
             lease = await svc.dispatcher.dispatch(call)
@@ -349,7 +416,7 @@ class ProxyApp:
         tenant and deadline intact) when it cannot join a batch. A client that disconnects
         withdraws its request from the batch."""
         svc = self.service
-        watch = _DisconnectWatch(receive)
+        watch = _watch(scope, receive)
         try:
             reply = await svc.batching.submit(call)
             if reply is None:
@@ -430,6 +497,25 @@ class _DisconnectWatch:
             self._watcher = None
 
 
+class _Unwatched:
+    """In place of a :class:`_DisconnectWatch` where the server cancels the task itself when
+    the client goes (``gateway.http.frontend``)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def close(self) -> None:
+        self.done = True
+
+
+def _watch(scope: Scope, receive: Receive) -> _DisconnectWatch | _Unwatched:
+    if scope.get(CANCELS_ON_DISCONNECT):
+        return _Unwatched()
+    return _DisconnectWatch(receive)
+
+
 async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
     resp = lease.response
     out = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != _REQUEST_ID]
@@ -453,12 +539,57 @@ async def _relay(lease: Lease, send: Send, rid: bytes, stream: bool) -> None:
 
 
 def _request_id(scope: Scope) -> bytes:
-    for k, v in scope["headers"]:
+    return _request_id_of(scope["headers"])
+
+
+def _request_id_of(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client's ``X-Request-Id`` when it is a sane one (printable, at most 128 bytes),
+    else a new one."""
+    for k, v in headers:
         if k == _REQUEST_ID:
             if 0 < len(v) <= _MAX_REQUEST_ID and all(32 <= c < 127 for c in v):
                 return bytes(v)
             break
     return new_request_id()
+
+
+# The start of each error answer, by (status, its headers), up to a bound: the rest is the
+# date, the request id and the body.
+_ANSWER_HEADS: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], bytes] = {}
+_ANSWER_HEADS_MAX = 256
+# ... and their bodies, by message (a refusal's message names its bucket or its reason).
+_ANSWER_BODIES: dict[str, bytes] = {}
+
+
+def error_answer(exc: GatewayError, rid: bytes) -> bytes:
+    """The whole HTTP/1.1 answer for ``exc`` (Triton's JSON, a ``Date``, the request id and,
+    for a refusal, ``Retry-After``), from a head made once per kind of error."""
+    headers = tuple(exc.headers())
+    key = (exc.status, headers)
+    head = _ANSWER_HEADS.get(key)
+    if head is None:
+        if len(_ANSWER_HEADS) >= _ANSWER_HEADS_MAX:
+            _ANSWER_HEADS.clear()
+        head = b"".join([b"HTTP/1.1 %d %s\r\n" % (exc.status, _phrase(exc.status)),
+                         *(k + b": " + v + b"\r\n" for k, v in headers),
+                         b"content-length: "])
+        _ANSWER_HEADS[key] = head
+    body = _ANSWER_BODIES.get(exc.message)
+    if body is None or type(exc).body is not GatewayError.body:
+        body = exc.body()
+        if type(exc).body is GatewayError.body:
+            if len(_ANSWER_BODIES) >= _ANSWER_HEADS_MAX:
+                _ANSWER_BODIES.clear()
+            _ANSWER_BODIES[exc.message] = body
+    return b"".join([head, str(len(body)).encode(), b"\r\ndate: ", http_date(),
+                     b"\r\nx-request-id: ", rid, b"\r\n\r\n", body])
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def new_request_id() -> bytes:

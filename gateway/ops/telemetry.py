@@ -19,9 +19,10 @@ Label cardinality is bounded: ``model`` is a configured or discovered model name
 
 Capacity signals (definitions in ``gateway.core.capacity``), sampled once a second:
 
-* utilisation = busy slots / slots of ready workers (an EWMA of one-second samples, time
-  constant ~5 s), fleet-wide and per model (the model's in-flight requests over the slots of
-  the workers serving it);
+* utilisation = busy slots / slots of ready workers (the busy slots an EWMA of one-second
+  samples, half-life ``UTILISATION_HALF_LIFE_S`` ≈ 3.1 s, over the slots ready now),
+  fleet-wide and per model (the model's in-flight requests over the slots of the workers
+  serving it);
 * headroom = 1 − utilisation / target (``capacity.target_utilisation``, default 0.7);
 * saturation = share of the last minute during which requests had to queue for a slot;
 * arrival rate = requests per second per model (decayed, half-life ``ARRIVAL_HALF_LIFE_S``),
@@ -43,6 +44,21 @@ The estimate is only updated once the window holds ``MIN_BUSY_SLOT_S`` of busy s
 an idle model keeps its last estimate; before any estimate predictive equals reactive.
 Requests merged into one gateway batch count one slot and one completion per member, so both
 the forecast and the throughput are in client requests.
+
+The forecaster runs on :class:`~gateway.core.capacity.CapacityClock`: Unix time ×
+``capacity.time_scale`` (1 in production; a time-compressed benchmark sets e.g. 300, and then
+the signals are sampled every 1/time_scale s, at least ``MIN_SAMPLE_INTERVAL_S``, and both
+averaged signals' half-lives, the arrival meter's and the utilisation's, shrink with it, to
+the same floor ``MIN_SIGNAL_HALF_LIFE_S`` of real time: :func:`signal_half_life_s`). Each
+model's forecaster starts from ``capacity.history_file`` when set (read once, at start).
+
+Why one floor for both: compression shrinks the requests behind a trace minute by
+``time_scale`` (at 300, a trace minute at 150 req/s is 30 real requests, not 9,000), so a
+signal averaged over a fixed span of *scaled* time is √``time_scale`` times noisier than in
+production. The floor keeps a few hundred arrivals behind each signal; applied to one signal
+and not the other, the reactive rule (utilisation) would read a noisier signal than the
+predictive one (arrival rate) and the HPA, which scales up at once and down only after five
+minutes, would turn that noise into replicas ordered and cancelled during their warm-up.
 """
 
 from __future__ import annotations
@@ -69,7 +85,8 @@ from gateway.core import capacity
 from gateway.core.admission import RateMeter
 from gateway.core.breaker import BreakerState, BreakerTransition
 from gateway.core.errors import GatewayError
-from gateway.core.forecast import Forecaster
+from gateway.core.forecast import Forecaster, parse_history
+from gateway.core.schema import ConfigError
 from gateway.core.shares import Report
 from gateway.ops.accesslog import CLIENT_DISCONNECTED, AccessLog
 
@@ -78,13 +95,24 @@ if TYPE_CHECKING:
     from gateway.ops.state import GatewayState
 
 breaker_log = logging.getLogger("gateway.core.breaker")
+log = logging.getLogger("gateway.ops.telemetry")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_MODELS = 256
 ARRIVAL_HALF_LIFE_S = 10.0
+# The utilisation's EWMA: weight 0.2 per one-second sample, i.e. a half-life of
+# ln 2 / ln 1.25 ≈ 3.1 s.
+UTILISATION_HALF_LIFE_S = math.log(2.0) / math.log(1.25)
+# The floor under a time-compressed half-life, real seconds, the same for every averaged
+# signal: a decayed rate or utilisation needs a few hundred arrivals behind it, or its noise
+# alone moves the desired replicas.
+MIN_SIGNAL_HALF_LIFE_S = 1.0
+MIN_ARRIVAL_HALF_LIFE_S = MIN_SIGNAL_HALF_LIFE_S
 THROUGHPUT_WINDOW_S = 60
+SAMPLE_INTERVAL_S = 1.0
+MIN_SAMPLE_INTERVAL_S = 0.05    # the floor under a time-compressed run's sampling
 MIN_BUSY_SLOT_S = 2.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
@@ -99,6 +127,18 @@ REJECTION_REASONS = ("rate_limited", "overloaded", "no_worker", "deadline", "rej
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+def signal_half_life_s(half_life_s: float, clock: capacity.CapacityClock) -> float:
+    """A signal's half-life in real seconds: ``half_life_s`` of capacity time, at least
+    ``MIN_SIGNAL_HALF_LIFE_S`` (at ``time_scale`` 1 both shipped half-lives are above it)."""
+    return max(MIN_SIGNAL_HALF_LIFE_S, clock.real_s(half_life_s))
+
+
+def ewma_weight(interval_s: float, half_life_s: float) -> float:
+    """The weight of a new sample taken ``interval_s`` after the last in an EWMA of that
+    half-life (both real seconds): 0.2 for one-second samples at ``UTILISATION_HALF_LIFE_S``."""
+    return 1.0 - math.pow(0.5, interval_s / half_life_s)
+
+
 def outcome_of(status: int) -> str:
     """Outcome of a request a worker answered (the gateway's own refusals are counted in
     ``request_failed``)."""
@@ -107,18 +147,34 @@ def outcome_of(status: int) -> str:
     return "client_error" if status < 500 else "upstream_error"
 
 
-class ModelCapacity:
-    """Per-model capacity state: forecaster, arrival meter, smoothed utilisation and the
-    per-replica throughput window (``(busy slot-seconds, completions, slots per replica)``
-    per one-second sample)."""
+def read_history(path: str | None) -> tuple[list[float], list[float]] | None:
+    """``capacity.history_file`` read and checked (a bad file is a configuration error)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_history(f, path)
+    except OSError as exc:
+        raise ConfigError("capacity.history_file",
+                          f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError("capacity.history_file", str(exc)) from None
 
-    __slots__ = ("arrival_meter", "arrivals_seen", "completions_seen", "forecaster",
+
+class ModelCapacity:
+    """Per-model capacity state: forecaster, arrival meter, smoothed busy slots (``busy``)
+    and the utilisation they make over the slots ready now, and the per-replica throughput
+    window (``(busy slot-seconds, completions, slots per replica)`` per one-second sample)."""
+
+    __slots__ = ("arrival_meter", "arrivals_seen", "busy", "completions_seen", "forecaster",
                  "per_replica_rps", "utilisation", "window")
 
-    def __init__(self, step_s: float, max_points: int, lead_time_s: float) -> None:
+    def __init__(self, step_s: float, max_points: int, lead_time_s: float,
+                 arrival_half_life_s: float = ARRIVAL_HALF_LIFE_S) -> None:
         self.forecaster = Forecaster(step_s=step_s, max_points=max_points,
                                      selection_horizon_s=lead_time_s)
-        self.arrival_meter = RateMeter(ARRIVAL_HALF_LIFE_S)
+        self.arrival_meter = RateMeter(arrival_half_life_s)
+        self.busy = 0.0
         self.utilisation = 0.0
         self.per_replica_rps = 0.0
         self.arrivals_seen = 0
@@ -160,9 +216,11 @@ class Telemetry:
         self.models: dict[str, ModelCapacity] = {}
         self.arrival_counts: collections.Counter[str] = collections.Counter()
         self._done_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        self._refused_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.completion_counts: collections.Counter[str] = collections.Counter()
         self.saturation_samples: collections.deque[float] = collections.deque(maxlen=60)
         self.fleet_utilisation = 0.0
+        self.fleet_busy = 0.0
         self.recent_rejections: collections.deque[dict[str, object]] = collections.deque(
             maxlen=50)
         self._last_saturation_s = 0.0
@@ -178,6 +236,19 @@ class Telemetry:
         self._peer_seen: dict[str, dict[str, float]] = {}
         self._busy_seen: dict[tuple[str, str], float] = {}
         self._busy_at: float | None = None
+        # The forecaster's clock (capacity.time_scale, Unix time) and the recorded history it
+        # starts from (capacity.history_file): both read once, at start.
+        cap = service.cfg.capacity
+        self.capacity_clock = capacity.CapacityClock(cap.time_scale,
+                                                     time.time() - service.clock())
+        self.sample_interval_s = max(MIN_SAMPLE_INTERVAL_S,
+                                     self.capacity_clock.real_s(SAMPLE_INTERVAL_S))
+        # The utilisation's EWMA weight per sample: 0.2 at one-second samples in real time;
+        # under compression the half-life shrinks like the arrival meter's, to the same floor.
+        self.utilisation_weight = ewma_weight(
+            self.sample_interval_s,
+            signal_half_life_s(UTILISATION_HALF_LIFE_S, self.capacity_clock))
+        self.history = read_history(cap.history_file)
         r.register(_StateCollector(self))
 
     # hot path ---------------------------------------------------------------------------
@@ -228,8 +299,14 @@ class Telemetry:
                                    trace_id=trace_id)
         m = self.label(model)
         if is_rejection or exc.status in (401, 413):
-            self.requests.labels(m, "rejected").inc()
-            self.rejections.labels(m, exc.reason).inc()
+            refused = self._refused_children.get((m, exc.reason))
+            if refused is None:   # as in request_done: labels() once per (model, reason)
+                if len(self._refused_children) >= 4096:
+                    self._refused_children.clear()
+                refused = self._refused_children[(m, exc.reason)] = (
+                    self.requests.labels(m, "rejected"), self.rejections.labels(m, exc.reason))
+            refused[0].inc()
+            refused[1].inc()
             self.recent_rejections.append({"at": time.time(), "model": m, "reason": exc.reason,
                                            "status": exc.status, "tenant": tenant})
         elif exc.status >= 500:
@@ -277,11 +354,14 @@ class Telemetry:
 
     # once a second ------------------------------------------------------------------------
     async def run(self) -> None:
+        logged_at = self.service.clock()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.sample_interval_s)
             now = self.service.clock()
             self.sample(now)
-            self.tick_logs(now, time.time())
+            if now - logged_at >= SAMPLE_INTERVAL_S - 1e-3:
+                logged_at = now
+                self.tick_logs(now, time.time())
 
     # logs, once a second ------------------------------------------------------------------
     def tick_logs(self, now: float, wall: float) -> None:
@@ -313,7 +393,6 @@ class Telemetry:
 
     def sample(self, now: float) -> None:
         svc = self.service
-        cap = svc.cfg.capacity
         ready = [w for w in svc.workers() if w.is_routable]
         peers = self.peers()
         peer_counts, peer_saturation_s = self._peer_deltas(peers)
@@ -341,8 +420,12 @@ class Telemetry:
             per_worker[wid] += n
         slots = sum(w.capacity_units for w in ready)
         busy = sum(min(per_worker.get(w.id, 0.0), float(w.capacity_units)) for w in ready)
-        util = capacity.fleet_utilisation(busy, slots)
-        self.fleet_utilisation = 0.8 * self.fleet_utilisation + 0.2 * util
+        # The busy slots are averaged, not the ratio: a worker that joins or leaves changes
+        # the slots at once and the busy work not at all, so ``current × utilisation`` (the
+        # reactive rule's busy replicas) does not jump with the membership.
+        w_util = self.utilisation_weight
+        self.fleet_busy += w_util * (busy - self.fleet_busy)
+        self.fleet_utilisation = capacity.fleet_utilisation(self.fleet_busy, slots)
         dt = 1.0 if self._last_sample is None else min(5.0, max(0.0, now - self._last_sample))
         self._last_sample = now
         sat_s = max(svc.saturation_seconds() - self._last_saturation_s, peer_saturation_s)
@@ -351,6 +434,7 @@ class Telemetry:
         # Every configured or served model gets signals, traffic or not (an idle model's
         # desired replicas is the floor); names come from config and workers, never clients.
         served = {m for w in ready for m in w.models_ready if "/" not in m}
+        clock = self.capacity_clock
         for name in sorted(set(self.arrival_counts) | set(self.models) | set(svc.cfg.models)
                            | served | {k.split(":", 1)[1] for k in peer_counts
                                        if k.startswith("arrivals:")}):
@@ -358,13 +442,11 @@ class Telemetry:
             if mc is None:
                 if len(self.models) >= MAX_MODELS:
                     continue
-                mc = self.models[name] = ModelCapacity(cap.history_step_s,
-                                                       cap.history_max_points, cap.lead_time_s)
-                self._zero_counters(name)
+                mc = self.models[name] = self._new_model(name, now)
             count = self.arrival_counts.get(name, 0)
             arrived = count - mc.arrivals_seen + peer_counts.get(f"arrivals:{name}", 0.0)
             mc.arrivals_seen = count
-            mc.forecaster.record(now, float(arrived))
+            mc.forecaster.record(clock.at(now), clock.arrivals(float(arrived)))
             mc.arrival_meter.add(now, float(arrived))
             done = self.completion_counts.get(name, 0)
             completed = done - mc.completions_seen + int(peer_counts.get(
@@ -373,10 +455,22 @@ class Telemetry:
             serving = [w for w in ready if name in w.models_ready]
             m_slots = sum(w.capacity_units for w in serving)
             m_busy = sum(avg.get((w.id, name), 0.0) for w in serving)
-            mc.utilisation = 0.8 * mc.utilisation + 0.2 * capacity.fleet_utilisation(m_busy,
-                                                                                     m_slots)
+            mc.busy += w_util * (min(m_busy, m_slots) - mc.busy)
+            mc.utilisation = capacity.fleet_utilisation(mc.busy, m_slots)
             if serving:
                 mc.update_throughput(m_busy * dt, completed, m_slots / len(serving))
+
+    def _new_model(self, name: str, now: float) -> ModelCapacity:
+        cap = self.service.cfg.capacity
+        clock = self.capacity_clock
+        mc = ModelCapacity(cap.history_step_s, cap.history_max_points, cap.lead_time_s,
+                           signal_half_life_s(ARRIVAL_HALF_LIFE_S, clock))
+        if self.history is not None:
+            steps = mc.forecaster.preload(*self.history, clock.at(now))
+            log.info("capacity history for %s: %d steps of %g s from %s", name, steps,
+                     cap.history_step_s, cap.history_file)
+        self._zero_counters(name)
+        return mc
 
     def counters(self) -> dict[str, float]:
         """This replica's cumulative counts that the capacity signals are made of, for the
@@ -440,7 +534,8 @@ class Telemetry:
         now_rate = mc.arrival_meter.rate(now)
         # The peak over the lead time: capacity must also cover the minutes before new
         # replicas are warm.
-        predicted = max(mc.forecaster.forecast_peak(now, cap.lead_time_s), now_rate)
+        predicted = max(mc.forecaster.forecast_peak(self.capacity_clock.at(now),
+                                                    cap.lead_time_s), now_rate)
         predictive = capacity.predictive_desired_replicas(
             predicted, mc.per_replica_rps, cap.target_utilisation, cap.redundancy,
             cap.min_replicas, cap.max_replicas)
