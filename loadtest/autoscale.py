@@ -2,10 +2,11 @@
 
     python -m loadtest.autoscale [--mode reactive --mode predictive] [--day 28]
         [--start-hour 0 --hours 24] [--peak-rps 200] [--time-scale 300] [--startup-min 10]
-        [--target-utilisation 0.85]
+        [--target-utilisation 0.85] [--service-dist fixed|exponential] [--p99-budget-ms 200]
 
 The real gateway (``python -m gateway serve``) in front of simulated Triton workers
-(``gateway sim``, one process each, 1 slot × 50 ms = 20 req/s, the replay's replica) whose
+(``gateway sim``, one process each, 1 slot × 50 ms = 20 req/s, the replay's replica; with
+``--service-dist exponential`` each service time is drawn with that mean, an M/M/c server) whose
 number a scaler changes, time compressed: ``capacity.time_scale`` = 300, one real second is
 five trace minutes, a day lasts 288 s. One day of a trace (default: day 28 of the bundled
 Azure trace, scaled to a 200 req/s peak: of its days with 14 days of history, the one on which

@@ -18,6 +18,7 @@ them without the trace):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -50,10 +51,12 @@ LOST_STATUSES = frozenset({0, 500, 502})
 class SimWorker:
     """One simulated worker in its own process; ``port`` is known once it listens."""
 
-    def __init__(self, *, slots: int, service_ms: float) -> None:
+    def __init__(self, *, slots: int, service_ms: float, service_dist: str = "fixed",
+                 seed: int = 0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "sim", "--workers", "1", "--base-port", "0",
-             "--slots", str(slots), "--base-ms", str(service_ms), "--per-item-ms", "0"],
+             "--slots", str(slots), "--base-ms", str(service_ms), "--per-item-ms", "0",
+             "--service-dist", service_dist, "--seed", str(seed)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd=REPO)
         self.port: int | None = None
@@ -110,12 +113,14 @@ class Fleet:
     (ordered, warming or ready, not draining); GPU time counts from the order to the stop."""
 
     def __init__(self, gateway: GatewayProcess, *, slots: int, service_ms: float,
-                 warmup_s: float, spares: int, clock: Callable[[], float]) -> None:
+                 warmup_s: float, spares: int, clock: Callable[[], float],
+                 service_dist: str = "fixed", seed: int = 0) -> None:
         self.gateway = gateway
         self.slots, self.service_ms, self.warmup_s = slots, service_ms, warmup_s
+        self.service_dist = service_dist
+        self._seeds = itertools.count(seed * 100_003)   # each worker its own RNG stream
         self.clock = clock
-        self.pool: list[SimWorker] = [SimWorker(slots=slots, service_ms=service_ms)
-                                      for _ in range(spares)]
+        self.pool: list[SimWorker] = [self._spawn() for _ in range(spares)]
         self.replicas: list[Replica] = []
         self.events: list[FleetEvent] = []
         self.spares = spares
@@ -134,10 +139,13 @@ class Fleet:
                 if sim.port is not None:
                     self.pool.pop(i)
                     if len(self.pool) < self.spares:
-                        self.pool.append(SimWorker(slots=self.slots,
-                                                   service_ms=self.service_ms))
+                        self.pool.append(self._spawn())
                     return sim
             self.pool[0].wait()
+
+    def _spawn(self) -> SimWorker:
+        return SimWorker(slots=self.slots, service_ms=self.service_ms,
+                         service_dist=self.service_dist, seed=next(self._seeds))
 
     @property
     def active(self) -> list[Replica]:
@@ -409,6 +417,7 @@ class LoopParams:
     startup_min: int = 10
     target_utilisation: float = 0.85
     service_ms: float = 50.0
+    service_dist: str = "fixed"     # the workers' service times: fixed or exponential (M/M/c)
     p99_budget_ms: float = 200.0
     deadline_ms: int = 2000
     hours: float = 24.0
@@ -460,7 +469,7 @@ def run_loop(p: LoopParams, minutes: Any, workdir: Path) -> dict[str, Any]:
 
     gw = GatewayProcess({}, workdir)
     fleet = Fleet(gw, slots=1, service_ms=p.service_ms, warmup_s=warmup_s, spares=6,
-                  clock=clock)
+                  clock=clock, service_dist=p.service_dist, seed=p.seed)
     try:
         urls = fleet.start_ready(initial)
         for r in fleet.replicas:
@@ -688,7 +697,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         span = f" {start_h:g}–{start_h + params['hours']:g} h"
     top.set_title(f"Closed loop through the real gateway: day {params['day']}{span}, peak "
                   f"{params['peak_rps']:g} req/s, warm-up {params['startup_min']} min, target "
-                  f"{params['target_utilisation']}, {params['time_scale']:g}x time")
+                  f"{params['target_utilisation']}, {params['time_scale']:g}x time"
+                  + (", exponential service" if params.get("service_dist") == "exponential"
+                     else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -723,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-min", type=int, default=d.startup_min)
     parser.add_argument("--target-utilisation", type=float, default=d.target_utilisation)
     parser.add_argument("--service-ms", type=float, default=d.service_ms)
+    parser.add_argument("--service-dist", choices=("fixed", "exponential"),
+                        default=d.service_dist,
+                        help="the simulated workers' service times: fixed (every request "
+                        "--service-ms) or exponential with that mean (the replay's M/M/c)")
+    parser.add_argument("--p99-budget-ms", type=float, default=d.p99_budget_ms,
+                        help="a trace minute is over budget when its p99 exceeds this")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--json", default="results/autoscale.json")
     parser.add_argument("--plot", default="results/autoscale.png")
@@ -744,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
                        peak_rps=args.peak_rps, time_scale=args.time_scale,
                        startup_min=args.startup_min,
                        target_utilisation=args.target_utilisation,
-                       service_ms=args.service_ms, hours=args.hours,
+                       service_ms=args.service_ms, service_dist=args.service_dist,
+                       p99_budget_ms=args.p99_budget_ms, hours=args.hours,
                        start_hour=args.start_hour, seed=args.seed)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -40,6 +40,7 @@ from gateway.sim.core import (
     TensorSpec,
     WorkerCore,
     WorkerSpec,
+    draw_service_s,
 )
 from gateway.sim.infer import answer, validate
 from gateway.sim.server import SimFleet, SimFleetThread
@@ -156,6 +157,47 @@ def test_cpu_only_worker_has_no_gpu_series() -> None:
     text = core.render_metrics()
     assert "nv_gpu_" not in text and "gpu_uuid" not in text
     assert parse_metrics(text).gpus == ()
+
+
+def _service_times(core: WorkerCore, n: int) -> list[float]:
+    """``n`` executions, one after the other on a one-slot worker: their service times."""
+    out: list[float] = []
+    now = 0.0
+    for _ in range(n):
+        event = core.arrive("simple", 1, now)
+        assert isinstance(event, Start)
+        out.append(event.service_s)
+        now += event.service_s
+        assert core.complete(event.ticket, now) == []
+    return out
+
+
+def test_fixed_service_time_is_exact_and_leaves_the_rng_alone() -> None:
+    rng = random.Random(7)
+    core = WorkerCore(WorkerSpec(slots=1, base_ms=50.0, per_item_ms=0.0), rng, now=0.0,
+                      gpu_uuid="GPU-test")
+    assert _service_times(core, 5) == [0.05] * 5
+    assert rng.random() == random.Random(7).random()      # no draw was taken
+    assert draw_service_s(0.05, "fixed", random.Random(1)) == 0.05
+
+
+def test_exponential_service_time_mean_spread_and_seed() -> None:
+    def times(seed: int) -> list[float]:
+        spec = WorkerSpec(slots=1, base_ms=50.0, per_item_ms=0.0, service_dist="exponential")
+        return _service_times(WorkerCore(spec, random.Random(seed), 0.0, "GPU-test"), 20_000)
+
+    draws = times(3)
+    mean = sum(draws) / len(draws)
+    assert mean == pytest.approx(0.05, rel=0.03)
+    # exponential: standard deviation = mean, and about e⁻¹ of draws exceed the mean
+    sd = float(np.std(draws))
+    assert sd == pytest.approx(0.05, rel=0.05)
+    assert sum(d > 0.05 for d in draws) / len(draws) == pytest.approx(np.exp(-1), abs=0.02)
+    assert min(draws) > 0
+    assert times(3) == draws                              # seeded: reproducible
+    assert times(4) != draws
+    with pytest.raises(ValueError, match="unknown service distribution"):
+        draw_service_s(0.05, "uniform", random.Random(1))  # type: ignore[arg-type]
 
 
 @settings(max_examples=150, deadline=None)
@@ -626,6 +668,11 @@ def test_cli_specs() -> None:
     assert (big.name, big.inputs[0].datatype, big.inputs[0].dims, big.op, big.max_batch_size) \
         == ("big", "FP16", (3, 8), "identity", 8)
     assert (echo.inputs[0].datatype, echo.op) == ("BYTES", "identity")
+    assert {s.service_dist for s in specs} == {"fixed"}
+    exp = specs_from_args(_parser().parse_args(["--service-dist", "exponential"]))
+    assert [s.service_dist for s in exp] == ["exponential"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--service-dist", "uniform"])
 
 
 async def _arequest(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:

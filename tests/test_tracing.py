@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,42 @@ def wait_for_triton(receiver: OtlpReceiver, trace_id: str) -> None:
     wait_for_span(receiver, trace_id, "triton", "InferRequest")
 
 
+class TritonLeftTheTrace(Exception):
+    """The gateway's spans of a request arrived, Triton's did not join them (see
+    :func:`until_triton_joins`)."""
+
+
+# Triton (via PyTriton) now and then starts a trace of its own for a gRPC request that came
+# with a ``traceparent``: its spans then carry a random trace id. Seen at the same rate with
+# the gateway of the revision before the HTTP front end (in about 1 run of 5 of these tests),
+# so not the gateway's doing. What these tests check is the gateway's side, so a request
+# whose gateway spans are all there but whose Triton spans went into another trace is sent
+# again with a new trace id, up to TRITON_ATTEMPTS times; any other failure fails at once.
+TRITON_ATTEMPTS = 3
+TRITON_JOIN_S = 15.0
+
+
+def triton_joined(receiver: OtlpReceiver, trace_id: str, count: int = 1) -> None:
+    """Wait for ``count`` of Triton's InferRequest spans in ``trace_id``, else raise
+    :class:`TritonLeftTheTrace`."""
+    deadline = time.monotonic() + TRITON_JOIN_S
+    while time.monotonic() < deadline:
+        if len(named(receiver.of_trace(trace_id), "triton", "InferRequest")) >= count:
+            return
+        time.sleep(0.1)
+    raise TritonLeftTheTrace(trace_id)
+
+
+def until_triton_joins(attempt: Callable[[int], None]) -> None:
+    for n in range(TRITON_ATTEMPTS):
+        try:
+            attempt(n)
+            return
+        except TritonLeftTheTrace:
+            if n == TRITON_ATTEMPTS - 1:
+                raise
+
+
 def assert_one_trace_into_triton(receiver: OtlpReceiver, trace_id: str, request_name: str,
                                  parent: str | None) -> ReceivedSpan:
     """The gateway's request span (a child of ``parent``), its children, and Triton's
@@ -344,6 +380,9 @@ def assert_one_trace_into_triton(receiver: OtlpReceiver, trace_id: str, request_
         return bool(named(spans, GATEWAY, request_name) and named(spans, "triton", "compute")
                     and named(spans, "triton", "InferRequest"))
 
+    receiver.wait_for(lambda: bool(named(receiver.of_trace(trace_id), GATEWAY, request_name)),
+                      what=f"the gateway's spans of {trace_id}")
+    triton_joined(receiver, trace_id)
     receiver.wait_for(complete, what=f"the gateway's and Triton's spans of {trace_id}")
     spans = receiver.of_trace(trace_id)
     (request,) = named(spans, GATEWAY, request_name)
@@ -401,12 +440,15 @@ def test_http_one_trace_from_the_client_into_tritons_compute_span(
 @pytest.mark.timeout(180)
 def test_grpc_one_trace_from_the_client_into_tritons_compute_span(
         gateway: GrpcGatewayProcess, receiver: OtlpReceiver) -> None:
-    trace_id = new_trace_id(0xB2)
-    grpc_infer(gateway, {"traceparent": traceparent(trace_id)})
-    request = assert_one_trace_into_triton(
-        receiver, trace_id, "inference.GRPCInferenceService/ModelInfer", CLIENT_SPAN)
-    assert request.attributes["rpc.grpc.status_code"] == "OK"
-    assert access_line(gateway, trace_id)["status"] == 200
+    def attempt(n: int) -> None:
+        trace_id = new_trace_id(0xB2 + 0x1000 * n)
+        grpc_infer(gateway, {"traceparent": traceparent(trace_id)})
+        request = assert_one_trace_into_triton(
+            receiver, trace_id, "inference.GRPCInferenceService/ModelInfer", CLIENT_SPAN)
+        assert request.attributes["rpc.grpc.status_code"] == "OK"
+        assert access_line(gateway, trace_id)["status"] == 200
+
+    until_triton_joins(attempt)
 
 
 @pytest.mark.triton
@@ -461,45 +503,54 @@ def test_a_retry_is_a_span_of_its_own(worker: TracedWorker, receiver: OtlpReceiv
             gw_log = gw.log()
         finally:
             gw.stop()
-    retried = []
+    retried, joined = [], []
     while not results.empty():
         trace_id = results.get()
         wait_for_span(receiver, trace_id, GATEWAY, "inference.GRPCInferenceService/ModelInfer")
         upstream = named(receiver.of_trace(trace_id), GATEWAY, "gateway.upstream")
         if len(upstream) == 2:
-            wait_for_triton(receiver, trace_id)
             retried.append(trace_id)
             first, second = sorted(upstream, key=lambda s: s.attributes["gateway.attempt"])
             assert first.status_code == STATUS_ERROR
             assert first.attributes["gateway.worker"] != second.attributes["gateway.worker"]
+            try:
+                triton_joined(receiver, trace_id)
+            except TritonLeftTheTrace:
+                continue   # Triton's own doing (see TRITON_ATTEMPTS); the others must join
+            joined.append(trace_id)
             (infer,) = named(receiver.of_trace(trace_id), "triton", "InferRequest")
             assert infer.parent_span_id == second.span_id
     assert retried, f"no request was retried: {gw_log[-2000:]}"
+    assert joined, f"Triton joined none of the retried traces {retried}"
 
 
 @pytest.mark.triton
 @pytest.mark.timeout(180)
 def test_a_grpc_stream_is_one_span_with_the_worker_stream_under_it(
         gateway: GrpcGatewayProcess, receiver: OtlpReceiver) -> None:
-    trace_id = new_trace_id(0xD4)
+    until_triton_joins(lambda n: _one_traced_stream(gateway, receiver, n))
+
+
+def _one_traced_stream(gateway: GrpcGatewayProcess, receiver: OtlpReceiver, n: int) -> None:
+    trace_id = new_trace_id(0xD4 + 0x1000 * n)
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     with grpcclient.InferenceServerClient(gateway.grpc_target) as client:
         client.start_stream(callback=lambda result, error: answers.put((result, error)),
                             headers={"traceparent": traceparent(trace_id)})
         try:
-            for n in range(2):
+            for k in range(2):
                 i = grpcclient.InferInput("IN", [2], "FP32")
-                i.set_data_from_numpy(np.array([n, n], dtype=np.float32))
-                client.async_stream_infer(MODEL, [i], request_id=f"s{n}")
+                i.set_data_from_numpy(np.array([k, k], dtype=np.float32))
+                client.async_stream_infer(MODEL, [i], request_id=f"s{k}")
             for _ in range(2):
                 _, error = answers.get(timeout=20)
                 assert error is None, f"{error!s} ({error!r})"
         finally:
             client.stop_stream()
     name = "inference.GRPCInferenceService/ModelStreamInfer"
-    receiver.wait_for(lambda: bool(named(receiver.of_trace(trace_id), GATEWAY, name))
-                      and len(named(receiver.of_trace(trace_id), "triton", "InferRequest")) == 2,
-                      what="the stream's span and Triton's two requests")
+    receiver.wait_for(lambda: bool(named(receiver.of_trace(trace_id), GATEWAY, name)),
+                      what="the stream's span")
+    triton_joined(receiver, trace_id, count=2)
     spans = receiver.of_trace(trace_id)
     (stream,) = named(spans, GATEWAY, name)
     assert stream.parent_span_id == CLIENT_SPAN

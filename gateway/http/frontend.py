@@ -552,7 +552,7 @@ class FrontEnd(asyncio.Protocol):
         """The budget's turn for this connection: what it held is handled now."""
         held = self._held
         self._held = None
-        if held is None or self.transport.is_closing():
+        if held is None or self._discarding or self.transport.is_closing():
             return
         if not self.read_paused:
             self.transport.resume_reading()

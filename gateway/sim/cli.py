@@ -16,7 +16,16 @@ import signal
 import sys
 from typing import cast
 
-from gateway.sim.core import GIB, MIB, Faults, ModelOp, SimModel, TensorSpec, WorkerSpec
+from gateway.sim.core import (
+    GIB,
+    MIB,
+    SERVICE_DISTS,
+    Faults,
+    ModelOp,
+    SimModel,
+    TensorSpec,
+    WorkerSpec,
+)
 from gateway.sim.server import SimFleet, new_loop
 
 
@@ -59,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-per-item-mib", type=float, default=16.0)
     p.add_argument("--base-ms", type=float, default=2.0)
     p.add_argument("--per-item-ms", type=float, default=0.05)
+    p.add_argument("--service-dist", choices=SERVICE_DISTS, default="fixed",
+                   help="fixed: every execution takes base + per-item × batch; exponential: "
+                   "drawn per execution with that mean (seeded by --seed)")
     p.add_argument("--max-queue", type=int, default=4096)
     p.add_argument("--cpu-only", action="store_true", help="no GPU: no nv_gpu_* series")
     p.add_argument("--model", action="append", type=_parse_model, default=None,
@@ -93,7 +105,8 @@ def specs_from_args(args: argparse.Namespace) -> list[WorkerSpec]:
         memory_total_bytes=int(memory[i % len(memory)] * GIB),
         memory_base_used_bytes=int(base_used[i % len(base_used)] * GIB),
         memory_per_item_bytes=int(args.memory_per_item_mib * MIB), max_queue=args.max_queue,
-        models=models, faults=faults if i in faulty else Faults())
+        models=models, faults=faults if i in faulty else Faults(),
+        service_dist=args.service_dist)
         for i in range(args.workers)]
 
 

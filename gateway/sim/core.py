@@ -10,7 +10,10 @@ How a worker behaves:
   otherwise it waits in a FIFO queue (bounded by ``max_queue``; beyond it the request is
   refused with 503, reason ``REJECTED``). Queued requests are Triton's
   ``nv_inference_pending_request_count``.
-* Service time = (base_ms + per_item_ms × batch) / speed_factor.
+* Service time = (base_ms + per_item_ms × batch) / speed_factor, every time
+  (``service_dist="fixed"``, the default), or drawn per execution from an exponential
+  distribution with that mean (``"exponential"``: an M/M/c server, the analytical replay's
+  model, :func:`draw_service_s`), from the worker's seeded RNG.
 * GPU memory: ``memory_base_used_bytes`` is always used; each executing request holds
   ``memory_per_item_bytes × batch`` more. A request whose memory does not fit when it would
   start fails with 500 "... out of memory ..." (failure reason ``OTHER``; ``sim_oom_total``).
@@ -36,6 +39,8 @@ MIB = 1024**2
 
 MetricsFault = Literal["ok", "error", "hang"]
 ModelOp = Literal["double", "identity"]
+ServiceDist = Literal["fixed", "exponential"]
+SERVICE_DISTS: tuple[ServiceDist, ...] = ("fixed", "exponential")
 
 
 class SimError(Exception):
@@ -109,6 +114,7 @@ class WorkerSpec:
     max_queue: int = 4096
     models: tuple[SimModel, ...] = (DEFAULT_MODEL,)
     faults: Faults = field(default_factory=Faults)
+    service_dist: ServiceDist = "fixed"
 
     def find_model(self, name: str, version: str) -> SimModel | None:
         for model in self.models:
@@ -125,6 +131,16 @@ class WorkerSpec:
         per_item = (self.memory_per_item_bytes if model.memory_per_item_bytes is None
                     else model.memory_per_item_bytes)
         return per_item * batch if self.has_gpu else 0
+
+
+def draw_service_s(mean_s: float, dist: ServiceDist, rng: random.Random) -> float:
+    """One execution's service time: ``mean_s`` itself (``fixed``; the RNG is not touched),
+    or an exponential draw with mean ``mean_s`` (``exponential``)."""
+    if dist == "fixed" or mean_s <= 0:
+        return mean_s
+    if dist == "exponential":
+        return rng.expovariate(1.0 / mean_s)
+    raise ValueError(f"unknown service distribution {dist!r}")
 
 
 # ------------------------------------------------------------------ decisions
@@ -233,7 +249,8 @@ class WorkerCore:
         self.memory_used_bytes += need
         self.busy += 1
         self._executing[req.ticket] = req
-        return Start(req.ticket, self.spec.service_s(model, req.batch))
+        return Start(req.ticket, draw_service_s(self.spec.service_s(model, req.batch),
+                                                self.spec.service_dist, self._rng))
 
     def arrive(self, model: str, batch: int, now: float) -> Event:
         """A valid inference of ``batch`` items for ``model`` (a served model) arrives."""
