@@ -58,33 +58,6 @@ def reload_from_file(svc: GatewayService) -> tuple[bool, str]:
     return True, f"configuration generation {svc.generation} in force"
 
 
-class _ClientNoiseFilter(logging.Filter):
-    """Bounds what malformed client traffic can write to the log: uvicorn warns once per bad
-    request ("Invalid HTTP request received.", "Unsupported upgrade request."); at most one
-    such line per ``interval_s`` passes, carrying how many were held back."""
-
-    NOISE = ("Invalid HTTP request", "Unsupported upgrade request")
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        super().__init__()
-        self.interval_s = interval_s
-        self._last = float("-inf")
-        self._held = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith(self.NOISE):
-            return True
-        now = time.monotonic()
-        if now - self._last < self.interval_s:
-            self._held += 1
-            return False
-        if self._held:
-            record.msg = f"{record.getMessage()} ({self._held} more held back)"
-            record.args = None
-        self._last, self._held = now, 0
-        return True
-
-
 def _install_uvloop() -> str:
     try:
         import uvloop  # noqa: F401
@@ -109,8 +82,6 @@ async def serve(cfg: GatewayConfig, *, config_path: str | None = None,
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    noise = _ClientNoiseFilter()
-    logging.getLogger("uvicorn.error").addFilter(noise)
     if cfg.clients.raise_open_file_limit:
         before, after = raise_open_file_limit()
         if after != before:

@@ -24,6 +24,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from gateway.tools.local import TritonFleet
+from tests import test_grpc
 from tests.test_grpc import (
     STREAM_TIMEOUT_S,
     ExtraWorker,
@@ -77,25 +78,11 @@ def gateway(fleet: TritonFleet, extra: ExtraWorker,
         gw.stop()
 
 
-@pytest.fixture
-def via_gateway(gateway: GrpcGatewayProcess) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(gateway.grpc_target)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def direct(fleet: TritonFleet) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{fleet.workers[0].ports.grpc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def direct_extra(extra: ExtraWorker) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{extra.grpc}")
-    yield client
-    client.close()
+# The client fixtures of tests/test_grpc.py, over this module's gateway, fleet and extra
+# worker (pytest resolves a fixture's own fixtures in the module that uses it).
+via_gateway = test_grpc.via_gateway
+direct = test_grpc.direct
+direct_extra = test_grpc.direct_extra
 
 
 def same_error(gw_call: Any, direct_call: Any, *args: Any, **kwargs: Any) -> tuple[str, str]:

@@ -276,8 +276,7 @@ class Exchange:
                 self.left = 0
                 body = b""
             elif self.chunked:
-                transport.write(head + (b"%x\r\n%b\r\n" % (len(body), body) if body else b"")
-                                + (b"" if more else b"0\r\n\r\n"))
+                transport.write(head + _chunk(body, more))
             else:
                 if len(body) > self.left:
                     raise RuntimeError("response body longer than its Content-Length")
@@ -290,8 +289,7 @@ class Exchange:
             pass
         elif self.chunked:
             if body or not more:
-                transport.write((b"%x\r\n%b\r\n" % (len(body), body) if body else b"")
-                                + (b"" if more else b"0\r\n\r\n"))
+                transport.write(_chunk(body, more))
         else:
             if len(body) > self.left:
                 raise RuntimeError("response body longer than its Content-Length")
@@ -320,11 +318,10 @@ class Exchange:
                     self.keep_alive = False
                 continue
             parts += (name, b": ", value, b"\r\n")
-        if self.head_method or self.status in (204, 304):
-            if length >= 0:
-                parts += (b"content-length: ", str(length).encode(), b"\r\n")
-        elif length >= 0:
+        if length >= 0:
             parts += (b"content-length: ", str(length).encode(), b"\r\n")
+        elif self.head_method or self.status in (204, 304):
+            pass  # no body, and no length to say
         elif more:
             self.chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
@@ -420,7 +417,7 @@ def front_end(limits: Callable[[], tuple[int, int]],
     * ``guard``: the :class:`~gateway.http.guard.ConnectionGuard`, told of each connection;
     * ``refuse_early``: see the module's docstring.
     """
-    rules = Rules(limits, on_error, guard, refuse_early, ReadBudget())
+    rules = Rules(limits, on_error, guard, refuse_early)
     return type("FrontEnd", (FrontEnd,), {"rules": rules})
 
 
@@ -842,6 +839,12 @@ def _with_close(answer: bytes) -> bytes:
     """``answer`` (a whole HTTP/1.1 response) saying that the connection closes after it."""
     head, sep, body = answer.partition(b"\r\n\r\n")
     return head + b"\r\nconnection: close" + sep + body
+
+
+def _chunk(body: bytes, more: bool) -> bytes:
+    """``body`` as one chunk of a chunked answer, and the last chunk after it unless ``more``."""
+    return (b"%x\r\n%b\r\n" % (len(body), body) if body else b"") \
+        + (b"" if more else b"0\r\n\r\n")
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
