@@ -107,6 +107,24 @@ def test_a_request_the_queue_cannot_serve_in_time_is_refused_before_its_body(
         assert gw.status()["dispatch"]["refused_before_body"] >= 1
 
 
+def test_after_an_idle_spell_a_request_behind_one_in_flight_is_not_refused(
+        tmp_path: Path) -> None:
+    """Idle for longer than the service-time window: the completion meter has decayed
+    towards nothing because nobody asked. A request that then waits behind one in flight
+    must be estimated from the last measured service time (300 ms), not from the decayed
+    meter (which once estimated a 67 s wait and refused a 30 s deadline: CI, gRPC stream)."""
+    with SimProcess(1, slots=1, base_ms=300.0) as sim, \
+            GatewayProcess({"workers": [{"url": sim.urls[0]}]}, tmp_path) as gw:
+        gw.wait_workers_ready(1)
+        assert infer(gw).status_code == 200
+        time.sleep(11.0)      # two windows of the service-time floor, and then some
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(
+                lambda _: infer(gw, {"X-Request-Timeout-Ms": "8000"}), range(6)))
+        refused = [r.text for r in answers if r.status_code != 200]
+        assert not refused, refused
+
+
 def test_the_remaining_time_goes_on_as_tritons_timeout_where_the_model_honours_it(
         tmp_path: Path) -> None:
     """A model whose queue policy allows ``timeout`` overrides gets each request's remaining

@@ -53,3 +53,15 @@ def test_window_min(samples: list[tuple[float, float]], at: float, expected: flo
     for value, now in samples:
         floor.add(value, now)
     assert floor.value(at) == pytest.approx(expected)
+
+
+def test_window_min_remembers_the_last_value_it_saw_after_an_idle_spell() -> None:
+    floor = WindowMin(window_s=5.0)
+    assert floor.last_known(0.0) == 0.0                   # never seen: unknown
+    floor.add(0.3, 0.0)
+    floor.add(0.1, 1.0)
+    assert floor.last_known(2.0) == pytest.approx(0.1)    # in the window: the window's own
+    assert floor.value(30.0) == 0.0                       # idle: the window forgot it ...
+    assert floor.last_known(30.0) == pytest.approx(0.1)   # ... the last measurement did not
+    floor.add(0.2, 31.0)
+    assert floor.last_known(31.0) == pytest.approx(0.2)   # a new measurement replaces it

@@ -117,11 +117,12 @@ class WindowMin:
     queueing — in the worker, or in the gateway's own stalled event loop during a herd.
     Pure: time passed in."""
 
-    __slots__ = ("_cur", "_prev", "_started", "window_s")
+    __slots__ = ("_cur", "_last_known", "_prev", "_started", "window_s")
 
     def __init__(self, window_s: float = 5.0) -> None:
         self.window_s = window_s
         self._cur = self._prev = math.inf
+        self._last_known = 0.0
         self._started: float | None = None
 
     def add(self, value: float, now: float) -> None:
@@ -135,10 +136,17 @@ class WindowMin:
         low = min(self._cur, self._prev)
         return 0.0 if low == math.inf else low
 
+    def last_known(self, now: float) -> float:
+        """The minimum, or after an idle spell the last one seen before it (stale but a
+        measured service time, not a guess); 0.0 only while nothing was ever seen."""
+        return self.value(now) or self._last_known
+
     def _rotate(self, now: float) -> None:
         if self._started is None:
             self._started = now
         elapsed = now - self._started
+        if elapsed >= self.window_s and min(self._cur, self._prev) < math.inf:
+            self._last_known = min(self._cur, self._prev)
         if elapsed >= 2 * self.window_s:
             self._cur = self._prev = math.inf
             self._started = now

@@ -1144,10 +1144,12 @@ class Dispatcher:
         lags for seconds after an idle spell, and a mean service time is inflated by
         queueing in the workers and by the gateway's own stalls — both exactly when a herd
         arrives, when they would refuse as "deadline unmeetable" requests the fleet can
-        serve. Refusing is decided on this optimistic estimate; the dispatch-time check
+        serve. After an idle spell the service time is the last one measured: the meter has
+        decayed towards nothing because nobody asked, not because the fleet slowed down.
+        Refusing is decided on this optimistic estimate; the dispatch-time check
         (time left against the worker's recent latency) is the backstop."""
         rate = self.completions.rate(now)
-        service = self.service_floor.value(now)
+        service = self.service_floor.last_known(now)
         if service > 0 and (backlog or self.queue):
             # A gateway running late refills a freed unit that much later: each unit turns
             # over once per service time, or per loop lag when that is longer.
