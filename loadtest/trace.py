@@ -3,7 +3,8 @@
 A trace is a CSV file with a header line. Lines that start with ``#`` and blank lines are
 skipped anywhere (attribution and notes go there). One column is ``time_s`` — seconds from
 the start of the trace, strictly increasing, any step (a minute, 5 minutes, uneven) — and one
-column holds the demand:
+column holds the demand (the rows are read by gateway.core.series, as the gateway reads
+``capacity.history_file``):
 
 * ``rate`` — requests per second, used as it is (``time_s,rate`` needs no other flag);
 * any other numeric column (``--column cpu_usage``) — a usage figure, scaled linearly so that
@@ -17,7 +18,6 @@ one more step of the trace (a 30-day trace at 5 minutes gives 43,200 minutes).
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from gateway.core.series import SeriesError, read_series
+
 Array = npt.NDArray[np.float64]
 
-TIME_COLUMN = "time_s"
 RATE_COLUMN = "rate"
 STEP_S = 60.0
 
@@ -61,55 +62,13 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>", column: str | Non
     if want != RATE_COLUMN and peak_rps is None:
         raise TraceError(f"{source}: column {want!r} is a usage figure, not req/s: "
                          "give --peak-rps to scale it")
-    header: list[str] | None = None
-    t_index = v_index = -1
-    times: list[float] = []
-    values: list[float] = []
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = next(csv.reader([line]))
-        where = f"{source}:{number}"
-        if header is None:
-            header = [f.strip() for f in fields]
-            if TIME_COLUMN not in header:
-                raise TraceError(f"{where}: the header {','.join(header)!r} has no "
-                                 f"{TIME_COLUMN!r} column (seconds from the start)")
-            if want not in header:
-                others = [h for h in header if h != TIME_COLUMN]
-                hint = (f"; pick one with --column ({', '.join(others)}) and --peak-rps"
-                        if others and column is None else "")
-                raise TraceError(f"{where}: the header {','.join(header)!r} has no "
-                                 f"{want!r} column{hint}")
-            if len(set(header)) != len(header):
-                raise TraceError(f"{where}: the header {','.join(header)!r} repeats a column")
-            t_index, v_index = header.index(TIME_COLUMN), header.index(want)
-            continue
-        if len(fields) != len(header):
-            raise TraceError(f"{where}: {len(fields)} fields, the header has {len(header)}")
-        parsed: list[float] = []
-        for index, name in ((t_index, TIME_COLUMN), (v_index, want)):
-            text = fields[index].strip()
-            try:
-                value = float(text)
-            except ValueError:
-                raise TraceError(f"{where}: {name} is {text!r}, not a number") from None
-            if not math.isfinite(value):
-                raise TraceError(f"{where}: {name} is {text!r}, not a finite number")
-            parsed.append(value)
-        t, v = parsed
-        if t < 0:
-            raise TraceError(f"{where}: {TIME_COLUMN} {t:g} is negative")
-        if times and t <= times[-1]:
-            raise TraceError(f"{where}: {TIME_COLUMN} {t:g} does not increase "
-                             f"(the row before has {times[-1]:g})")
-        if v < 0:
-            raise TraceError(f"{where}: {want} {v:g} is negative")
-        times.append(t)
-        values.append(v)
-    if header is None:
-        raise TraceError(f"{source}: empty: no header line")
+    try:
+        times, values = read_series(
+            lines, source, want,
+            other_columns_hint=("; pick one with --column ({columns}) and --peak-rps"
+                                if column is None else ""))
+    except SeriesError as exc:
+        raise TraceError(str(exc)) from None
     if len(times) < 2:
         raise TraceError(f"{source}: {len(times)} data row(s); a trace needs at least 2")
     raw_values = np.asarray(values, dtype=np.float64)

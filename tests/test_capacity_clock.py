@@ -108,12 +108,13 @@ def test_parse_history_reads_the_csv() -> None:
 
 @pytest.mark.parametrize(("lines", "message"), [
     ([], "no header"),
-    (["time,rate"], "missing time_s"),
+    (["time,rate"], "has no 'time_s' column"),
+    (["time_s,cpu"], "has no 'rate' column"),
     (["time_s,rate", "0,1", "0,2"], "h.csv:3: time_s 0 does not increase"),
     (["time_s,rate", "0,n/a"], "h.csv:2: rate is 'n/a', not a number"),
-    (["time_s,rate", "0,-1"], "h.csv:2: rate is negative"),
+    (["time_s,rate", "0,-1"], "h.csv:2: rate -1 is negative"),
     (["time_s,rate", "0,1,2"], "h.csv:2: 3 fields"),
-    (["time_s,rate", "inf,1"], "time_s is not finite"),
+    (["time_s,rate", "inf,1"], "time_s is 'inf', not a finite number"),
 ])
 def test_a_bad_history_names_the_line(lines: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -586,9 +586,10 @@ class CapacityConfig:
                                    "start (each model's, when first seen), so the predictive "
                                    "signal has its seasons from the first minute: a header "
                                    "with time_s (Unix seconds, x time_scale) and rate (req/s), "
-                                   "# comments allowed; resampled to history_step_s, the last "
-                                   "row held up to now. A bad file stops the start. A change "
-                                   "needs a restart.")
+                                   "# comments allowed (the same reader as loadtest.replay "
+                                   "--trace: gateway/core/series.py); resampled to "
+                                   "history_step_s, the last row held up to now. A bad file "
+                                   "stops the start. A change needs a restart.")
 
     def __post_init__(self) -> None:
         if self.min_replicas > self.max_replicas:

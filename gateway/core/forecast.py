@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from gateway.core.series import read_series
+
 DAY_S = 86_400.0
 WEEK_S = 7 * DAY_S
 DEFAULT_LEVEL_WINDOW_S = 600.0
@@ -176,49 +178,12 @@ def backtest(
 
 def parse_history(lines: Iterable[str], source: str = "<history>"
                   ) -> tuple[list[float], list[float]]:
-    """A history CSV (``capacity.history_file``): a header with ``time_s`` and ``rate``
-    columns, ``#`` comment lines and blank lines allowed; ``time_s`` strictly increasing, in
-    the capacity clock's seconds (Unix time × ``capacity.time_scale``), ``rate`` ≥ 0 in
-    requests per second. A bad row raises ValueError naming ``source`` and the line."""
-    times: list[float] = []
-    rates: list[float] = []
-    columns: list[str] | None = None
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split(",")]
-        if columns is None:
-            columns = fields
-            missing = [c for c in ("time_s", "rate") if c not in columns]
-            if missing:
-                raise ValueError(f"{source}:{number}: header needs time_s and rate, "
-                                 f"missing {', '.join(missing)}")
-            continue
-        if len(fields) != len(columns):
-            raise ValueError(f"{source}:{number}: {len(fields)} fields, the header has "
-                             f"{len(columns)}")
-        row = dict(zip(columns, fields, strict=True))
-        values = []
-        for name in ("time_s", "rate"):
-            try:
-                value = float(row[name])
-            except ValueError:
-                raise ValueError(f"{source}:{number}: {name} is {row[name]!r}, not a "
-                                 "number") from None
-            if not math.isfinite(value):
-                raise ValueError(f"{source}:{number}: {name} is not finite")
-            values.append(value)
-        t, rate = values
-        if rate < 0:
-            raise ValueError(f"{source}:{number}: rate is negative")
-        if times and t <= times[-1]:
-            raise ValueError(f"{source}:{number}: time_s {t:g} does not increase")
-        times.append(t)
-        rates.append(rate)
-    if columns is None:
-        raise ValueError(f"{source}: no header line")
-    return times, rates
+    """A history CSV (``capacity.history_file``): ``time_s`` and ``rate`` columns in the
+    format of :mod:`gateway.core.series` (the load tests' traces read the same way);
+    ``time_s`` in the capacity clock's seconds (Unix time × ``capacity.time_scale``),
+    ``rate`` in requests per second. A bad row raises ValueError naming ``source`` and the
+    line."""
+    return read_series(lines, source, "rate")
 
 
 @dataclass(frozen=True, slots=True)
