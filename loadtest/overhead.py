@@ -52,6 +52,7 @@ import yaml
 from gateway.fleet.upstream import Pool, PoolLimits
 from gateway.tools.procs import free_port, stop, stop_all
 from loadtest.haproxy import find_haproxy, haproxy_config
+from loadtest.results import write_results
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
                                "data": list(range(16))}]})
@@ -416,13 +417,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{extra.get('haproxy_cpu_us_per_refusal', float('nan')):.1f} µs")
     if args.baseline:
         print(f"saturation vs {args.baseline}: {extra['saturation_vs_baseline']:.3f}×")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": [asdict(r) for r in rows], **extra,
-                               "args": vars(args), "cpus": os.cpu_count(),
-                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                              indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {"rows": [asdict(r) for r in rows], **extra}, args)
     return 0
 
 

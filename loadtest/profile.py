@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from gateway.tools.procs import free_port, stop_all
 from loadtest.overhead import checkout, cpu_s, run_wrk, start_gateway, start_nginx
+from loadtest.results import write_results
 
 
 def module_of(frame: str) -> str:
@@ -140,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['own'].get(m, 0.0):>13.1f} / {100 * r['inclusive'].get(m, 0.0):>5.1f}"  # type: ignore[attr-defined]
             for r in runs)
         print(f"{m:<34}{cells}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs, "args": vars(args),
-                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                              indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {"runs": runs}, args)
     return 0
 
 

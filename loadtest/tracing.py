@@ -16,7 +16,6 @@ Needs nginx and wrk; Linux (``/proc``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ import yaml
 
 from gateway.tools.procs import free_port, stop_all
 from loadtest.overhead import BODY, INFER_PATH, start_nginx, wait_http
+from loadtest.results import write_results
 
 VARIANTS: dict[str, float | None] = {"off": None, "on, ratio 0": 0.0, "on, ratio 1": 1.0}
 
@@ -139,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in samples.items():
         print(f"{name:<14} {medians[name]:>15.1f} {medians[name] / medians['off']:>7.2f}×  "
               f"{[round(v, 1) for v in sorted(values)]}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu_per_request_us": samples, "median_us": medians,
-                               "args": vars(args), "cpus": os.cpu_count(),
-                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                              indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {"cpu_per_request_us": samples, "median_us": medians}, args)
     return 0
 
 
