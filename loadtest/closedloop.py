@@ -23,7 +23,6 @@ import json
 import random
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 from gateway.tools import procs
 from gateway.tools.gatewayproc import GatewayProcess
+from loadtest.herd import SimProcess
 
 REPO = Path(__file__).resolve().parents[1]
 INFER_PATH = "/v2/models/simple/infer"
@@ -48,46 +48,26 @@ LOST_STATUSES = frozenset({0, 500, 502})
 
 # ------------------------------------------------------------------------- the workers
 
-class SimWorker:
-    """One simulated worker in its own process; ``port`` is known once it listens."""
+class SimWorker(SimProcess):
+    """One simulated worker in its own process, started at once; ``wait`` for its port."""
 
     def __init__(self, *, slots: int, service_ms: float, service_dist: str = "fixed",
                  seed: int = 0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "sim", "--workers", "1", "--base-port", "0",
-             "--slots", str(slots), "--base-ms", str(service_ms), "--per-item-ms", "0",
-             "--service-dist", service_dist, "--seed", str(seed)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            cwd=REPO)
-        self.port: int | None = None
-        self._reader = threading.Thread(target=self._read_port, daemon=True)
-        self._reader.start()
-
-    def _read_port(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(b"{"):
-                self.port = int(json.loads(line)["ports"][0])
-                break
+        super().__init__(1, slots=slots, base_ms=service_ms, with_control=False,
+                         extra=["--service-dist", service_dist, "--seed", str(seed)])
+        self.spawn()
 
     def wait(self, timeout_s: float = 60.0) -> SimWorker:
-        self._reader.join(timeout_s)
-        if self.port is None:
-            raise RuntimeError("simulated worker did not start")
+        self.wait_started(timeout_s)
         return self
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.urls[0]
 
     @property
     def id(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        procs.stop(self.proc, 10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        return f"127.0.0.1:{self.ports[0]}"
 
 
 @dataclass
@@ -120,10 +100,10 @@ class Fleet:
         self.service_dist = service_dist
         self._seeds = itertools.count(seed * 100_003)   # each worker its own RNG stream
         self.clock = clock
+        self.spares = spares
         self.pool: list[SimWorker] = [self._spawn() for _ in range(spares)]
         self.replicas: list[Replica] = []
         self.events: list[FleetEvent] = []
-        self.spares = spares
 
     def start_ready(self, count: int) -> list[str]:
         """``count`` workers ready from the start (the fleet before the replay); their URLs."""
@@ -134,14 +114,12 @@ class Fleet:
         return [r.sim.url for r in self.replicas]
 
     def _take(self) -> SimWorker:
-        while True:
-            for i, sim in enumerate(self.pool):
-                if sim.port is not None:
-                    self.pool.pop(i)
-                    if len(self.pool) < self.spares:
-                        self.pool.append(self._spawn())
-                    return sim
-            self.pool[0].wait()
+        """The oldest spare (started first, so the first to listen), replaced when fewer than
+        ``spares`` are left (cancelled workers come back to the pool)."""
+        sim = self.pool.pop(0).wait()
+        if len(self.pool) < self.spares:
+            self.pool.append(self._spawn())
+        return sim
 
     def _spawn(self) -> SimWorker:
         return SimWorker(slots=self.slots, service_ms=self.service_ms,

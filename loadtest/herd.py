@@ -75,22 +75,35 @@ ANSWER_TIMEOUT_S = 30.0
 # ---------------------------------------------------------------------------- the simulator
 
 class SimProcess:
-    """``python -m gateway sim`` on free ports, with a control port; stopped on exit."""
+    """``python -m gateway sim`` on free ports, with a control port (``with_control``, for
+    :meth:`control` and :meth:`stats`); stopped on exit."""
 
     def __init__(self, workers: int = WORKERS, *, slots: int = 64, base_ms: float = SERVICE_MS,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, with_control: bool = True) -> None:
         self.args = ["--workers", str(workers), "--base-port", "0", "--slots", str(slots),
                      "--base-ms", str(base_ms), "--per-item-ms", "0", *(extra or [])]
-        self.control_port = free_port()
+        self.control_port = free_port() if with_control else None
+        if self.control_port is not None:
+            self.args += ["--control-port", str(self.control_port)]
         self.ports: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> SimProcess:
+        return self.spawn().wait_started(timeout_s)
+
+    def spawn(self) -> SimProcess:
+        """Start the process without waiting for it to listen (several start side by side;
+        :meth:`wait_started` reads their ports later)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "sim", *self.args,
-             "--control-port", str(self.control_port)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
-        assert self.proc.stdout is not None
+            [sys.executable, "-m", "gateway", "sim", *self.args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cwd=REPO)
+        return self
+
+    def wait_started(self, timeout_s: float = 30.0) -> SimProcess:
+        if self.ports:
+            return self
+        assert self.proc is not None and self.proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
