@@ -287,11 +287,11 @@ def warm_up(gw: GrpcGatewayProcess, fleet: TritonFleet) -> None:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{w.ports.grpc}") as c:
             for _ in range(3):
                 c.infer("add_sub", add_sub_inputs())
-    before = _add_sub_counts(fleet)
+    before = add_sub_counts(fleet)
     with grpcclient.InferenceServerClient(gw.grpc_target) as client:
         for _ in range(100):
             client.infer("add_sub", add_sub_inputs())
-            if all(a > b for a, b in zip(_add_sub_counts(fleet), before, strict=True)):
+            if all(a > b for a, b in zip(add_sub_counts(fleet), before, strict=True)):
                 break
     wait_full_traffic(gw)
 
@@ -511,7 +511,7 @@ def test_statistics_are_summed_over_workers(via_gateway: grpcclient.InferenceSer
                                             gateway: GrpcGatewayProcess) -> None:
     for _ in range(6):
         via_gateway.infer("add_sub", add_sub_inputs())
-    total = sum(_add_sub_counts(fleet))
+    total = sum(add_sub_counts(fleet))
     assert total >= 6
 
     def merged() -> int:
@@ -546,7 +546,7 @@ def test_shared_memory_and_trace_are_refused(
 
 
 # -- balancing ----------------------------------------------------------------------------------
-def _add_sub_counts(fleet: TritonFleet) -> list[int]:
+def add_sub_counts(fleet: TritonFleet) -> list[int]:
     counts = []
     for w in fleet.workers:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{w.ports.grpc}") as c:
@@ -558,7 +558,7 @@ def _add_sub_counts(fleet: TritonFleet) -> list[int]:
 async def test_one_channel_is_balanced_per_request(gateway: GrpcGatewayProcess,
                                                    fleet: TritonFleet) -> None:
     await asyncio.to_thread(warm_up, gateway, fleet)
-    before = _add_sub_counts(fleet)
+    before = add_sub_counts(fleet)
     total = 300
     async with grpcaio.InferenceServerClient(gateway.grpc_target) as gw:
         sem = asyncio.Semaphore(12)
@@ -568,7 +568,7 @@ async def test_one_channel_is_balanced_per_request(gateway: GrpcGatewayProcess,
                 await gw.infer("add_sub", add_sub_inputs())
 
         await asyncio.gather(*(one() for _ in range(total)))
-    shares = [(a - b) / total for a, b in zip(_add_sub_counts(fleet), before, strict=True)]
+    shares = [(a - b) / total for a, b in zip(add_sub_counts(fleet), before, strict=True)]
     assert sum(shares) == pytest.approx(1.0)
     # The one channel is spread over the fleet (a connection-level balancer gives one
     # worker 100 %). How evenly is load-aware routing's call: it scores each worker's
@@ -591,16 +591,16 @@ def test_one_channel_round_robin_is_within_ten_percent(fleet: TritonFleet,
     try:
         gw.wait_workers_ready(len(workers))
         warm_up(gw, fleet)
-        before = _add_sub_counts(fleet)
+        before = add_sub_counts(fleet)
         total = 150
         with grpcclient.InferenceServerClient(gw.grpc_target) as client:
             for _ in range(total):
                 client.async_infer("add_sub", add_sub_inputs(), callback=lambda *_: None)
-            gw.wait_for(lambda: sum(_add_sub_counts(fleet)) - sum(before) == total,
+            gw.wait_for(lambda: sum(add_sub_counts(fleet)) - sum(before) == total,
                         timeout_s=30, what="every request answered")
     finally:
         gw.stop()
-    shares = [(a - b) / total for a, b in zip(_add_sub_counts(fleet), before, strict=True)]
+    shares = [(a - b) / total for a, b in zip(add_sub_counts(fleet), before, strict=True)]
     assert all(abs(s * 3 - 1) <= 0.1 for s in shares), shares
 
 

@@ -29,12 +29,14 @@ from tests.test_grpc import (
     STREAM_TIMEOUT_S,
     ExtraWorker,
     GrpcGatewayProcess,
+    add_sub_counts,
     add_sub_inputs,
     error_of,
     identity_inputs,
     in_flight,
     scalar_input,
     stream_results,
+    warm_up,
     worker_entry,
 )
 
@@ -269,15 +271,11 @@ def test_index_and_statistics_know_the_discovered_models(
 
 async def test_one_channel_spreads_over_both_workers(gateway: GrpcGatewayProcess,
                                                      fleet: TritonFleet) -> None:
-    def counts() -> list[int]:
-        out = []
-        for w in fleet.workers:
-            with grpcclient.InferenceServerClient(f"127.0.0.1:{w.ports.grpc}") as c:
-                out.append(sum(int(s.inference_count)
-                               for s in c.get_inference_statistics("add_sub").model_stats))
-        return out
-
-    before = await asyncio.to_thread(counts)
+    # Measured warm, as tests/test_grpc.py's balance: a worker's first answers through a
+    # new connection take hundreds of milliseconds on a busy box, and load-aware routing
+    # avoids it until its estimate decays (seconds) — a cold gateway sent 96 % to one.
+    await asyncio.to_thread(warm_up, gateway, fleet)
+    before = await asyncio.to_thread(add_sub_counts, fleet)
     total = 200
     async with grpcaio.InferenceServerClient(gateway.grpc_target) as gw:
         sem = asyncio.Semaphore(8)
@@ -287,7 +285,10 @@ async def test_one_channel_spreads_over_both_workers(gateway: GrpcGatewayProcess
                 await gw.infer("add_sub", add_sub_inputs())
 
         await asyncio.gather(*(one() for _ in range(total)))
-    after = await asyncio.to_thread(counts)
+    after = await asyncio.to_thread(add_sub_counts, fleet)
     shares = [(a - b) / total for a, b in zip(after, before, strict=True)]
     assert sum(shares) == pytest.approx(1.0)
-    assert min(shares) >= 0.1, shares  # per request, not pinned to one worker
+    # Per request, not pinned to the channel's connection (a connection-level balancer gives
+    # one worker 100 %). How evenly is load-aware routing's call between equal workers on a
+    # shared CPU (see test_grpc.test_one_channel_is_balanced_per_request): warm, 15-85 % here.
+    assert min(shares) >= 0.05, shares
