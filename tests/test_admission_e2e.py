@@ -13,6 +13,7 @@ figures themselves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -36,6 +37,7 @@ from loadtest.herd import (
     SimProcess,
     admission_config,
     gateway_config,
+    herd,
     rejections_by_reason,
     request_bytes,
     run_herd,
@@ -398,6 +400,31 @@ def test_flapping_worker_gateway_keeps_serving_nothing_hangs(
 
     gw.wait_for(healthy_again, what="fleet healthy again")
     assert infer(gw.url).status_code == 200
+
+
+def test_a_queued_burst_keeps_every_slot_busy(stack: contextlib.ExitStack,
+                                              tmp_path: Path) -> None:
+    """A burst of one tenant's requests, released at once over their own connections, on 2
+    workers × 16 slots of 500 ms: most of it queued before the first answers, and nothing
+    arrives after. Answers that arrive together free several slots in one turn of the event
+    loop, and each must wake a waiter. (One flow's second wake-up in a turn used to find its
+    head already woken and nobody else to wake: the slot stayed empty until the queue
+    emptied, so the burst ran on ever fewer slots.)"""
+    service_s, slots, n = 0.5, 32, 192
+    sim = start_sim(stack, 2, base_ms=service_s * 1000)
+    gw = start_gateway(stack, gateway_config(sim, slots=slots // 2), tmp_path)
+    infer(gw.url)                                          # warm: connections, estimates
+    before = sum(sim_counts(sim))
+    answers, span = asyncio.run(herd(gw.port, n, n,
+                                     headers={"X-Request-Timeout-Ms": "60000"}))
+    statuses = collections.Counter(a.status for a in answers)
+    assert statuses == {200: n}, statuses
+    assert sum(sim_counts(sim)) - before == n
+    # Slots busy on average over the burst: the requests' service over its span; all of
+    # them: 32 (6 rounds, 3 s).
+    busy = n * service_s / span
+    print(f"span {span:.2f} s, {busy:.1f} of {slots} slots busy on average")
+    assert busy >= 0.6 * slots, (span, busy)
 
 
 def test_client_aborts_release_their_slots_and_queue_places(

@@ -55,6 +55,33 @@ def test_requeue_keeps_place() -> None:
     assert q.pop(1) is a
 
 
+def test_two_slots_freed_before_the_woken_waiter_runs_wake_two_waiters_of_one_flow() -> None:
+    """One flow (no tenants). Two answers read in one turn of the event loop free two slots
+    before the first woken waiter has run: the second pop must find the next waiter (it
+    found none, and the slot stayed empty until the next completion — in a herd, for good)."""
+    q = WaitQueue()
+    a, b, c = (q.push(1, 10, 0) for _ in range(3))
+    assert q.pop(1) is a
+    assert q.pop(1) is b                     # a is still out: b is woken for the second slot
+    q.remove(a)                              # a took its slot
+    q.requeue(b)                             # b's slot went elsewhere: back in its place
+    assert len(q) == 2
+    assert q.pop(1) is b                     # ahead of c
+    q.remove(b)
+    assert q.pop(1) is c
+    q.remove(c)
+    assert q.pop(1) is None and len(q) == 0
+
+
+def test_a_head_taken_back_before_a_second_pop_keeps_the_flow_intact() -> None:
+    q = WaitQueue()
+    a, b = q.push(1, 10, 0), q.push(1, 10, 0)
+    assert q.pop(1) is a
+    q.requeue(a)                             # back before anyone else asked
+    assert [q.pop(1), q.pop(1)] == [a, b]    # a first again; then b, a being out
+    assert q.statistics().length == 2
+
+
 def test_ahead_of_counts_live_waiters_of_equal_or_better_priority() -> None:
     q = WaitQueue()
     q.push(0, 10, 0)

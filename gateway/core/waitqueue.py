@@ -13,6 +13,12 @@ Rules:
 * Each waiter carries its own deadline (monotonic seconds). :meth:`WaitQueue.pop` never hands
   out a waiter whose deadline has passed: waking it would waste the slot it was woken for.
   Expired waiters are dropped as ``pop`` meets them and counted.
+* A waiter handed out by :meth:`WaitQueue.pop` stays its flow's head until its caller
+  removes or requeues it — unless another ``pop`` comes first (a second slot freed before
+  the woken waiter has run: several answers read in one turn of the event loop). Then it
+  leaves its flow and the next waiter becomes the head, to be woken for that slot. (Before,
+  that ``pop`` found no head and the wake-up was lost: in a herd each one left a slot
+  empty for good, until nothing ran and the queue waited out its deadlines.)
 * A waiter that was woken but could not use the slot (another request took the worker) goes
   back with :meth:`WaitQueue.requeue` and keeps its place (and its tag).
 * Removing a waiter (its caller gave up, timed out or got its slot) is O(1): it is marked
@@ -51,6 +57,7 @@ class Ticket:
     live: bool = field(default=True, compare=False)
     queued: bool = field(default=False, compare=False)  # in the heap of heads now
     tagged: bool = field(default=False, compare=False)  # became its flow's head
+    in_flow: bool = field(default=True, compare=False)  # not yet handed out by pop
 
     def wait_s(self, now: float) -> float:
         return now - self.enqueued_at
@@ -75,14 +82,16 @@ Untagger = Callable[[Ticket], None]
 
 class WaitQueue:
     __slots__ = ("_by_model", "_by_priority", "_enqueued", "_expired", "_flows", "_heap",
-                 "_live", "_removed", "_seq", "_stored", "max_length", "tagger", "untag")
+                 "_live", "_out", "_removed", "_seq", "_stored", "max_length", "tagger",
+                 "untag")
 
     def __init__(self, max_length: int = DEFAULT_MAX_LENGTH, *, tagger: Tagger | None = None,
                  untag: Untagger | None = None) -> None:
         self.max_length = max_length
         self.tagger = tagger
         self.untag = untag
-        self._heap: list[Ticket] = []              # one head per flow, at most
+        self._heap: list[Ticket] = []              # a head per flow (+ woken ones put back)
+        self._out: dict[FlowKey, Ticket] = {}      # heads handed out by pop, per flow
         self._flows: dict[FlowKey, deque[Ticket]] = {}
         self._stored = 0                           # tickets in the flows, dead ones included
         self._seq = itertools.count()
@@ -139,18 +148,26 @@ class WaitQueue:
         if not served and ticket.tagged and self.untag is not None:
             self.untag(ticket)
         if ticket.tagged and not ticket.queued:
-            self._advance((ticket.priority, ticket.tenant))  # its flow needs a new head
+            self._leave_flow(ticket)  # its flow needs a new head
         return True
 
     def pop(self, now: float) -> Ticket | None:
         """The best live head whose deadline has not passed, or None. The ticket stays
         live and its flow's head (its caller removes it once it has a slot, or requeues
-        it)."""
+        it) — until another ``pop`` comes first: then the flow's next waiter is the head
+        (module doc)."""
+        if self._out:
+            # Heads handed out earlier and still out (neither removed nor requeued): their
+            # flows' next waiters become heads, so that this slot can wake one of them.
+            for out in self._out.values():
+                if out.live and not out.queued:
+                    self._leave_flow(out)
+            self._out.clear()
         while self._heap:
             ticket = heapq.heappop(self._heap)
             ticket.queued = False
             if not ticket.live:
-                self._advance((ticket.priority, ticket.tenant))
+                self._leave_flow(ticket)
                 continue
             if ticket.deadline <= now:
                 ticket.live = False
@@ -158,8 +175,10 @@ class WaitQueue:
                 self._expired += 1
                 if self.untag is not None:
                     self.untag(ticket)
-                self._advance((ticket.priority, ticket.tenant))
+                self._leave_flow(ticket)
                 continue
+            if ticket.in_flow:
+                self._out[(ticket.priority, ticket.tenant)] = ticket
             return ticket
         return None
 
@@ -170,8 +189,13 @@ class WaitQueue:
         otherwise block them. At most ``max_scan`` tickets are looked at. They stay where
         they are; the caller removes the one that gets a slot."""
         scanned = 0
+        seen: set[FlowKey] = set()
         for head in sorted(t for t in self._heap if t.live):
-            for ticket in self._flows.get((head.priority, head.tenant), ()):
+            key = (head.priority, head.tenant)
+            if key in seen:
+                continue  # a woken waiter put back, beside its flow's new head
+            seen.add(key)
+            for ticket in self._flows.get(key, ()):
                 scanned += 1
                 if scanned > max_scan:
                     return
@@ -183,7 +207,7 @@ class WaitQueue:
         while self._heap and not self._heap[0].live:
             ticket = heapq.heappop(self._heap)
             ticket.queued = False
-            self._advance((ticket.priority, ticket.tenant))
+            self._leave_flow(ticket)
         return self._heap[0].tag if self._heap else None
 
     def waiting_for(self, model: str) -> int:
@@ -193,7 +217,8 @@ class WaitQueue:
     def waiting_by(self) -> dict[tuple[str, str | None], int]:
         """Live waiters per (model, tenant); O(stored tickets), for a once-a-heartbeat read."""
         out: dict[tuple[str, str | None], int] = {}
-        for flow in self._flows.values():
+        put_back = (t for t in self._heap if not t.in_flow)  # woken, then requeued
+        for flow in (*self._flows.values(), put_back):
             for t in flow:
                 if t.live:
                     out[t.model, t.tenant] = out.get((t.model, t.tenant), 0) + 1
@@ -209,6 +234,13 @@ class WaitQueue:
             by_priority=tuple(sorted((p, n) for p, n in self._by_priority.items() if n)),
             enqueued_total=self._enqueued, expired_total=self._expired,
             removed_total=self._removed)
+
+    def _leave_flow(self, ticket: Ticket) -> None:
+        """``ticket`` (its flow's head) leaves its flow: the next waiter becomes the head.
+        A no-op for a ticket that left already (woken, then requeued)."""
+        if ticket.in_flow:
+            ticket.in_flow = False
+            self._advance((ticket.priority, ticket.tenant))
 
     def _advance(self, key: FlowKey) -> None:
         """The flow's head left: drop it (and any dead tickets behind it), promote the next."""

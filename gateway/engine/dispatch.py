@@ -991,6 +991,9 @@ class Dispatcher:
             self._estimate(call)
         served = False
         defer = True
+        # Woken for a free slot and not yet sent or back in the queue: a refusal now (the
+        # deadline against the worker's latency, no worker left) passes the slot on.
+        woken = False
         try:
             while True:
                 decision = self.pick(call, tried, defer=defer)
@@ -1001,6 +1004,7 @@ class Dispatcher:
                     # bypass the fair order exactly under contention).
                     self._mark_saturated(True)
                     ticket = await self._wait(call, None, wake_best=True)
+                    woken = True
                     continue
                 if isinstance(decision, Route):
                     worker = self.fleet.workers[decision.worker]
@@ -1015,7 +1019,9 @@ class Dispatcher:
                         # time instead (gateway.core.fairshare.WorkerTimeline).
                         self._wake_in(worker.id, hold_s)
                         self._mark_saturated(True)
+                        woken = False
                         ticket = await self._wait(call, ticket)
+                        woken = True
                         continue
                     self._mark_saturated(False)
                     expected_s = worker.latency_ewma_s
@@ -1047,9 +1053,11 @@ class Dispatcher:
                            and len(self.queue) > self.queue.waiting_for(call.key.name))
                 if pass_on:
                     self._wake_passes += 1
+                woken = False
                 try:
                     ticket = await self._wait(call, ticket,
                                               pass_on_from=call.key.name if pass_on else None)
+                    woken = True
                 except Rejected:
                     if not decision.deferred or ticket is not None:
                         raise
@@ -1061,6 +1069,8 @@ class Dispatcher:
         finally:
             if ticket is not None:
                 self._leave_queue(ticket, served=served)
+            if woken and not served:
+                self.wake_waiters(1)
 
     def _leave_queue(self, ticket: Ticket, *, served: bool = False) -> None:
         if self._futures.pop(ticket.seq, None) is None:
