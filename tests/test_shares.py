@@ -702,6 +702,62 @@ async def test_replicas_starting_together_never_hold_more_than_the_fleet_limit()
     assert r.worst == limits, r.worst
 
 
+class BusyReplicas(Replicas):
+    """Replicas that keep every unit busy: at each report one request has just finished
+    (in flight = units − 1), and another starts on the freed unit while the exchange is
+    under way — so until its next report a replica may run its old units, whatever the
+    grant that comes back. ``worst`` is what they may run at once, summed."""
+
+    def __init__(self, limits: Mapping[WorkerModel, int]) -> None:
+        super().__init__(limits)
+        self.may_run: dict[str, dict[WorkerModel, int]] = {}
+
+    def _coordinator(self, member: str) -> Coordinator:
+        def report() -> Report:
+            c = self.coordinators[member]
+            units = c.allocation.units if c.allocation is not None else {}
+            return Report(member, demand={"m": {"": self.demand[member]}}, limits=self.limits,
+                          in_flight={k: max(0, n - 1) for k, n in units.items()})
+
+        return Coordinator(HubExchange(self.hub), via="test", report=report, weights=dict,
+                           on_change=lambda: None, heartbeat_s=self.HEARTBEAT_S,
+                           lease_s=6 * self.HEARTBEAT_S, member=member, clock=self.clock)
+
+    async def beat(self, members: str = "abc") -> None:
+        for m in members:
+            self.clock.now += self.HEARTBEAT_S / 3
+            c = self.coordinators[m]
+            old = dict(c.allocation.units) if c.allocation is not None else {}
+            await c.tick()
+            new = c.allocation.units if c.allocation is not None else {}
+            self.may_run[m] = {k: max(old.get(k, 0), new.get(k, 0)) for k in {*old, *new}}
+            summed: dict[WorkerModel, int] = {}
+            for run in self.may_run.values():
+                for key, n in run.items():
+                    summed[key] = summed.get(key, 0) + n
+            for key, n in summed.items():
+                self.worst[key] = max(self.worst.get(key, 0), n)
+
+
+async def test_a_unit_given_up_goes_to_another_replica_only_at_the_givers_next_beat() -> None:
+    """Demand moves from replica a to b while every unit is busy. What a gives up reaches b
+    only once a has reported again, after its smaller grant came back: at no moment can
+    the requests the replicas may run exceed a worker's limit. (With a's in-flight alone
+    counted as held, b raised into the unit a had just refilled during its exchange.)"""
+    limits = fleet_of({"w1": 8, "w2": 8, "w3": 8})
+    r = BusyReplicas(limits)
+    for m in r.demand:
+        r.demand[m] = 12.0
+    assert await r.settle()
+    r.worst.clear()
+    r.demand.update(a=0.0, b=100.0)
+    for _ in range(8):
+        await r.beat()
+    assert r.coordinators["b"].allocation is not None
+    assert sum(r.coordinators["b"].allocation.units.values()) > 8   # b took a's units...
+    assert all(r.worst[key] <= limits[key] for key in r.worst), (r.worst, limits)  # ...late
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 1.0, 5.0, 12.0, 100.0])),
                 min_size=1, max_size=12))
