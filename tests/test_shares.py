@@ -30,6 +30,7 @@ from gateway.core.shares import (
     median_low,
     peers_in_flight,
     quotas,
+    wants,
     water_fill,
 )
 from gateway.engine import hub
@@ -700,6 +701,17 @@ async def test_replicas_starting_together_never_hold_more_than_the_fleet_limit()
     r = Replicas(limits)
     assert await r.settle()
     assert r.worst == limits, r.worst
+
+
+def test_a_want_holds_what_may_run_until_the_grant_comes_back() -> None:
+    """The third figure of a want (held, as the others see it): in flight, or the units in
+    use now where more; a (worker, model) outside the replica's limits is not asked for."""
+    limits = fleet_of({"w1": 8, "w2": 8})
+    got = wants(None, limits, {("w1", "m"): 3, ("w2", "m"): 1}, 2,
+                in_use={("w1", "m"): 2, ("w2", "m"): 4, ("w9", "m"): 5})
+    assert got == {("w1", "m"): (4, 8, 3), ("w2", "m"): (4, 8, 4)}
+    assert wants(None, limits, {("w1", "m"): 3}, 2) == {("w1", "m"): (4, 8, 3),
+                                                         ("w2", "m"): (4, 8, 0)}
 
 
 class BusyReplicas(Replicas):

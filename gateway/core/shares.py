@@ -286,25 +286,35 @@ def allocate(reports: Sequence[Report], me: str, weights: Mapping[str, float]) -
     return Allocation(units=mine, members=tuple(members), fleet=limits)
 
 
-Want = tuple[int, int, int]  # (target units, the fleet's limit, in flight now)
+# (target units, the fleet's limit, what may run here until the grant comes back)
+Want = tuple[int, int, int]
 
 
 def wants(target: Allocation | None, own_limits: Mapping[WorkerModel, int],
-          in_flight: Mapping[WorkerModel, int], members_seen: int = 1
-          ) -> dict[WorkerModel, Want]:
+          in_flight: Mapping[WorkerModel, int], members_seen: int = 1, *,
+          in_use: Mapping[WorkerModel, int] | None = None) -> dict[WorkerModel, Want]:
     """What this replica asks the exchange for, per (worker, model): its target from the
     last heartbeat's reports; for a (worker, model) the target does not know yet, or with no
     target (just started, or back after the store was lost), its own limit over the
     replicas it last saw — all of it when it never saw another — so that replicas coming
     back together (Redis restarted empty) ask for a fair part each instead of the first
-    taking everything for a heartbeat."""
+    taking everything for a heartbeat.
+
+    With each, what may run here until the grant comes back — held, as far as the others
+    are told: the requests in flight, or the units in use now (``in_use``) where more. Those
+    stay usable here during the exchange, so a unit given up goes to another replica at this
+    one's next heartbeat, when it can no longer start a request on it. (Counted by in-flight
+    alone, a request started between the report and the smaller grant's arrival ran beside
+    the other replica's use of the same unit: 9 in flight on a worker whose limit was 8.)"""
     members = max(1, len(target.members)) if target is not None else max(1, members_seen)
+    using = in_use or {}
     out: dict[WorkerModel, Want] = {}
     for key, limit in own_limits.items():
+        running = max(in_flight.get(key, 0), using.get(key, 0))
         if target is not None and key in target.units:
-            out[key] = (target.units[key], target.fleet.get(key, limit), in_flight.get(key, 0))
+            out[key] = (target.units[key], target.fleet.get(key, limit), running)
         else:
-            out[key] = (limit // members, limit, in_flight.get(key, 0))
+            out[key] = (limit // members, limit, running)
     return out
 
 
@@ -313,9 +323,10 @@ def grant_units(want: Mapping[WorkerModel, Want], others_held: Mapping[WorkerMod
     """The exchange's grant, made atomically where every report is kept (one Lua script in
     Redis, the hub's one thread): per (worker, model) the units this replica may use — its
     target, but never more than the others leave free of the limit by what they hold — and
-    what it then holds: those units, or its in-flight requests where more (a share just
-    lowered still has requests to finish). Since grants are made one replica at a time
-    against the others' recorded holdings, two replicas never raise into the same units:
+    what it then holds: those units, or what may still run there where more (a share just
+    lowered still has requests to finish, and its old units until the grant arrives). Since
+    grants are made one replica at a time against the others' recorded holdings, two
+    replicas never raise into the same units:
     while demand moves (a herd at one replica) the sum stays within each limit."""
     granted: dict[WorkerModel, int] = {}
     held: dict[WorkerModel, int] = {}

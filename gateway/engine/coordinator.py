@@ -99,18 +99,9 @@ class Coordinator:
     async def tick(self) -> None:
         """One heartbeat: publish, read back, recompute this replica's units."""
         report = dataclasses.replace(self._report(), member=self.member)
-        # Held, as far as the others are told: what is in flight, or the units in use now
-        # where more — they stay usable here until the grant below comes back, so a unit
-        # given up goes to another replica at this one's next heartbeat, when it can no
-        # longer start a request on it. (Counted by in-flight alone, a request started
-        # between this report and the smaller grant's arrival ran beside the other
-        # replica's use of the same unit: 9 in flight on a worker whose limit was 8.)
-        usable = dict(report.in_flight)
-        if self.allocation is not None:
-            for key, n in self.allocation.units.items():
-                if n > usable.get(key, 0):
-                    usable[key] = n
-        want = shares.wants(self._target, report.limits, usable, self._members_seen)
+        in_use = self.allocation.units if self.allocation is not None else None
+        want = shares.wants(self._target, report.limits, report.in_flight, self._members_seen,
+                            in_use=in_use)
         payload = json.dumps(report.to_json(), separators=(",", ":")).encode()
         want_payload = json.dumps(shares.want_json(want), separators=(",", ":")).encode()
         try:
